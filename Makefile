@@ -1,0 +1,48 @@
+# skinray: `make demo` runs the main job on the built-in synthetic data; `make test` runs the tests.
+# Both create .venv when it is missing and install the project with the pinned versions.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.skinray-installed
+DEMO_DIR ?= demo
+export HF_HUB_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo demo-stop test test-all bench ui clean help
+
+help:
+	@echo "make demo       set up .venv, run the main job on synthetic lesions, print where results are"
+	@echo "make test       set up .venv (with test extras) and run the test suite (< 20 min on 2 cores)"
+	@echo "make test-all   the suite plus slow full-size runs"
+	@echo "make bench      every benchmark under benchmarks/ (prints the figures)"
+	@echo "make demo-stop  stop what the demo started"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch/torchvision pinned exactly (constraints.txt): other combinations download gigabytes
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	bash cluster/demo.sh $(DEMO_DIR)
+
+demo-stop:
+	bash cluster/demo.sh --stop $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,271 @@
+"""The model bundle: a folder that describes itself, so serving rebuilds the ensemble from it alone.
+
+    bundle.json           format version, id, classes, members (backbone, head, data config,
+                          weights file + sha256, temperature), ensemble weights, metrics,
+                          provenance, `untrained` when the weights are random
+    <member>.safetensors  one per member
+
+Loading checks the schema, every file hash, identical class maps, and weights that are
+non-negative and sum to 1; anything else is refused with a message naming the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import __version__
+from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
+                         save_tensors, sha256_file)
+from .classes import ClassMap, ClassMapError
+from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, get_spec,
+                       member_from_metadata)
+
+FORMAT = "skinray-bundle"
+FORMAT_VERSION = 1
+
+
+class BundleError(CheckpointError):
+    """The bundle cannot be used; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    name: str
+    backbone: str
+    num_classes: int
+    head: HeadConfig
+    data_config: DataConfig
+    weights_file: str
+    sha256: str
+    classes: tuple[str, ...]
+    temperature: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
+                "head": self.head.to_json(), "data_config": self.data_config.to_json(),
+                "weights_file": self.weights_file, "sha256": self.sha256,
+                "classes": list(self.classes), "temperature": self.temperature}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MemberEntry":
+        return cls(str(d["name"]), str(d["backbone"]), int(d["num_classes"]),
+                   HeadConfig.from_json(d["head"]), DataConfig.from_json(d["data_config"]),
+                   str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
+                   float(d.get("temperature", 1.0)))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    id: str
+    classes: ClassMap
+    members: tuple[MemberEntry, ...]
+    weights: tuple[float, ...]
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    untrained: bool = False
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def weight_of(self, name: str) -> float:
+        return self.weights[self.member_names.index(name)]
+
+    def entry(self, name: str) -> MemberEntry:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise BundleError(f"bundle {self.root} has no member {name!r}; it has {self.member_names}")
+
+    def load_member(self, name: str) -> Member:
+        """Rebuild one member (eval mode) and load its weights, checking the file hash."""
+        e = self.entry(name)
+        member = member_from_metadata({"backbone": e.backbone, "num_classes": e.num_classes,
+                                       "head": e.head.to_json(), "data_config": e.data_config.to_json()})
+        load_member_weights(member, self.root / e.weights_file, e.sha256)
+        return member.eval()
+
+    def load_members(self) -> dict[str, Member]:
+        return {name: self.load_member(name) for name in self.member_names}
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "id": self.id,
+                "classes": list(self.classes), "members": [m.to_json() for m in self.members],
+                "weights": {m.name: w for m, w in zip(self.members, self.weights)},
+                "metrics": self.metrics, "provenance": self.provenance, "untrained": self.untrained}
+
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        root = Path(root)
+        path = root / "bundle.json"
+        if not path.is_file():
+            raise BundleError(f"{path} not found; build a bundle with `python jobs/train.py` or "
+                              "`skin bundle random --out DIR`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{path} is not valid JSON: {e}") from None
+        bundle = _from_json(root, data)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        for m in self.members:
+            f = self.root / m.weights_file
+            if not f.is_file():
+                raise BundleError(f"member {m.name}: weights file {f} is missing")
+            actual = sha256_file(f)
+            if actual != m.sha256:
+                raise BundleError(
+                    f"member {m.name}: {f.name} has sha256 {actual[:12]}..., bundle.json says "
+                    f"{m.sha256[:12]}...: the file was modified after the bundle was written")
+
+
+def _from_json(root: Path, d: dict) -> Bundle:
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise BundleError(f"{root}/bundle.json is not a skinray bundle (format != {FORMAT!r})")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"bundle format version {d.get('format_version')!r} is not supported "
+                          f"(this skinray reads version {FORMAT_VERSION})")
+    try:
+        classes = ClassMap(tuple(d["classes"]))
+        members = tuple(MemberEntry.from_json(m) for m in d["members"])
+        weights_map = d["weights"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{root}/bundle.json is malformed: {type(e).__name__}: {e}") from None
+    if not members:
+        raise BundleError("the bundle has no members")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise BundleError(f"member names repeat: {names}")
+    for m in members:
+        get_spec(m.backbone)  # unknown backbone names list the valid ones
+        classes.check_same(ClassMap(m.classes), f"class maps of the bundle and member {m.name}")
+        if m.num_classes != len(classes):
+            raise ClassMapError(f"member {m.name} has {m.num_classes} outputs, bundle has "
+                                f"{len(classes)} classes")
+        if not (m.temperature > 0 and math.isfinite(m.temperature)):
+            raise BundleError(f"member {m.name}: temperature must be a positive number, got {m.temperature}")
+    if not isinstance(weights_map, dict) or set(weights_map) != set(names):
+        raise BundleError(f"ensemble weights must name exactly the members {names}, got {weights_map!r}")
+    weights = tuple(float(weights_map[n]) for n in names)
+    check_weights(weights)
+    return Bundle(root, str(d.get("id", "")), classes, members, weights, d.get("metrics", {}) or {},
+                  d.get("provenance", {}) or {}, bool(d.get("untrained", False)))
+
+
+def check_weights(weights: Sequence[float]) -> None:
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise BundleError(f"ensemble weights must be non-negative, got {list(weights)}")
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise BundleError(f"ensemble weights must sum to 1, got {list(weights)} (sum {sum(weights):.6f})")
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{__version__}+{rev}" if rev else __version__
+
+
+def _bundle_id(members: Sequence[MemberEntry], weights: Sequence[float]) -> str:
+    h = hashlib.sha256()
+    for m, w in zip(members, weights):
+        h.update(f"{m.name}:{m.sha256}:{w:.6f}:{m.temperature:.6f};".encode())
+    return "sk-" + h.hexdigest()[:12]
+
+
+def _write(root: Path, classes: ClassMap, entries: list[MemberEntry], weights: Sequence[float],
+           files: Mapping[str, callable], metrics: dict, provenance: dict, untrained: bool,
+           overwrite: bool) -> Bundle:
+    """Write into a hidden sibling folder, then rename it into place (all or nothing)."""
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(entries):
+        raise BundleError(f"{len(weights)} weights for {len(entries)} members")
+    check_weights(weights)
+    if root.exists() and not overwrite:
+        raise BundleError(f"{root} already exists; bundles are never overwritten, choose a new path")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    try:
+        final = []
+        for e in entries:
+            digest = files[e.name](tmp / e.weights_file)
+            final.append(replace(e, sha256=digest))
+        bundle = Bundle(root, _bundle_id(final, weights), classes, tuple(final), weights,
+                        metrics, provenance, untrained)
+        atomic_write_json(tmp / "bundle.json", bundle.to_json())
+        replace_dir(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return bundle
+
+
+def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Member],
+                 weights: Sequence[float] | None = None, temperatures: Mapping[str, float] | None = None,
+                 metrics: dict | None = None, provenance: dict | None = None,
+                 untrained: bool = False, overwrite: bool = True) -> Bundle:
+    """Save members (name -> Member) as a new bundle at root."""
+    names = list(members)
+    weights = weights if weights is not None else _default_weights(names)
+    entries, files = [], {}
+    for name, m in members.items():
+        if m.num_classes != len(classes):
+            raise ClassMapError(f"member {name} has {m.num_classes} outputs, class map has {len(classes)}")
+        entries.append(MemberEntry(name, m.spec.name, m.num_classes, m.head_config, m.data_config,
+                                   f"{name}.safetensors", "", tuple(classes),
+                                   float((temperatures or {}).get(name, 1.0))))
+        files[name] = (lambda path, m=m: save_tensors(path, m.state_dict()))
+    prov = {"code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return _write(Path(root), classes, entries, weights, files, metrics or {},
+                  prov | (provenance or {}), untrained, overwrite)
+
+
+def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None = None,
+                  temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
+                  provenance: dict | None = None) -> Bundle:
+    """A new bundle version from an existing one (new weights / temperatures / metrics); the
+    member files are copied and re-hashed, the source bundle is left untouched."""
+    entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)))
+               for e in src.members]
+    files = {e.name: (lambda path, e=e: _copy(src.root / e.weights_file, path)) for e in entries}
+    prov = dict(src.provenance) | {"parent": src.id, "created": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (provenance or {})
+    return _write(Path(root), src.classes, entries, weights if weights is not None else src.weights,
+                  files, metrics if metrics is not None else dict(src.metrics), prov, src.untrained,
+                  overwrite=False)
+
+
+def _copy(a: Path, b: Path) -> str:
+    shutil.copyfile(a, b)
+    return sha256_file(b)
+
+
+def _default_weights(names: Sequence[str]) -> tuple[float, ...]:
+    """0.30/0.30/0.40 for the three default members; equal weights for any other set."""
+    from .registry import DEFAULT_MEMBERS
+    if tuple(names) == DEFAULT_MEMBERS:
+        return DEFAULT_WEIGHTS
+    return tuple(1.0 / len(names) for _ in names)
+
+
+def update_metrics(root: str | Path, metrics: dict) -> Bundle:
+    """Store evaluation metrics in bundle.json (weights and hashes unchanged, id unchanged)."""
+    b = Bundle.load(root)
+    data = json.loads((Path(root) / "bundle.json").read_text())
+    data["metrics"] = metrics
+    atomic_write_json(Path(root) / "bundle.json", data)
+    return replace(b, metrics=metrics)

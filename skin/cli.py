@@ -1,0 +1,225 @@
+"""`skin`: the command line of the library (no Ray needed). Run `skin --help` or `skin CMD --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .classes import ClassMapError
+from .data import DatasetError
+from .images import ImageError
+from .registry import PretrainedWeightsError, UnknownBackboneError
+
+USER_ERRORS = (DatasetError, CheckpointError, ClassMapError, ImageError, UnknownBackboneError,
+               PretrainedWeightsError, FileNotFoundError)
+
+
+def _split_arg(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(p) for p in text.replace(",", "/").split("/")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected TRAIN/VAL/TEST such as 70/15/15, got {text!r}")
+    total = sum(parts)
+    return tuple(p / total for p in parts)  # type: ignore[return-value]
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_synth(a) -> int:
+    from .synth import write_dataset
+    out = write_dataset(a.out, a.per_class, a.size, a.seed, a.workers, progress=not a.quiet)
+    print(f"wrote {a.per_class * 6} images (+ masks) in layout (a) to {out}; manifest: {out / 'manifest.csv'}")
+    return 0
+
+
+def cmd_scan(a) -> int:
+    from .data import ScanOptions, scan
+    opts = ScanOptions(split=a.split, seed=a.seed, near_dup_bits=a.near_dup_bits,
+                       remove_leaks=not a.keep_leaks, workers=a.workers)
+    report = scan(a.source, a.out, opts, progress=not a.quiet)
+    print((Path(a.out) / "report.md").read_text())
+    print(f"manifests: {a.out}/train.csv val.csv test.csv; classes: {a.out}/classes.json")
+    return 0 if report else 1
+
+
+def cmd_balance(a) -> int:
+    from .data import balance
+    df = balance(a.dir, a.per_class, a.seed)
+    counts = df["label"].value_counts().to_dict()
+    print(f"wrote {Path(a.dir) / 'train_balanced.csv'}: {len(df)} rows, "
+          f"{a.per_class} per class ({', '.join(f'{k}={v}' for k, v in counts.items())}), "
+          f"{df['path'].nunique()} distinct images")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .registry import models_table
+    rows = models_table(a.num_classes)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = f"{'backbone':<16}{'timm':<26}{'F':>6}{'backbone params':>17}{'head params':>13}  {'cam layer':<17}{'head'}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['backbone']:<16}{r['timm']:<26}{r['features']:>6}{r['backbone_params']:>17,}"
+              f"{r['head_params']:>13,}  {r['cam_layer']:<17}{r['head']} (dropout {r['dropout']})")
+    return 0
+
+
+def cmd_bundle_random(a) -> int:
+    import torch
+    from .bundle import write_bundle
+    from .classes import ClassMap
+    from .registry import create_model
+    classes = ClassMap.load(a.classes) if a.classes else ClassMap()
+    torch.manual_seed(a.seed)
+    members = {n: create_model(n, len(classes), pretrained="none", input_size=a.image_size,
+                               normalize="per_image" if a.per_image_norm else None)
+               for n in a.members}
+    b = write_bundle(a.out, classes, members, untrained=True,
+                     provenance={"note": "random weights (skin bundle random): for tests and demos only"})
+    print(f"wrote untrained bundle {b.id} to {a.out} ({', '.join(a.members)}, {a.image_size or 'default'} px)")
+    return 0
+
+
+def cmd_bundle_inspect(a) -> int:
+    from .bundle import Bundle
+    b = Bundle.load(a.dir)
+    info = b.to_json()
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"bundle {b.id} at {b.root}  {'(UNTRAINED: random weights)' if b.untrained else ''}")
+    print(f"classes: {', '.join(b.classes)}")
+    for m, w in zip(b.members, b.weights):
+        print(f"  {m.name:<16} weight {w:.3f}  T={m.temperature:.3f}  input {m.data_config.input_size}px "
+              f"({m.data_config.normalize})  {m.weights_file} sha256 {m.sha256[:12]}  ok")
+    ens = (b.metrics or {}).get("ensemble")
+    if ens:
+        print(f"test metrics (ensemble): accuracy {ens['accuracy']:.4f}, macro-F1 {ens['f1_macro']:.4f}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .bundle import Bundle
+    from .ensemble import Predictor
+    from .images import ImageLimits, load_image
+    predictor = Predictor(Bundle.load(a.bundle), uncertain_below=a.uncertain_below)
+    failures = 0
+    results = []
+    for path in a.images:
+        try:
+            img = load_image(path, ImageLimits(formats=frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})))
+        except (ImageError, OSError) as e:
+            failures += 1
+            print(f"skin predict: {path}: {e}", file=sys.stderr)
+            continue
+        r = predictor.predict([img])[0] | {"file": str(path)}
+        results.append(r)
+        if not a.json:
+            flag = "  [uncertain: " + "; ".join(r["uncertain_reasons"]) + "]" if r["uncertain"] else ""
+            print(f"{path}: {r['class']} ({r['confidence']:.1%}){flag}")
+    if a.json:
+        print(json.dumps(results if len(a.images) > 1 else (results[0] if results else []), indent=2))
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skin", description=__doc__.split(":")[0] + ": skin-lesion "
+                                "ensemble tools (data, models, bundles, prediction). No Ray needed.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    data = sub.add_parser("data", help="synthesise, scan, balance datasets").add_subparsers(dest="data_cmd", required=True)
+    s = data.add_parser("synth", help="write the built-in synthetic lesion dataset (layout a + masks)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--per-class", type=_positive, default=200, help="images per class, all splits (default 200)")
+    s.add_argument("--size", type=_positive, default=256, help="image side in pixels (default 256)")
+    s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same pixels")
+    s.add_argument("--workers", type=_positive, default=1, help="processes (default 1)")
+    s.add_argument("--quiet", action="store_true", help="no progress line")
+    s.set_defaults(fn=cmd_synth)
+
+    s = data.add_parser("scan", help="validate, split and de-duplicate a dataset into manifests")
+    s.add_argument("source", help="folder (root/{train,val,test}/<class>/ or root/<class>/) or CSV manifest path,label[,split][,group]")
+    s.add_argument("--out", required=True, help="writes train.csv val.csv test.csv classes.json rejects.csv leaks.csv report.md")
+    s.add_argument("--split", type=_split_arg, default=(0.70, 0.15, 0.15), help="TRAIN/VAL/TEST fractions when the source has no split (default 70/15/15)")
+    s.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    s.add_argument("--near-dup-bits", type=int, default=6, help="dHash Hamming distance counted as a near-duplicate (default 6; 0 = exact only)")
+    s.add_argument("--keep-leaks", action="store_true", help="report cross-split duplicates but keep them in val/test")
+    s.add_argument("--workers", type=int, default=0, help="validation processes (default: one per core)")
+    s.add_argument("--quiet", action="store_true", help="no progress line")
+    s.set_defaults(fn=cmd_scan)
+
+    s = data.add_parser("balance", help="a fixed number per class from the training split only")
+    s.add_argument("dir", help="a `skin data scan` output folder")
+    s.add_argument("--per-class", type=_positive, required=True, help="images per class (with replacement only where a class is short)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_balance)
+
+    try:
+        from .cache import add_cache_parser
+        add_cache_parser(data)
+    except ImportError:
+        pass
+
+    s = sub.add_parser("models", help="registry table: parameters of each backbone and head")
+    s.add_argument("--num-classes", type=_positive, default=6)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+
+    bundle = sub.add_parser("bundle", help="create or check model bundles").add_subparsers(dest="bundle_cmd", required=True)
+    from .registry import DEFAULT_MEMBERS, list_backbones
+    s = bundle.add_parser("random", help="a bundle of random weights, marked untrained (tests, demos)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--image-size", type=_positive, default=None, help="input size of every member (default: the weights' own, 224)")
+    s.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=list_backbones())
+    s.add_argument("--classes", help="classes.json to use (default: the six default classes)")
+    s.add_argument("--per-image-norm", action="store_true", help="standardise each image by its own statistics")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_bundle_random)
+    s = bundle.add_parser("inspect", help="validate a bundle (schema, hashes, class maps, weights); non-zero exit when invalid")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bundle_inspect)
+
+    s = sub.add_parser("predict", help="classify images in-process with a bundle")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--bundle", required=True)
+    s.add_argument("--json", action="store_true", help="print the HTTP API's JSON shape")
+    s.add_argument("--uncertain-below", type=float, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
+    s.set_defaults(fn=cmd_predict)
+
+    try:
+        from .gradcam import add_explain_parser
+        add_explain_parser(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except USER_ERRORS as e:
+        print(f"skin: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("skin: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

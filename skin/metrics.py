@@ -1,0 +1,100 @@
+"""Metrics for members and the ensemble, all via scikit-learn, in the class map's order."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                             log_loss, precision_recall_fscore_support, precision_score,
+                             recall_score, roc_auc_score)
+
+from .classes import ClassMap
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017, eq. 3): |accuracy - confidence| averaged over equal-width bins."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: ClassMap) -> dict:
+    y = np.asarray(y, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = probs.argmax(1)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=labels)
+    row = cm.sum(1, keepdims=True)
+    out = {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "precision_macro": float(precision_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "recall_macro": float(recall_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "f1_macro": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "precision_weighted": float(precision_score(y, pred, labels=labels, average="weighted", zero_division=0)),
+        "recall_weighted": float(recall_score(y, pred, labels=labels, average="weighted", zero_division=0)),
+        "f1_weighted": float(f1_score(y, pred, labels=labels, average="weighted", zero_division=0)),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(s[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": np.divide(cm, np.maximum(row, 1)).round(4).tolist(),
+        "ece": expected_calibration_error(y, probs),
+        "nll": float(log_loss(y, np.clip(probs, 1e-12, 1), labels=labels)),
+    }
+    try:
+        out["roc_auc_ovr"] = float(roc_auc_score(y, probs, multi_class="ovr", labels=labels))
+    except ValueError:  # a class absent from y: AUC undefined
+        out["roc_auc_ovr"] = None
+    return out
+
+
+def confusion_figure(cm: np.ndarray, classes: ClassMap, title: str = "", normalize: bool = False):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = np.asarray(cm, dtype=float)
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
+    im = ax.imshow(shown, cmap="Blues", vmin=0)
+    ax.set_xticks(range(len(classes)), classes, rotation=40, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(shown.shape[0]):
+        for j in range(shown.shape[1]):
+            txt = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8,
+                    color="white" if shown[i, j] > shown.max() / 2 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(y: np.ndarray, probs: np.ndarray, title: str = "", bins: int = 15):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    conf, correct = probs.max(1), probs.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    mids, accs = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            mids.append(conf[sel].mean())
+            accs.append(correct[sel].mean())
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(mids, accs, "o-", label=f"model (ECE {expected_calibration_error(y, probs):.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig

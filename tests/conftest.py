@@ -1,0 +1,45 @@
+"""Shared fixtures. Nothing here touches the network: the hub is offline, usage stats are off."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests only; real clusters keep token auth
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset in layout (a), with masks."""
+    from skin.synth import write_dataset
+    return write_dataset(tmp_path_factory.mktemp("synth"), per_class=12, size=96, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def scanned(synth_dir, tmp_path_factory) -> Path:
+    from skin.data import ScanOptions, balance, scan
+    out = tmp_path_factory.mktemp("scanned")
+    scan(synth_dir, out, ScanOptions(workers=1), progress=False)
+    balance(out, per_class=10, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory) -> Path:
+    """A random-weight bundle of the three default members at 64 px."""
+    from skin.bundle import write_bundle
+    from skin.classes import ClassMap
+    from skin.registry import DEFAULT_MEMBERS, create_model
+    torch.manual_seed(0)
+    members = {n: create_model(n, 6, pretrained="none", input_size=64) for n in DEFAULT_MEMBERS}
+    root = tmp_path_factory.mktemp("bundles") / "random"
+    write_bundle(root, ClassMap(), members, untrained=True)
+    return root

@@ -1,0 +1,95 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from skin.bundle import Bundle, BundleError, derive_bundle, write_bundle
+from skin.checkpoint import CheckpointError
+from skin.classes import ClassMap, ClassMapError
+from skin.ensemble import Predictor
+from skin.registry import create_model
+from skin.synth import make_sample
+
+
+def test_round_trip(random_bundle):
+    b = Bundle.load(random_bundle)
+    assert b.untrained and b.weights == (0.30, 0.30, 0.40) and b.id.startswith("sk-")
+    img = make_sample(2, 0, 0, 96).image
+    p1 = Predictor(b).predict([img])[0]
+    p2 = Predictor(Bundle.load(random_bundle)).predict([img])[0]
+    assert p1 == p2
+    assert abs(sum(p1["probabilities"].values()) - 1) < 1e-6
+    assert set(p1) >= {"class", "class_index", "confidence", "probabilities", "members", "uncertain"}
+    assert set(p1["members"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
+    assert p1["members"]["resnet50"]["weight"] == 0.4
+
+
+def test_batch_equals_single(random_bundle):
+    pr = Predictor(Bundle.load(random_bundle))
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(3)]
+    batch = pr.predict(imgs)
+    for img, r in zip(imgs, batch):
+        single = pr.predict([img])[0]
+        assert np.allclose(list(single["probabilities"].values()), list(r["probabilities"].values()), atol=1e-5)
+
+
+def test_tampered_weights_refused(random_bundle, tmp_path):
+    root = tmp_path / "b"
+    shutil.copytree(random_bundle, root)
+    f = root / "resnet50.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="resnet50.*modified"):
+        Bundle.load(root)
+
+
+def test_mismatched_class_maps_refused(random_bundle, tmp_path):
+    root = tmp_path / "b"
+    shutil.copytree(random_bundle, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["members"][1]["classes"] = list(reversed(meta["members"][1]["classes"]))
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(ClassMapError, match="efficientnet_b1"):
+        Bundle.load(root)
+
+
+@pytest.mark.parametrize("weights,match", [
+    ({"mobilenetv2": 0.5, "efficientnet_b1": 0.5, "resnet50": 0.5}, "sum to 1"),
+    ({"mobilenetv2": -0.2, "efficientnet_b1": 0.8, "resnet50": 0.4}, "non-negative"),
+    ({"mobilenetv2": 0.5, "efficientnet_b1": 0.5}, "exactly the members"),
+])
+def test_bad_weights_refused(random_bundle, tmp_path, weights, match):
+    root = tmp_path / "b"
+    shutil.copytree(random_bundle, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["weights"] = weights
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=match):
+        Bundle.load(root)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        Bundle.load(tmp_path)
+    (tmp_path / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Bundle.load(tmp_path)
+
+
+def test_write_refuses_mismatched_members(tmp_path):
+    m = create_model("mobilenetv2", num_classes=4, pretrained="none", input_size=64)
+    with pytest.raises(ClassMapError):
+        write_bundle(tmp_path / "b", ClassMap(), {"mobilenetv2": m})
+
+
+def test_derive_never_overwrites(random_bundle, tmp_path):
+    src = Bundle.load(random_bundle)
+    new = derive_bundle(src, tmp_path / "v2", weights=(0.2, 0.2, 0.6), temperatures={"resnet50": 1.5})
+    assert Bundle.load(tmp_path / "v2").weights == (0.2, 0.2, 0.6)
+    assert new.provenance["parent"] == src.id and new.id != src.id
+    assert Bundle.load(random_bundle).weights == (0.30, 0.30, 0.40)
+    with pytest.raises(BundleError, match="never overwritten"):
+        derive_bundle(src, tmp_path / "v2", weights=(0.2, 0.2, 0.6))

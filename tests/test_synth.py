@@ -1,0 +1,34 @@
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.model_selection import cross_val_predict
+
+from skin.synth import jpeg_bytes, make_sample
+
+
+def test_deterministic():
+    a, b = make_sample(3, seed=5, index=7, size=96), make_sample(3, seed=5, index=7, size=96)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert jpeg_bytes(a, 5, 7) == jpeg_bytes(b, 5, 7)
+    c = make_sample(3, seed=6, index=7, size=96)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def test_masks_cover_the_lesion():
+    for label in range(6):
+        s = make_sample(label, 0, 1, 128)
+        m = np.asarray(s.mask) > 0
+        assert 0.002 < m.mean() < 0.6, (label, m.mean())
+
+
+def test_mean_rgb_cannot_tell_the_classes_apart():
+    """A logistic regression on mean RGB must stay below 0.6 macro-F1: the classes are spatial."""
+    X, y = [], []
+    for label in range(6):
+        for i in range(60):
+            X.append(np.asarray(make_sample(label, 11, i, 64).image, np.float32).mean((0, 1)))
+            y.append(label)
+    X = (np.array(X) - np.mean(X, 0)) / np.std(X, 0)
+    pred = cross_val_predict(LogisticRegression(max_iter=2000), X, np.array(y), cv=5)
+    f1 = f1_score(y, pred, average="macro")
+    assert f1 < 0.6, f1
