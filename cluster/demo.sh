@@ -1,28 +1,76 @@
 #!/usr/bin/env bash
-# The demo: synthetic lesions -> scan -> balance -> models table (later steps train, tune, serve).
-#   bash cluster/demo.sh DIR          run it, outputs under DIR (default demo/)
-#   bash cluster/demo.sh --stop DIR   stop anything it started
+# The demo, on one machine, with the same job scripts and Serve config as a cluster:
+# local Ray head -> synthetic lesions -> scan -> balance -> cache -> train (ray job submit)
+# -> evaluate (ray job submit) -> serve deploy -> Streamlit page; prints the URLs.
+#   bash cluster/demo.sh [DIR]          outputs under DIR (default demo/)
+#   bash cluster/demo.sh --stop [DIR]   stops everything it started (by PID, never by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 STOP=0
 if [ "${1:-}" = "--stop" ]; then STOP=1; shift; fi
 DIR=${1:-demo}
-PY=.venv/bin/python
-SKIN=.venv/bin/skin
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+STATE=$DIR/state
+export PATH="$ROOT/.venv/bin:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # local demo on 127.0.0.1 only
+DASH=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
+API_PORT=${SKINRAY_API_PORT:-8000}
+UI_PORT=${SKINRAY_UI_PORT:-8501}
 
-if [ "$STOP" = 1 ]; then
-  echo "nothing running to stop"
-  exit 0
+stop_all() {
+  if [ -f "$STATE/ui.pid" ]; then kill -TERM "$(cat "$STATE/ui.pid")" 2>/dev/null || true; rm -f "$STATE/ui.pid"; echo "page stopped"; fi
+  if [ -f "$STATE/ray-head.pid" ]; then
+    serve shutdown -a "$DASH" -y >/dev/null 2>&1 || true
+    bash cluster/local.sh stop "$STATE"
+  fi
+}
+if [ "$STOP" = 1 ]; then stop_all; exit 0; fi
+
+t0=$(date +%s)
+step() { printf '\n== [%3ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
+
+step "1/8 local Ray head (127.0.0.1, Jobs API at $DASH)"
+bash cluster/local.sh start "$STATE"
+
+step "2/8 synthetic lesions: 1,200 images in 6 classes, with masks -> $DIR/synth"
+[ -f "$DIR/synth/manifest.csv" ] || skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2
+step "3/8 scan (validate, split, leakage check), balance 150/class, resize cache"
+skin data scan "$DIR/synth" --out "$DIR/data" --quiet | tail -n 4
+skin data balance "$DIR/data" --per-class 150 --seed 0
+skin data cache "$DIR/data" --image-size 64 | tail -n 1
+
+step "4/8 train the three members concurrently: ray job submit jobs/train.py"
+ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+  python jobs/train.py --data "$DIR/data" --out "$DIR/train" --config jobs/configs/demo.yaml
+
+step "5/8 evaluate on the test split with Ray Data: ray job submit jobs/evaluate.py"
+ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+  python jobs/evaluate.py --bundle "$DIR/train/bundle" --data "$DIR/data" --out "$DIR/eval"
+
+step "6/8 deploy the service: serve deploy (cluster/serve_config.yaml, bundle -> $DIR/train/bundle)"
+sed -e "s#bundle: .*#bundle: $DIR/train/bundle#" -e "s#port: 8000#port: $API_PORT#" \
+  cluster/serve_config.yaml >"$DIR/serve_config.yaml"
+serve deploy "$DIR/serve_config.yaml" -a "$DASH"
+for _ in $(seq 1 120); do curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1 && break; sleep 1; done
+curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null || { echo "the API did not come up; see: serve status -a $DASH" >&2; exit 1; }
+
+step "7/8 the page (Streamlit on 127.0.0.1:$UI_PORT)"
+if [ -f ui/app.py ]; then
+  SKINRAY_API_URL="http://127.0.0.1:$API_PORT" nohup streamlit run ui/app.py --server.address 127.0.0.1 \
+    --server.port "$UI_PORT" --server.headless true --browser.gatherUsageStats false >"$STATE/ui.log" 2>&1 &
+  echo $! >"$STATE/ui.pid"
+  for _ in $(seq 1 60); do curl -fsS "http://127.0.0.1:$UI_PORT/_stcore/health" >/dev/null 2>&1 && break; sleep 1; done
 fi
 
-mkdir -p "$DIR"
-step() { printf '\n== %s\n' "$*"; }
-step "1/4 synthetic lesions (600 images, 6 classes, with masks) -> $DIR/synth"
-[ -f "$DIR/synth/manifest.csv" ] || $SKIN data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2
-step "2/4 scan: validate, split, leakage check -> $DIR/data"
-$SKIN data scan "$DIR/synth" --out "$DIR/data" --quiet
-step "3/4 balanced training manifest"
-$SKIN data balance "$DIR/data" --per-class 150 --seed 0
-step "4/4 the three members"
-$SKIN models
+step "8/8 done in $(( $(date +%s) - t0 )) s"
+cat <<MSG
+  API      http://127.0.0.1:$API_PORT/docs    (POST /v1/predict, GET /v1/info)
+  page     http://127.0.0.1:$UI_PORT
+  bundle   $DIR/train/bundle
+  report   $DIR/eval/report.md
+  jobs     $DASH (Ray dashboard and Jobs API)
+Stop everything with: make demo-stop
+MSG

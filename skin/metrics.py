@@ -25,6 +25,7 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15)
 def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: ClassMap) -> dict:
     y = np.asarray(y, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(1, keepdims=True)  # float32 softmax sums to 1 only within ~1e-7
     pred = probs.argmax(1)
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)

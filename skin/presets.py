@@ -35,20 +35,25 @@ def _interp(cfg: DataConfig) -> T.InterpolationMode:
     return _INTERP.get(cfg.interpolation, T.InterpolationMode.BICUBIC)
 
 
-def train_preset(cfg: DataConfig) -> T.Compose:
-    """The usual dermatology augmentations: lesions have no canonical orientation, so both flips
-    and rotations are label-preserving; colour jitter stands in for camera and lighting shifts."""
-    return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(cfg.input_size, scale=(0.6, 1.0), ratio=(0.8, 1.25),
-                            interpolation=_interp(cfg), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.RandomVerticalFlip(),
-        T.RandomRotation(20, interpolation=T.InterpolationMode.BILINEAR),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.02),
-        T.ToDtype(torch.float32, scale=True),
-        _normalize(cfg),
-    ])
+def train_preset(cfg: DataConfig, strength: str = "standard") -> T.Compose:
+    """The usual dermatology augmentations: lesions have no canonical orientation, so flips and
+    rotations are label-preserving; colour jitter stands in for camera and lighting shifts.
+    "light" (mild crop + flips) suits small from-scratch runs, where the standard set slowed
+    learning here (macro-F1 0.50 vs 0.70 after 8 epochs of MobileNetV2 at 64 px)."""
+    if strength not in ("standard", "light"):
+        raise ValueError(f"augmentation strength must be 'standard' or 'light', got {strength!r}")
+    if strength == "light":
+        spatial = [T.RandomResizedCrop(cfg.input_size, scale=(0.85, 1.0), ratio=(0.9, 1.1),
+                                       interpolation=_interp(cfg), antialias=True),
+                   T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
+        colour = []
+    else:
+        spatial = [T.RandomResizedCrop(cfg.input_size, scale=(0.6, 1.0), ratio=(0.8, 1.25),
+                                       interpolation=_interp(cfg), antialias=True),
+                   T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+                   T.RandomRotation(20, interpolation=T.InterpolationMode.BILINEAR)]
+        colour = [T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.02)]
+    return T.Compose([T.ToImage(), *spatial, *colour, T.ToDtype(torch.float32, scale=True), _normalize(cfg)])
 
 
 def eval_preset(cfg: DataConfig) -> T.Compose:

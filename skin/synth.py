@@ -132,7 +132,7 @@ def _enfeksiyonel(img, rng, s, cx, cy, r, col):
     for _ in range(rng.integers(2, 6)):  # satellite pustules just outside the ring
         a = rng.uniform(0, 2 * np.pi)
         px, py = cx + np.cos(a) * r * 1.35, cy + np.sin(a) * r * 1.35
-        _spot(img, None, rng, px, py, s * rng.uniform(0.012, 0.02), (236, 226, 180), reach=1.5)
+        _spot(img, None, rng, px, py, s * rng.uniform(0.02, 0.03), (236, 226, 180), reach=1.5)
     return (ring > 0.25) | (rel < 1)
 
 
@@ -140,41 +140,42 @@ def _ekzama(img, rng, s, cx, cy, r, col):
     rel = _disc(s, cx, cy, r * 1.25, rng, amp=0.12, aspect=rng.uniform(1.0, 1.6))
     patches = _smooth_noise(rng, s, 7)
     alpha = np.clip((patches - 0.35) * 3, 0, 1) * np.clip(1.6 - rel, 0, 1)
-    speckle = (rng.random((s, s)) < 0.12).astype(np.float32)
+    speckle = (_smooth_noise(rng, s, 40) > 0.6).astype(np.float32)  # coarse scale flakes
     _blend(img, alpha * 0.85, col)
-    _blend(img, alpha * speckle * 0.45, (240, 228, 214))  # fine white scale
+    _blend(img, alpha * speckle * 0.7, (240, 228, 214))  # white scale
     return alpha > 0.3
 
 
 def _akne(img, rng, s, cx, cy, r, col):
     mask = np.zeros((s, s), bool)
-    for _ in range(rng.integers(8, 22)):
+    for _ in range(rng.integers(6, 16)):
         a, rad = rng.uniform(0, 2 * np.pi), r * 1.5 * np.sqrt(rng.uniform(0, 1))
         px, py = cx + np.cos(a) * rad, cy + np.sin(a) * rad
-        pustule = ((240, 232, 190), 2.5) if rng.random() < 0.5 else None
-        _spot(img, mask, rng, px, py, s * rng.uniform(0.018, 0.04), col * 0.95 + 0, core=pustule)
+        pustule = ((240, 232, 190), 3.5) if rng.random() < 0.3 else None
+        _spot(img, mask, rng, px, py, s * rng.uniform(0.03, 0.055), col, core=pustule)
     return mask
 
 
 def _pigment(img, rng, s, cx, cy, r, col):
     mask = np.zeros((s, s), bool)
-    for k in range(rng.integers(1, 3)):
-        ox, oy = (0, 0) if k == 0 else rng.uniform(-1.2, 1.2, 2) * r
-        rel = _disc(s, cx + ox, cy + oy, r * rng.uniform(0.7, 1.1), rng, amp=0.04,
-                    aspect=rng.uniform(1.0, 1.8))
+    for k in range(rng.integers(2, 4)):  # several flat, elongated patches
+        ox, oy = (0, 0) if k == 0 else rng.uniform(-1.4, 1.4, 2) * r
+        rel = _disc(s, cx + ox, cy + oy, r * rng.uniform(0.5, 0.9), rng, amp=0.05,
+                    aspect=rng.uniform(1.4, 2.2))
         _blend(img, np.clip((1 - rel) * 8, 0, 1) * 0.9, col)
         mask |= rel < 1
     return mask
 
 
 def _benign(img, rng, s, cx, cy, r, col):
-    rel = _disc(s, cx, cy, r, rng, amp=0.02)
+    rel = _disc(s, cx, cy, r, rng, amp=0.02, aspect=rng.uniform(1.0, 1.1))
     inside = np.clip((1 - rel) * 10, 0, 1)
     _blend(img, inside * (0.55 + 0.35 * np.clip(1 - rel, 0, 1)), col)
-    step = s * rng.uniform(0.035, 0.05)  # regular globules on a grid
+    _blend(img, np.clip((0.35 - rel) * 12, 0, 1) * 0.8, col * 0.45)  # dark symmetric centre
+    step = s * rng.uniform(0.08, 0.11)  # regular globules on a grid, visible at 64 px
     y, x = _grid(s)
     glob = (np.cos(2 * np.pi * (x - cx) / step) * np.cos(2 * np.pi * (y - cy) / step)) > 0.6
-    _blend(img, glob * inside * 0.5, col * 0.55)
+    _blend(img, glob * inside * 0.7, col * 0.5)
     return rel < 1
 
 
@@ -189,7 +190,7 @@ def _malign(img, rng, s, cx, cy, r, col):
     for _ in range(rng.integers(4, 12)):  # irregular peripheral dots
         a = rng.uniform(0, 2 * np.pi)
         px, py = cx + np.cos(a) * r * rng.uniform(0.8, 1.3), cy + np.sin(a) * r * rng.uniform(0.8, 1.3)
-        _spot(img, None, rng, px, py, s * rng.uniform(0.008, 0.02), (40, 30, 35), reach=1.5)
+        _spot(img, None, rng, px, py, s * rng.uniform(0.015, 0.03), (40, 30, 35), reach=1.5)
     return rel < 1
 
 

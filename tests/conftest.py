@@ -43,3 +43,20 @@ def random_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundles") / "random"
     write_bundle(root, ClassMap(), members, untrained=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (127.0.0.1, no dashboard). 4 logical CPUs on the
+    2-core machine so the Serve app (1.75 CPUs) and Train smoke runs (3 x 0.6) can coexist."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    try:
+        from ray import serve
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - best effort at teardown
+        pass
+    ray.shutdown()

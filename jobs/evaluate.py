@@ -1,0 +1,79 @@
+"""Evaluate a bundle on a manifest split with Ray Data batch inference.
+
+    python jobs/evaluate.py --bundle OUT/bundle --data DIR [--split test] [--out OUT/eval]
+    ray job submit --working-dir . -- python jobs/evaluate.py --bundle ... --data ...
+
+Images are read and scored by `map_batches` over a pool of scorer actors (each loads the bundle
+once), so 35k images spread over the cluster's GPUs. Per member and for the ensemble: accuracy,
+balanced accuracy, P/R/F1 macro and weighted, per-class report, confusion matrix (counts and
+row-normalised, in the class map's order), one-vs-rest ROC AUC, reliability diagram with ECE.
+Writes metrics.json, PNG plots and report.md, and stores the metrics in the bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from skin.bundle import Bundle
+from skin.data import load_classes, load_manifest
+from skin.evaluation import BatchScorer, _to_frame, store_in_bundle, summarize, write_report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, help="bundle folder")
+    p.add_argument("--data", required=True, help="a `skin data scan` output folder")
+    p.add_argument("--split", default="test", help="manifest to evaluate on (default test)")
+    p.add_argument("--out", help="report folder (default: <bundle>/../eval-<split>)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--actors", type=int, default=1, help="scorer actors (default 1; one per GPU on a cluster)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no cluster is running")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        bundle = Bundle.load(a.bundle)
+        classes = load_classes(a.data)
+        bundle.classes.check_same(classes, "class maps of the bundle and the dataset")
+        df = load_manifest(a.data, a.split, classes)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else Path(a.bundle).resolve().parent / f"eval-{a.split}"
+
+    import ray
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    t0 = time.time()
+    ds = ray.data.from_pandas(df[["path", "label_index"]])
+    scored = ds.map_batches(
+        BatchScorer, batch_size=a.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
+                               "threads": max(1, int(a.cpus_per_actor))},
+        concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
+    frame = _to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
+    metrics = summarize(frame, bundle)
+    report = write_report(metrics, bundle, frame, out, a.split)
+    if not a.no_store:
+        store_in_bundle(bundle, metrics, a.split)
+    print(f"\n{'model':<16}{'accuracy':>10}{'bal acc':>10}{'macro-F1':>10}{'ECE':>8}")
+    for name, m in [("ensemble", metrics["ensemble"])] + list(metrics["members"].items()):
+        print(f"{name:<16}{m['accuracy']:>10.4f}{m['balanced_accuracy']:>10.4f}{m['f1_macro']:>10.4f}{m['ece']:>8.4f}")
+    print(f"\n{len(frame)} images in {time.time() - t0:.0f}s ({metrics['n_skipped']} unreadable skipped); "
+          f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Ray Serve application: one deployment per ensemble member behind an ensemble ingress.
+
+    serve run serve_app:app bundle=/path/to/bundle            # local, one command
+    serve deploy cluster/serve_config.yaml                     # on a running cluster
+
+Each member deployment loads its member from the bundle and answers, for a batch of prepared
+inputs (`@serve.batch`), temperature-scaled probabilities plus every class's Grad-CAM map at
+feature resolution (one forward pass: skin.gradcam). The ensemble deployment is the FastAPI
+ingress: it validates and decodes the upload once (skin.images), applies each member's eval
+preset, fans out to the members concurrently through DeploymentHandles, averages with the
+bundle's weights, builds the ensemble Grad-CAM and overlay, and answers.
+
+HTTP API (OpenAPI at /docs): POST /v1/predict, GET /v1/info, GET /healthz.
+"""
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_MEMBER_CPUS = 0.5  # Serve replicas default to 1 CPU: three of them never fit 2 cores
+
+
+# --------------------------------------------------------------------------- typed builder args
+class MemberOptions(BaseModel):
+    replicas: int = Field(1, ge=1, description="replicas of this member")
+    num_cpus: float = Field(DEFAULT_MEMBER_CPUS, gt=0, description="CPUs per replica (torch threads follow)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractional lets members share a GPU")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    fault_drill: bool = Field(False, description="this member fails every call (to rehearse alerts/degraded mode)")
+
+
+class AppArgs(BaseModel):
+    bundle: str = Field(..., description="bundle folder (must be readable from every node)")
+    members: Dict[str, MemberOptions] = Field(default_factory=dict, description="per-member overrides by name")
+    ingress_cpus: float = Field(0.25, gt=0)
+    ingress_replicas: int = Field(1, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(64_000_000, gt=0)
+    min_side: int = Field(32, ge=1)
+    api_key: Optional[str] = Field(None, description="require X-API-Key (or Bearer) on every route but /healthz; "
+                                   "default: $SKINRAY_API_KEY when set")
+    allow_degraded: bool = Field(False, description="answer from the remaining members when one fails")
+    member_timeout_s: float = Field(30.0, gt=0)
+    uncertain_below: float = Field(0.5, ge=0, le=1)
+    overlay_max_side: int = Field(1024, ge=64, description="overlay/map PNGs are at most this size (aspect kept)")
+
+
+# --------------------------------------------------------------------------- member deployment
+@serve.deployment(ray_actor_options={"num_cpus": DEFAULT_MEMBER_CPUS}, max_ongoing_requests=32)
+class MemberModel:
+    """One ensemble member: probabilities + all-class Grad-CAM maps for a batch of inputs."""
+
+    def __init__(self, bundle_dir: str, name: str, num_cpus: float = DEFAULT_MEMBER_CPUS,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005) -> None:
+        import torch
+        from skin.bundle import Bundle
+        torch.set_num_threads(max(1, int(round(num_cpus))))  # Ray sets 1 thread for fractional CPUs
+        self.torch = torch
+        bundle = Bundle.load(bundle_dir)
+        self.name = name
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.member = bundle.load_member(name).to(self.device)
+        self.temperature = bundle.entry(name).temperature
+        self.fault_drill = False
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def reconfigure(self, config: Dict[str, Any]) -> None:
+        self.fault_drill = bool((config or {}).get("fault_drill", False))
+
+    def _run(self, batch: np.ndarray):
+        from skin.gradcam import GradCAM
+        x = self.torch.from_numpy(batch).to(self.device)
+        with GradCAM(self.member) as cam:
+            logits, maps = cam(x)
+        probs = self.torch.softmax(logits.float() / self.temperature, -1).cpu().numpy()
+        return probs, maps.cpu().numpy().astype(np.float32)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def predict(self, inputs: List[np.ndarray]) -> List[Dict[str, np.ndarray]]:
+        if self.fault_drill:
+            raise RuntimeError(f"fault drill: member {self.name} is set to fail")
+        probs, maps = await asyncio.to_thread(self._run, np.stack(inputs))
+        return [{"probs": probs[i], "maps": maps[i]} for i in range(len(inputs))]
+
+
+# --------------------------------------------------------------------------- ingress
+api = FastAPI(title="skinray", version="1",
+              description="Six-class skin-lesion ensemble with Grad-CAM. Decision support, not a diagnosis.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str, request_id: str = "") -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}},
+                        status_code=status, headers={"X-Request-ID": request_id})
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return _error(exc.status, exc.code, exc.message, getattr(request.state, "request_id", ""))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    msg = "; ".join(parts) or "invalid request"
+    if any(e.get("loc", (None, None))[-1] == "file" for e in exc.errors()):
+        msg += " (send the image as multipart/form-data field 'file')"
+    return _error(422, "invalid_request", msg, getattr(request.state, "request_id", ""))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+                  getattr(request.state, "request_id", ""))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    rid = getattr(request.state, "request_id", "")
+    logger.exception("request %s failed", rid)
+    return _error(500, "internal_error", f"the server failed on this request; quote request id {rid} "
+                  "when reporting it", rid)
+
+
+class MemberView(BaseModel):
+    probabilities: Dict[str, float]
+    top_class: str
+    weight: float
+
+
+class GradcamView(BaseModel):
+    model_config = {"populate_by_name": True}
+    class_: str = Field(..., alias="class")
+    overlay_png: str = Field(..., description="base64 PNG: the map blended on the upload (aspect kept)")
+    map_png: str = Field(..., description="base64 8-bit grey PNG of the raw [0,1] map, for re-blending")
+    maps_png: Optional[Dict[str, str]] = Field(None, description="every class's raw map (all_classes=true)")
+
+
+class PredictResponse(BaseModel):
+    model_config = {"populate_by_name": True}
+    class_: str = Field(..., alias="class")
+    class_index: int
+    confidence: float
+    probabilities: Dict[str, float]
+    members: Dict[str, MemberView]
+    uncertain: bool
+    uncertain_reasons: List[str]
+    degraded: bool = False
+    missing_members: List[str] = []
+    gradcam: Optional[GradcamView] = None
+    bundle: str
+    timings_ms: Dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str = ""
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 503)}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress(api)
+class Ensemble:
+    def __init__(self, args: Dict[str, Any], members: Dict[str, DeploymentHandle]) -> None:
+        import torch
+        from skin.bundle import Bundle
+        from skin.images import ImageLimits
+        torch.set_num_threads(1)
+        self.args = AppArgs.model_validate(args)
+        self.bundle = Bundle.load(self.args.bundle)
+        self.handles = {n: h for n, h in members.items()}
+        self.weights = {n: self.bundle.weight_of(n) for n in self.bundle.member_names}
+        self.limits = ImageLimits(max_bytes=self.args.max_upload_bytes, max_pixels=self.args.max_pixels,
+                                  min_side=self.args.min_side)
+        self.api_key = self.args.api_key or os.environ.get("SKINRAY_API_KEY") or None
+        self.data_configs = {e.name: e.data_config for e in self.bundle.members}
+
+        @api.middleware("http")
+        async def _request_context(request: Request, call_next):
+            rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+            request.state.request_id = rid
+            t0 = time.perf_counter()
+            if self.api_key and request.url.path != "/healthz":
+                if not self._authorized(request):
+                    return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
+                                  "header (or Authorization: Bearer <key>)", rid)
+            response = await call_next(request)
+            response.headers["X-Request-ID"] = rid
+            logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
+                        response.status_code, (time.perf_counter() - t0) * 1000)  # never image bytes
+            return response
+
+    def _authorized(self, request: Request) -> bool:
+        given = request.headers.get("X-API-Key", "")
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:]
+        return bool(given) and hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    @api.get("/healthz")
+    async def healthz(self) -> Dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/info", responses={401: ERRORS[401]})
+    async def info(self) -> Dict[str, Any]:
+        b = self.bundle
+        return {"bundle": b.id, "classes": list(b.classes), "untrained": b.untrained,
+                "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
+                             "input_size": e.data_config.input_size} for e, w in zip(b.members, b.weights)],
+                "weights": self.weights, "metrics": b.metrics, "provenance": b.provenance,
+                "limits": {"max_upload_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,
+                           "min_side": self.limits.min_side, "formats": sorted(self.limits.formats)},
+                "allow_degraded": self.args.allow_degraded, "uncertain_below": self.args.uncertain_below}
+
+    @api.post("/v1/predict", response_model=PredictResponse, response_model_by_alias=True,
+              responses={s: ERRORS[s] for s in ERRORS})
+    async def predict(self, request: Request, file: UploadFile = File(..., description="JPEG, PNG or WebP photograph"),
+                      cam: bool = Query(True, description="include the Grad-CAM overlay"),
+                      alpha: float = Query(0.4, ge=0.0, le=1.0, description="overlay opacity"),
+                      all_classes: bool = Query(False, description="include every class's raw map"),
+                      class_name: Optional[str] = Query(None, alias="class", description="explain this class instead")):
+        from skin.images import ImageError, load_image
+        from skin.presets import eval_preset
+        t0 = time.perf_counter()
+        if class_name is not None and class_name not in self.bundle.classes.names:
+            raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
+        data = await file.read(self.limits.max_bytes + 1)
+        try:
+            image = await asyncio.to_thread(load_image, data, self.limits)
+        except ImageError as e:
+            raise ApiError(e.status, e.code, str(e)) from None
+        t_decode = time.perf_counter()
+        inputs = {}
+        for name, cfg in self.data_configs.items():
+            inputs[name] = eval_preset(cfg)(image).numpy()
+        results, missing = await self._fan_out(inputs)
+        t_members = time.perf_counter()
+        answer = self._answer(results, missing, image, cam, alpha, all_classes, class_name)
+        t_end = time.perf_counter()
+        answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
+                                "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3}
+        return answer
+
+    async def _fan_out(self, inputs: Dict[str, np.ndarray]):
+        async def call(name):
+            return await asyncio.wait_for(self.handles[name].predict.remote(inputs[name]),
+                                          timeout=self.args.member_timeout_s)
+        names = list(self.handles)
+        outs = await asyncio.gather(*(call(n) for n in names), return_exceptions=True)
+        results, missing = {}, []
+        for n, o in zip(names, outs):
+            if isinstance(o, BaseException):
+                logger.warning("member %s failed: %s: %s", n, type(o).__name__, o)
+                missing.append(n)
+            else:
+                results[n] = o
+        if missing and (not self.args.allow_degraded or not results):
+            raise ApiError(503, "member_unavailable",
+                           f"model member(s) {missing} did not answer; retry shortly. The service is "
+                           "restarting them" + ("" if self.args.allow_degraded else
+                                                " (degraded answers are disabled on this server)"))
+        return results, missing
+
+    def _answer(self, results, missing, image, cam, alpha, all_classes, class_name) -> Dict[str, Any]:
+        import torch
+        from skin.ensemble import combine, describe
+        from skin.gradcam import ensemble_map, map_image, overlay, png_bytes
+        classes = self.bundle.classes.names
+        member_probs = {n: r["probs"] for n, r in results.items()}
+        weights = {n: self.weights[n] for n in results}
+        probs = combine(member_probs, weights)
+        out = describe(probs, member_probs, self.weights, classes, self.args.uncertain_below)
+        out |= {"degraded": bool(missing), "missing_members": missing, "bundle": self.bundle.id}
+        if missing:
+            out["uncertain"] = True
+            out["uncertain_reasons"].append(f"degraded: answered without {missing}")
+        if cam:
+            k = classes.index(class_name) if class_name else out["class_index"]
+            disp = _display_copy(image, self.args.overlay_max_side)
+            size = (disp.size[1], disp.size[0])
+            cam_k = ensemble_map({n: torch.from_numpy(r["maps"][k]) for n, r in results.items()}, weights, size)
+            g = {"class": classes[k], "overlay_png": _b64(png_bytes(overlay(disp, cam_k, alpha))),
+                 "map_png": _b64(png_bytes(map_image(cam_k)))}
+            if all_classes:
+                g["maps_png"] = {c: _b64(png_bytes(map_image(ensemble_map(
+                    {n: torch.from_numpy(r["maps"][j]) for n, r in results.items()}, weights, size))))
+                    for j, c in enumerate(classes)}
+            out["gradcam"] = g
+        return out
+
+
+def _display_copy(image, max_side: int):
+    w, h = image.size
+    scale = max_side / max(w, h)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# --------------------------------------------------------------------------- builder
+def build_app(args: AppArgs):
+    """Typed application builder: `serve run serve_app:app bundle=...` or a Serve config file."""
+    from skin.bundle import Bundle
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    bundle = Bundle.load(args.bundle)  # fail at deploy time, with the reason, on a bad bundle
+    unknown = set(args.members) - set(bundle.member_names)
+    if unknown:
+        raise ValueError(f"members {sorted(unknown)} are not in the bundle; it has {bundle.member_names}")
+    handles = {}
+    for name in bundle.member_names:
+        o = args.members.get(name, MemberOptions())
+        opts = {"num_cpus": o.num_cpus}
+        if o.num_gpus:
+            opts["num_gpus"] = o.num_gpus
+        handles[name] = MemberModel.options(
+            name=name, num_replicas=o.replicas, ray_actor_options=opts,
+            user_config={"fault_drill": o.fault_drill},
+        ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s)
+    return Ensemble.options(num_replicas=args.ingress_replicas,
+                            ray_actor_options={"num_cpus": args.ingress_cpus}).bind(args.model_dump(), handles)
+
+
+app = build_app  # `serve run serve_app:app bundle=...`

@@ -1,0 +1,123 @@
+"""Ray Train glue: the training loop's runtime inside a Ray Train worker, and one TorchTrainer per
+member. Ray is imported here only, so the rest of `skin` works without it."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .train import SCORE, TrainConfig, train_member
+
+
+@dataclass
+class RayRuntime:
+    """The loop's view of a Ray Train worker (Train V2 API)."""
+
+    def __post_init__(self) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.world_size = ctx.get_world_size()
+        self.rank = ctx.get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+
+    def prepare_model(self, model):
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model) if self.world_size > 1 else model.to(self.device)
+
+    def prepare_loader(self, loader):
+        import ray.train.torch
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False) if self.world_size > 1 else loader
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self):
+        import ray.train
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        return ckpt.to_directory()  # local copy, works for remote storage too
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: a plain dict config in, everything else in `skin.train`."""
+    train_member(TrainConfig.from_dict(config), RayRuntime())
+
+
+@dataclass
+class Scaling:
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+def make_trainer(cfg: TrainConfig, scaling: Scaling, name: str, storage_path: str,
+                 max_failures: int = 2, keep: int = 2):
+    """One TorchTrainer for one member: best checkpoints by val macro-F1, restarts on failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def fit_concurrently(trainers: dict):
+    """Run every trainer's fit() at once (threads: each fit() only waits on its controller actor).
+    Returns name -> Result, or raises the first failure after all have finished."""
+    results, errors = {}, {}
+
+    def run(name, trainer):
+        try:
+            results[name] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - collected and re-raised below
+            errors[name] = e
+
+    threads = [threading.Thread(target=run, args=item, name=f"fit-{item[0]}") for item in trainers.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        name, err = next(iter(errors.items()))
+        raise RuntimeError(f"training of {sorted(errors)} failed; first error ({name}): {err}") from err
+    return results
+
+
+def best_checkpoint_dir(result) -> Path:
+    """The best checkpoint by val macro-F1 of a finished run, as a local folder."""
+    ckpt = result.get_best_checkpoint(metric=SCORE, mode="max")
+    if ckpt is None:
+        raise RuntimeError(f"run {result.path} reported no checkpoint")
+    return Path(ckpt.to_directory())
+
+
+def feasible(scaling: Scaling, members: int) -> None:
+    """Refuse resource requests the cluster can never satisfy, before anything starts."""
+    import ray
+    total = ray.cluster_resources()
+    need_gpu = scaling.gpus_per_worker * scaling.workers
+    if need_gpu and need_gpu > total.get("GPU", 0):
+        raise ValueError(f"each member asks for {need_gpu:g} GPU(s) but the cluster has "
+                         f"{total.get('GPU', 0):g}; lower --gpus-per-worker/--workers or add GPU nodes")
+    if scaling.cpus_per_worker * scaling.workers > total.get("CPU", 0):
+        raise ValueError(f"each member asks for {scaling.cpus_per_worker * scaling.workers:g} CPUs but the "
+                         f"cluster has {total.get('CPU', 0):g}; lower --cpus-per-worker/--workers")
+

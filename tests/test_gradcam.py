@@ -1,0 +1,126 @@
+import gc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skin.gradcam import GradCAM, Explainer, ensemble_map, normalize, overlay, png_bytes, upsample
+from skin.registry import DEFAULT_MEMBERS, create_model
+
+SIZE = 96
+
+
+def _member(name: str, seed: int = 0):
+    """A seeded random member whose maps are well above float noise: BN scales drawn in
+    [0.5, 1.5] (random init zeroes the residual ones) and the last Linear scaled so the
+    largest map value is about 10."""
+    torch.manual_seed(seed)
+    m = create_model(name, 6, pretrained="none", input_size=SIZE).eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with GradCAM(m) as cam:
+        _, maps = cam(x)
+    with torch.no_grad():
+        m.head[-1].weight.mul_(10 / maps.max().clamp_min(1e-12))
+    return m, x
+
+
+@pytest.fixture(scope="module", params=DEFAULT_MEMBERS)
+def member_and_input(request):
+    return _member(request.param)
+
+
+def test_fast_path_matches_pytorch_grad_cam(member_and_input):
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    member, x = member_and_input
+    with GradCAM(member) as cam:
+        assert cam.fast
+        _, maps = cam(x)
+    layer = member.get_submodule(member.spec.cam_layer)
+    with ReferenceGradCAM(model=member, target_layers=[layer]) as ref:
+        for k in range(6):
+            expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
+            ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
+            # both are min-max normalised (peak 1, or all 0 where ReLU leaves nothing)
+            rel = np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0)
+            assert rel <= 1e-4, (member.spec.name, k, rel)
+
+
+def test_fast_and_general_paths_agree(member_and_input):
+    member, x = member_and_input
+    with GradCAM(member, fast=True) as cam:
+        logits_f, fast = cam(x)
+    with GradCAM(member, fast=False) as cam:
+        logits_g, general = cam(x)
+    torch.testing.assert_close(logits_f, logits_g, rtol=1e-4, atol=1e-5)
+    assert ((fast - general).abs().max() / general.abs().max()) < 1e-4
+
+
+def test_batch_equals_one_at_a_time(member_and_input):
+    member, x = member_and_input
+    with GradCAM(member) as cam:
+        _, batch = cam(x)
+        singles = torch.cat([cam(x[i:i + 1])[1] for i in range(len(x))])
+    torch.testing.assert_close(batch, singles, rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_released_and_no_growth():
+    member, x = _member("resnet50")
+    layer = member.get_submodule(member.spec.cam_layer)
+    with GradCAM(member, fast=False) as cam:
+        cam(x[:1])
+        assert len(layer._forward_hooks) == 1
+    assert len(layer._forward_hooks) == 0
+    with pytest.raises(ZeroDivisionError):  # released even when the body raises
+        with GradCAM(member, fast=False):
+            1 / 0
+    assert len(layer._forward_hooks) == 0
+    gc.collect()
+    before = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+    for _ in range(100):
+        with GradCAM(member) as cam:
+            cam(x[:1])
+    gc.collect()
+    after = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+    assert after - before < 10
+    assert len(layer._forward_hooks) == 0
+
+
+def test_train_mode_refused():
+    member, x = _member("mobilenetv2")
+    member.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        with GradCAM(member) as cam:
+            cam(x)
+
+
+def test_general_path_on_another_layer():
+    member, x = _member("resnet50")
+    with GradCAM(member, layer="backbone.layer3") as cam:
+        assert not cam.fast
+        _, maps = cam(x)
+    assert maps.shape == (2, 6, SIZE // 16, SIZE // 16)
+    with pytest.raises(ValueError, match="one-pass"):
+        GradCAM(member, layer="backbone.layer3", fast=True)
+    with pytest.raises(AttributeError):
+        GradCAM(member, layer="backbone.nope")
+
+
+def test_maps_have_the_image_size_and_overlay():
+    members = {n: _member(n)[0] for n in DEFAULT_MEMBERS}
+    ex = Explainer(members)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    maps = {n: ex.member_outputs(n, x)[1][0, 2] for n in members}
+    img = Image.new("RGB", (150, 100), (200, 160, 140))
+    cam = ensemble_map(maps, {"mobilenetv2": 0.3, "efficientnet_b1": 0.3, "resnet50": 0.4}, (100, 150))
+    assert cam.shape == (100, 150) and 0 <= cam.min() and cam.max() <= 1
+    out = overlay(img, cam, alpha=0.5)
+    assert out.size == img.size
+    assert png_bytes(out)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(np.asarray(overlay(img, cam, alpha=0.0)), np.asarray(img))
+    with pytest.raises(ValueError):
+        overlay(img, cam, alpha=1.5)

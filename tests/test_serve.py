@@ -1,0 +1,182 @@
+"""The real Serve app over HTTP: one app per test session on the shared local Ray."""
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from skin.bundle import Bundle
+from skin.ensemble import Predictor
+from skin.images import load_image
+from skin.synth import jpeg_bytes, make_sample
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy(bundle, **overrides):
+    from ray import serve
+    from serve_app import AppArgs, build_app
+    args = AppArgs(bundle=str(bundle), **overrides)
+    serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
+
+
+@pytest.fixture(scope="session")
+def api(ray_local, random_bundle):
+    """Base URL of the session's Serve app (random-weight bundle, 127.0.0.1, free port)."""
+    from ray import serve
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _deploy(random_bundle)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield url
+    serve.delete("skinray")
+
+
+def _jpeg(label=2, index=0, size=120) -> bytes:
+    return jpeg_bytes(make_sample(label, 9, index, size), 9, index)
+
+
+def post(url, data: bytes, name="lesion.jpg", ctype="image/jpeg", params=None, headers=None, field="file"):
+    return requests.post(url + "/v1/predict", files={field: (name, data, ctype)}, params=params,
+                         headers=headers, timeout=60)
+
+
+def test_predict_matches_in_process(api, random_bundle):
+    data = _jpeg()
+    r = post(api, data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-6
+    expected = Predictor(Bundle.load(random_bundle)).predict([load_image(data)])[0]
+    for c, p in expected["probabilities"].items():
+        assert abs(body["probabilities"][c] - p) < 1e-5
+    assert body["class"] == expected["class"] and body["bundle"] == Bundle.load(random_bundle).id
+    assert set(body["members"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
+    assert r.headers["X-Request-ID"]
+    assert {"decode", "members", "total"} <= set(body["timings_ms"])
+
+
+def test_overlay_keeps_the_aspect_ratio(api):
+    img = make_sample(5, 3, 1, 160).image.resize((200, 100))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    body = post(api, buf.getvalue(), "wide.png", "image/png", params={"alpha": 0.6, "all_classes": "true"}).json()
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["gradcam"]["overlay_png"])))
+    raw = Image.open(io.BytesIO(base64.b64decode(body["gradcam"]["map_png"])))
+    assert overlay.format == "PNG" and overlay.size == (200, 100) and raw.size == (200, 100)
+    assert set(body["gradcam"]["maps_png"]) == set(body["probabilities"])
+    assert body["gradcam"]["class"] == body["class"]
+
+
+def test_cam_off_and_class_choice(api):
+    assert "gradcam" not in post(api, _jpeg(), params={"cam": "false"}).json() or \
+        post(api, _jpeg(), params={"cam": "false"}).json()["gradcam"] is None
+    body = post(api, _jpeg(), params={"class": "Malign"}).json()
+    assert body["gradcam"]["class"] == "Malign"
+
+
+def test_info_and_health(api):
+    info = requests.get(api + "/v1/info", timeout=10).json()
+    assert info["classes"][0] == "Enfeksiyonel" and info["weights"]["resnet50"] == 0.4 and info["untrained"]
+    assert requests.get(api + "/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(api + "/openapi.json", timeout=10).json()["info"]["title"] == "skinray"
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("text", 400, "undecodable_image"),
+    ("empty", 400, "undecodable_image"),
+    ("gif", 415, "unsupported_image_type"),
+    ("big", 413, "image_too_large"),
+    ("tiny", 422, "image_too_small"),
+    ("nofile", 422, "invalid_request"),
+    ("alpha", 422, "invalid_request"),
+    ("class", 422, "invalid_request"),
+])
+def test_errors(api, case, status, code):
+    if case == "text":
+        r = post(api, b"definitely not a jpeg", "x.jpg")
+    elif case == "empty":
+        r = post(api, b"", "x.jpg")
+    elif case == "gif":
+        buf = io.BytesIO()
+        make_sample(0, 0, 0, 64).image.save(buf, "GIF")
+        r = post(api, buf.getvalue(), "x.gif", "image/gif")
+    elif case == "big":
+        r = post(api, b"\xff\xd8" + b"0" * (21 * 1024 * 1024), "huge.jpg")
+    elif case == "tiny":
+        buf = io.BytesIO()
+        Image.new("RGB", (1, 1)).save(buf, "PNG")
+        r = post(api, buf.getvalue(), "dot.png", "image/png")
+    elif case == "nofile":
+        r = post(api, _jpeg(), field="image")
+    elif case == "alpha":
+        r = post(api, _jpeg(), params={"alpha": 3})
+    else:
+        r = post(api, _jpeg(), params={"class": "Nope"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and len(err["message"]) > 10 and "Traceback" not in r.text
+    assert post(api, _jpeg()).status_code == 200  # and the server still answers
+
+
+def test_twenty_concurrent_requests(api):
+    payloads = [_jpeg(i % 6, i) for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda d: post(api, d).status_code, payloads))
+    assert codes == [200] * 20
+
+
+def test_api_key_and_member_failure(api, random_bundle):
+    """Redeploys the same app in place (user_config / ingress args only) and restores it."""
+    try:
+        _deploy(random_bundle, api_key="s3cret")
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).status_code == 401)
+        assert requests.get(api + "/healthz", timeout=5).status_code == 200
+        assert post(api, _jpeg()).status_code == 401
+        assert post(api, _jpeg(), headers={"X-API-Key": "wrong"}).status_code == 401
+        assert post(api, _jpeg(), headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert post(api, _jpeg(), headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+        _deploy(random_bundle, members={"resnet50": {"fault_drill": True}})
+        _wait(lambda: post(api, _jpeg()).status_code == 503)
+        err = post(api, _jpeg()).json()["error"]
+        assert err["code"] == "member_unavailable" and "resnet50" in err["message"]
+
+        _deploy(random_bundle, members={"resnet50": {"fault_drill": True}}, allow_degraded=True)
+        _wait(lambda: post(api, _jpeg()).status_code == 200)
+        body = post(api, _jpeg()).json()
+        assert body["degraded"] and body["missing_members"] == ["resnet50"] and body["uncertain"]
+        assert abs(sum(body["probabilities"].values()) - 1) < 1e-6
+    finally:
+        _deploy(random_bundle)
+        _wait(lambda: post(api, _jpeg()).status_code == 200)
+
+
+def _wait(cond, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("condition not reached in time")

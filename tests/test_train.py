@@ -1,0 +1,185 @@
+"""Training: the loop without Ray, then through Ray Train (one shared local Ray per session)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from skin.bundle import Bundle
+from skin.train import SCORE, LocalRuntime, TrainConfig, state_digest, train_member
+
+TINY = dict(epochs=2, image_size=32, batch_size=16, max_steps_per_epoch=2, pretrained="none",
+            warmup_epochs=0.5, num_workers=0, threads=1)
+
+
+def test_one_member_trains_and_reports_each_epoch(scanned, tmp_path):
+    rt = LocalRuntime(str(tmp_path / "run"))
+    train_member(TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), **TINY), rt, log=lambda s: None)
+    assert [m["epoch"] for m in rt.history] == [1, 2]
+    for m in rt.history:
+        for k in ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", SCORE):
+            assert np.isfinite(m[k])
+    best = max(rt.history, key=lambda m: m[SCORE])
+    meta = json.loads((tmp_path / "run" / "best" / "member.json").read_text())
+    assert meta["epoch"] == best["epoch"] and meta["classes"][0] == "Enfeksiyonel"
+    assert (tmp_path / "run" / "latest" / "optimizer.safetensors").is_file()
+
+
+def test_resume_loads_the_checkpoint_weights(scanned, tmp_path):
+    rt = LocalRuntime(str(tmp_path / "run"))
+    cfg = TrainConfig(backbone="efficientnet_b1", data_dir=str(scanned), **(TINY | {"epochs": 1}))
+    train_member(cfg, rt, log=lambda s: None)
+    digest = state_digest(load_file(str(tmp_path / "run" / "latest" / "model.safetensors")))
+    cfg.epochs = 2
+    rt2 = LocalRuntime(str(tmp_path / "run"))
+    last = train_member(cfg, rt2, log=lambda s: None)
+    assert last["epoch"] == 2 and last["resumed_from_epoch"] == 1
+    assert last["resumed_weights_digest"] == digest
+
+
+def test_unreadable_image_is_skipped_and_counted(scanned, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
+    df = pd.read_csv(data / "train_balanced.csv", keep_default_na=False)
+    gone = tmp_path / "gone.jpg"
+    gone.write_bytes(b"broken since the scan")
+    df.loc[0, "path"] = str(gone)
+    df.to_csv(data / "train_balanced.csv", index=False)
+    rt = LocalRuntime(str(tmp_path / "run"))
+    cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(data), **(TINY | {"epochs": 1, "max_steps_per_epoch": None,
+                                                                            "use_cache": False}))
+    train_member(cfg, rt, log=lambda s: None)
+    assert rt.history[0]["skipped_images"] == 1
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from skin.train import lr_factor
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+
+
+# ----------------------------------------------------------------------------- Ray Train
+@pytest.fixture(scope="module")
+def trained(ray_local, scanned, tmp_path_factory):
+    """The smoke training job, run once: three members concurrently through Ray Train."""
+    import jobs.train as job
+    out = tmp_path_factory.mktemp("train")
+    assert job.main(["--data", str(scanned), "--out", str(out), "--smoke", "--name", "t"]) == 0
+    return out
+
+
+def test_job_outputs(trained):
+    b = Bundle.load(trained / "bundle")
+    assert b.member_names == ["mobilenetv2", "efficientnet_b1", "resnet50"]
+    assert b.weights == (0.30, 0.30, 0.40) and not b.untrained
+    assert b.provenance["dataset_manifest_sha256"]
+    vp = load_file(str(trained / "val_probs.safetensors"))
+    assert vp["mobilenetv2.probs"].shape[0] == vp["labels"].shape[0]
+    cfg = json.loads((trained / "train_config.json").read_text())
+    assert cfg["member_configs"]["resnet50"]["epochs"] == 2
+
+
+def test_members_ran_concurrently_and_best_checkpoint_kept(trained):
+    from ray.train import Result
+    spans, summary = {}, json.loads((trained / "summary.json").read_text())
+    for m in ("mobilenetv2", "efficientnet_b1", "resnet50"):
+        result = Result.from_path(str(trained / "ray_results" / f"t-{m}"))
+        hist = [metrics for _, metrics in result.best_checkpoints]
+        spans[m] = (min(h["epoch_start"] for h in hist), max(h["epoch_end"] for h in hist))
+        best = max(hist, key=lambda h: h[SCORE])
+        assert summary[m]["best_epoch"] == best["epoch"]
+    latest_start = max(s for s, _ in spans.values())
+    earliest_end = min(e for _, e in spans.values())
+    assert latest_start < earliest_end, spans  # every member was training at one moment
+
+
+def test_evaluation_equals_sklearn(trained, scanned):
+    from skin.evaluation import score_locally, summarize
+    from skin.data import load_manifest
+    from skin.ensemble import combine
+    b = Bundle.load(trained / "bundle")
+    df = load_manifest(scanned, "test")
+    scored = score_locally(str(b.root), df)
+    m = summarize(scored, b)
+    y = scored["label_index"].to_numpy(int)
+    probs = {n: np.stack(scored[n].to_list()) for n in b.member_names}
+    ens = combine(probs, {n: b.weight_of(n) for n in b.member_names}).argmax(1)
+    assert m["ensemble"]["accuracy"] == pytest.approx(accuracy_score(y, ens))
+    assert m["ensemble"]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, ens))
+    assert m["ensemble"]["f1_macro"] == pytest.approx(f1_score(y, ens, average="macro", labels=range(6), zero_division=0))
+    r = probs["resnet50"].argmax(1)
+    assert m["members"]["resnet50"]["f1_weighted"] == pytest.approx(f1_score(y, r, average="weighted", labels=range(6), zero_division=0))
+
+
+def test_evaluate_job_with_ray_data(ray_local, trained, scanned, tmp_path):
+    import jobs.evaluate as job
+    shutil.copytree(trained / "bundle", tmp_path / "bundle")
+    assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(scanned), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["members"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
+    for f in ("report.md", "confusion_counts.png", "confusion_normalized.png", "reliability.png"):
+        assert (tmp_path / "eval" / f).is_file()
+    assert Bundle.load(tmp_path / "bundle").metrics["ensemble"]["accuracy"] == metrics["ensemble"]["accuracy"]
+
+
+def test_worker_killed_mid_run_resumes(ray_local, scanned, tmp_path):
+    from skin.distributed import Scaling, fit_concurrently, make_trainer
+    cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), **(TINY | {"epochs": 3}),
+                      kill_after_epoch=1, kill_marker=str(tmp_path / "killed"))
+    trainer = make_trainer(cfg, Scaling(1, 0.5), "kill", str(tmp_path / "storage"), max_failures=2, keep=None)
+    result = fit_concurrently({"m": trainer})["m"]
+    assert (tmp_path / "killed").is_file()  # the worker really was killed once
+    assert result.metrics["epoch"] == 3
+    by_epoch = {m["epoch"]: (c, m) for c, m in result.best_checkpoints}
+    assert sorted(by_epoch) == [1, 2, 3]
+    ckpt1 = Path(by_epoch[1][0].path)
+    resumed = by_epoch[2][1]
+    assert resumed["resumed_from_epoch"] == 1
+    assert resumed["resumed_weights_digest"] == state_digest(load_file(str(ckpt1 / "model.safetensors")))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "zero_class", "backbone", "gpus"])
+def test_bad_inputs_fail_before_training(ray_local, scanned, tmp_path, case, capsys):
+    import jobs.train as job
+    data = tmp_path / "data"
+    shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
+    args = ["--data", str(data), "--out", str(tmp_path / "out"), "--smoke"]
+    if case == "missing":
+        (data / "val.csv").unlink()
+    elif case == "empty":
+        (data / "train_balanced.csv").write_text("path,label,label_index,split,group,sha256,dhash,width,height\n")
+    elif case == "zero_class":
+        df = pd.read_csv(data / "train_balanced.csv", keep_default_na=False)
+        df[df["label"] != "Akne"].to_csv(data / "train_balanced.csv", index=False)
+    elif case == "backbone":
+        with pytest.raises(SystemExit):
+            job.main(args + ["--members", "vgg16"])
+        return
+    elif case == "gpus":
+        args += ["--gpus-per-worker", "1"]
+    assert job.main(args) == 2
+    err = capsys.readouterr().err
+    assert {"missing": "not found", "empty": "empty", "zero_class": "Akne",
+            "gpus": "GPU"}[case] in err, err
+    assert not (tmp_path / "out" / "ray_results").exists()
+
+
+def test_class_map_change_refused_on_resume(trained, scanned, tmp_path, capsys):
+    import jobs.train as job
+    data = tmp_path / "data"
+    shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
+    classes = json.loads((data / "classes.json").read_text())
+    classes["classes"][0], classes["classes"][1] = classes["classes"][1], classes["classes"][0]
+    (data / "classes.json").write_text(json.dumps(classes))
+    for split in ("train", "val", "test", "train_balanced"):
+        df = pd.read_csv(data / f"{split}.csv", keep_default_na=False)
+        df["label_index"] = [classes["classes"].index(l) for l in df["label"]]
+        df.to_csv(data / f"{split}.csv", index=False)
+    args = ["--data", str(data), "--out", str(trained), "--smoke", "--name", "t"]
+    assert job.main(args) == 2
+    assert "class map" in capsys.readouterr().err
