@@ -297,6 +297,10 @@ class Ensemble:
         import torch
         from skin.ensemble import combine, describe
         from skin.gradcam import ensemble_map, map_image, overlay, png_bytes
+        from skin.images import display_copy
+
+        def b64(img) -> str:
+            return base64.b64encode(png_bytes(img)).decode("ascii")
         classes = self.bundle.classes.names
         member_probs = {n: r["probs"] for n, r in results.items()}
         weights = {n: self.weights[n] for n in results}
@@ -308,29 +312,17 @@ class Ensemble:
             out["uncertain_reasons"].append(f"degraded: answered without {missing}")
         if cam:
             k = classes.index(class_name) if class_name else out["class_index"]
-            disp = _display_copy(image, self.args.overlay_max_side)
+            disp = display_copy(image, self.args.overlay_max_side)
             size = (disp.size[1], disp.size[0])
             cam_k = ensemble_map({n: torch.from_numpy(r["maps"][k]) for n, r in results.items()}, weights, size)
-            g = {"class": classes[k], "overlay_png": _b64(png_bytes(overlay(disp, cam_k, alpha))),
-                 "map_png": _b64(png_bytes(map_image(cam_k)))}
+            g = {"class": classes[k], "overlay_png": b64(overlay(disp, cam_k, alpha)),
+                 "map_png": b64(map_image(cam_k))}
             if all_classes:
-                g["maps_png"] = {c: _b64(png_bytes(map_image(ensemble_map(
-                    {n: torch.from_numpy(r["maps"][j]) for n, r in results.items()}, weights, size))))
+                g["maps_png"] = {c: b64(map_image(ensemble_map(
+                    {n: torch.from_numpy(r["maps"][j]) for n, r in results.items()}, weights, size)))
                     for j, c in enumerate(classes)}
             out["gradcam"] = g
         return out
-
-
-def _display_copy(image, max_side: int):
-    w, h = image.size
-    scale = max_side / max(w, h)
-    if scale >= 1:
-        return image
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))))
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 # --------------------------------------------------------------------------- builder

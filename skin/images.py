@@ -119,6 +119,15 @@ def load_image(data: bytes | str | Path, limits: ImageLimits = ImageLimits()) ->
     return _to_rgb(img)
 
 
+def display_copy(img: Image.Image, max_side: int) -> Image.Image:
+    """A copy no larger than max_side on its longer side, aspect ratio kept (for overlays)."""
+    w, h = img.size
+    scale = max_side / max(w, h)
+    if scale >= 1:
+        return img
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+
+
 def difference_hash(img: Image.Image, hash_size: int = 8) -> int:
     """64-bit dHash (Krawetz) of the illumination-flattened image: a 64 px grey thumbnail minus
     its local mean, then the sign of horizontal gradients on a 9x8 grid. Flattening first matters

@@ -10,6 +10,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from pathlib import Path  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+# Ray workers (Serve replicas, Train workers) import serve_app and jobs from the repository root.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
