@@ -19,6 +19,7 @@ help:
 	@echo "make test-all   the suite plus slow full-size runs"
 	@echo "make bench      every benchmark under benchmarks/ (prints the figures)"
 	@echo "make demo-stop  stop what the demo started"
+	@echo "make ui         the Streamlit page on 127.0.0.1:8501 (API at \$$SKINRAY_API_URL)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,15 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch/torchvision pinned exactly (constraints.txt): other combinations download gigabytes
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
+
+# Browser for the end-to-end page test: Debian's chromium (Playwright drives it; nothing downloads a browser).
+CHROMIUM_STAMP := $(VENV)/.chromium
+$(CHROMIUM_STAMP):
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	  || echo "could not install chromium: the browser test will be skipped"; }
+	@touch $(CHROMIUM_STAMP)
 
 install: $(STAMP)
 
@@ -35,14 +45,19 @@ demo: $(STAMP)
 demo-stop:
 	bash cluster/demo.sh --stop $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+ui: $(STAMP)
+	SKINRAY_API_URL=$${SKINRAY_API_URL:-http://127.0.0.1:8000} $(VENV)/bin/streamlit run ui/app.py \
+	  --server.address 127.0.0.1 --server.port $${SKINRAY_UI_PORT:-8501} --server.headless true \
+	  --browser.gatherUsageStats false
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

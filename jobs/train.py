@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
     p.add_argument("--freeze-epochs", type=int, help="train only the head for the first N epochs")
     p.add_argument("--workers", type=int, help="Ray Train workers per member (DDP when > 1; default 1)")
-    p.add_argument("--cpus-per-worker", type=float, help="default: the cluster's CPUs shared among all workers")
+    p.add_argument("--cpus-per-worker", type=float, help="default: the cluster's free CPUs shared among all workers")
     p.add_argument("--gpus-per-worker", type=float, help="fractional allowed, e.g. 0.33 so three members share one GPU")
     p.add_argument("--max-failures", type=int, help="worker failures tolerated per member (default 2)")
     p.add_argument("--storage-path", help="Ray Train storage: a local folder (default OUT/ray_results) or "
@@ -148,8 +148,9 @@ def main(argv=None) -> int:
             ray.init()
         else:
             ray.init(num_cpus=a.num_cpus, include_dashboard=False)
-    total_cpus = ray.cluster_resources().get("CPU", 1)
-    cpus = cfg["cpus_per_worker"] or max(0.1, int(10 * total_cpus / (len(members) * cfg["workers"])) / 10)
+    # Share the CPUs that are free now (a Serve app may hold some), so every member can start at once.
+    free_cpus = ray.available_resources().get("CPU", 0) or ray.cluster_resources().get("CPU", 1)
+    cpus = cfg["cpus_per_worker"] or max(0.1, int(10 * free_cpus / (len(members) * cfg["workers"])) / 10)
     scaling = Scaling(cfg["workers"], cpus, float(cfg["gpus_per_worker"] or 0))
     try:
         feasible(scaling, len(members))

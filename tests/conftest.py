@@ -14,7 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Ray workers (Serve replicas, Train workers) import serve_app and jobs from the repository root.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
+import socket  # noqa: E402
+import time  # noqa: E402
+
 import pytest  # noqa: E402
+import requests  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
@@ -64,3 +68,45 @@ def ray_local():
     except Exception:  # noqa: BLE001 - best effort at teardown
         pass
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(bundle, **overrides):
+    from ray import serve
+    from serve_app import AppArgs, build_app
+    args = AppArgs(bundle=str(bundle), **overrides)
+    serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
+
+
+@pytest.fixture(scope="session")
+def api(ray_local, random_bundle):
+    """Base URL of the session's Serve app (random-weight bundle, 127.0.0.1, free port)."""
+    from ray import serve
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(random_bundle)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield url
+    serve.delete("skinray")
+
+
+@pytest.fixture(scope="session")
+def trained(ray_local, scanned, tmp_path_factory):
+    """The smoke training job, run once: three members concurrently through Ray Train."""
+    import jobs.train as job
+    out = tmp_path_factory.mktemp("train")
+    assert job.main(["--data", str(scanned), "--out", str(out), "--smoke", "--name", "t"]) == 0
+    return out

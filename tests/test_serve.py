@@ -2,9 +2,10 @@
 import base64
 import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from conftest import deploy as _deploy
 
 import numpy as np
 import pytest
@@ -15,39 +16,6 @@ from skin.bundle import Bundle
 from skin.ensemble import Predictor
 from skin.images import load_image
 from skin.synth import jpeg_bytes, make_sample
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deploy(bundle, **overrides):
-    from ray import serve
-    from serve_app import AppArgs, build_app
-    args = AppArgs(bundle=str(bundle), **overrides)
-    serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
-
-
-@pytest.fixture(scope="session")
-def api(ray_local, random_bundle):
-    """Base URL of the session's Serve app (random-weight bundle, 127.0.0.1, free port)."""
-    from ray import serve
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _deploy(random_bundle)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    yield url
-    serve.delete("skinray")
 
 
 def _jpeg(label=2, index=0, size=120) -> bytes:

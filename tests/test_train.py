@@ -64,15 +64,6 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 # ----------------------------------------------------------------------------- Ray Train
-@pytest.fixture(scope="module")
-def trained(ray_local, scanned, tmp_path_factory):
-    """The smoke training job, run once: three members concurrently through Ray Train."""
-    import jobs.train as job
-    out = tmp_path_factory.mktemp("train")
-    assert job.main(["--data", str(scanned), "--out", str(out), "--smoke", "--name", "t"]) == 0
-    return out
-
-
 def test_job_outputs(trained):
     b = Bundle.load(trained / "bundle")
     assert b.member_names == ["mobilenetv2", "efficientnet_b1", "resnet50"]

@@ -1,0 +1,152 @@
+"""Serve latency, throughput, cold start and memory, against the in-process floor, in one run.
+
+On this machine (random-weight bundle at 224 px, Grad-CAM on, JPEG 512x384 uploads over
+loopback HTTP):
+  floor            three members' forward passes in one process, 2 torch threads, batch 1
+  p50 / floor      at concurrency 1                                   (target <= 1.25)
+  thr16 / batch8   images/s at concurrency 16 / in-process batch-8 images/s (target >= 0.8)
+  cold start       serve.run() to the first 200 from /v1/predict       (target <= 20 s)
+  memory           PSS of the app's processes: replicas + Serve proxy/controller (target <= 3.6 GB)
+
+    python benchmarks/serve_latency.py [--requests 40]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def upload() -> bytes:
+    from skin.synth import make_sample
+    buf = io.BytesIO()
+    make_sample(5, 1, 1, 384).image.resize((512, 384)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def floor(bundle_dir: str, data: bytes) -> tuple[float, float]:
+    """Median ms of the three forwards at batch 1; images/s of the three forwards at batch 8."""
+    from skin.bundle import Bundle
+    from skin.images import load_image
+    from skin.presets import to_batch
+    torch.set_num_threads(2)
+    b = Bundle.load(bundle_dir)
+    members = b.load_members()
+    img = load_image(data)
+    x1 = {n: to_batch([img], m.data_config) for n, m in members.items()}
+    x8 = {n: x.repeat(8, 1, 1, 1) for n, x in x1.items()}
+
+    def run(xs):
+        with torch.inference_mode():
+            for n, m in members.items():
+                m(xs[n])
+    run(x1)
+    t1 = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        run(x1)
+        t1.append(time.perf_counter() - t0)
+    run(x8)
+    t0 = time.perf_counter()
+    for _ in range(4):
+        run(x8)
+    return statistics.median(t1) * 1e3, 32 / (time.perf_counter() - t0)
+
+
+def app_pss_gb() -> float:
+    """PSS of Serve's processes (replicas, proxy, controller), found among this user's processes."""
+    total = 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if cmd.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")):
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                pass
+    return total / 1e9
+
+
+def load(url: str, data: bytes, concurrency: int, n: int) -> tuple[list[float], float, int]:
+    def one(_):
+        t0 = time.perf_counter()
+        r = requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=120)
+        return time.perf_counter() - t0, r.status_code
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    return [o[0] * 1e3 for o in out], n / wall, sum(o[1] != 200 for o in out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=40, help="requests per concurrency level (x concurrency/4 for 16)")
+    ap.add_argument("--size", type=int, default=224)
+    a = ap.parse_args()
+    import ray
+    from ray import serve
+    from skin.bundle import write_bundle
+    from skin.classes import ClassMap
+    from skin.registry import DEFAULT_MEMBERS, create_model
+    from serve_app import AppArgs, build_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        write_bundle(Path(tmp, "b"), ClassMap(), {n: create_model(n, 6, pretrained="none", input_size=a.size)
+                                                 for n in DEFAULT_MEMBERS}, untrained=True)
+        data = upload()
+        floor_ms, batch8 = floor(str(Path(tmp, "b")), data)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        serve.run(build_app(AppArgs(bundle=str(Path(tmp, "b")))), name="skinray", route_prefix="/", blocking=False)
+        while True:
+            try:
+                if requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
+                                 timeout=30).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        cold = time.perf_counter() - t0
+        load(url, data, 4, 8)  # warm-up
+        rows = {}
+        for c in (1, 4, 16):
+            n = a.requests if c < 16 else a.requests * 2
+            lat, thr, errors = load(url, data, c, n)
+            rows[c] = (np.percentile(lat, 50), np.percentile(lat, 99), thr, errors)
+        mem = app_pss_gb()
+        serve.shutdown()
+        ray.shutdown()
+    print(f"in-process floor: three forwards {floor_ms:.1f} ms at batch 1 (2 threads); batch-8 {batch8:.1f} images/s")
+    print(f"{'concurrency':>11}{'p50 ms':>9}{'p99 ms':>9}{'images/s':>10}{'errors':>8}")
+    for c, (p50, p99, thr, err) in rows.items():
+        print(f"{c:>11}{p50:>9.1f}{p99:>9.1f}{thr:>10.2f}{err:>8}")
+    print(f"p50 / floor at concurrency 1: {rows[1][0] / floor_ms:.2f} (target <= 1.25, Grad-CAM on)")
+    print(f"throughput at 16 / in-process batch 8: {rows[16][2] / batch8:.2f} (target >= 0.8)")
+    print(f"cold start to first 200: {cold:.1f} s (target <= 20)")
+    print(f"memory of the app's processes (PSS): {mem:.2f} GB (target <= 3.6)")
+
+
+if __name__ == "__main__":
+    main()

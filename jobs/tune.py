@@ -1,0 +1,260 @@
+"""Ray Tune searches: head dropout (+ learning rate) per member, and ensemble weights.
+
+    python jobs/tune.py weights --train-out OUT [--bundle OUT/bundle] [--out OUT/bundle-tuned]
+    python jobs/tune.py dropout --data DIR --out OUT/tune [--members resnet50] [--trials 8] [--smoke]
+
+weights: fits one temperature per member on the cached validation probabilities (NLL), then
+  searches weights on the probability simplex with Ray Tune (each trial scores a batch of
+  candidates: a simplex grid or Dirichlet samples), objective macro-F1 (or balanced accuracy),
+  log-loss breaking ties. Writes a NEW bundle (never overwrites) with the weights, the
+  temperatures and the search's provenance, plus weights_search.csv/.png; prints ECE before/after.
+dropout: for each member, Ray Tune trials that each build a TorchTrainer (Train V2 pattern: the
+  Tune function runs the trainer and reports through TuneReportCallback), ASHA stopping on val
+  macro-F1, trials concurrent as resources allow. Writes results.csv, a plot, and
+  best_config.yaml ready for `jobs/train.py --config`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from skin.bundle import Bundle, derive_bundle
+from skin.calibration import (apply_temperature, best_index, dirichlet_candidates, fit_temperature, nll,
+                              score_candidates, simplex_grid)
+from skin.checkpoint import load_tensors
+from skin.metrics import expected_calibration_error
+from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
+from skin.train import SCORE, TrainConfig
+
+
+# --------------------------------------------------------------------------- weights
+def weight_trial(config: dict, probs: np.ndarray, labels: np.ndarray, objective: str) -> None:
+    """One Tune trial: score a batch of candidates, report the batch's best."""
+    from ray import tune
+    k = probs.shape[0]
+    if config["kind"] == "grid":
+        cands = simplex_grid(k, config["step"])
+    else:
+        cands = dirichlet_candidates(k, config["n"], config["seed"], config["concentration"])
+    s = score_candidates(cands, probs, labels, objective)
+    i = best_index(s["score"], s["log_loss"])
+    tune.report({"score": float(s["score"][i]), "log_loss": float(s["log_loss"][i]),
+                 "weights": cands[i].tolist(), "candidates": len(cands)})
+
+
+def search_weights(probs: np.ndarray, labels: np.ndarray, objective: str = "f1_macro",
+                   candidates: int = 2000, seed: int = 0, storage: str | None = None):
+    """Ray Tune over candidate batches; returns (best weights, best row, results DataFrame)."""
+    from ray import tune
+    k = probs.shape[0]
+    batches = max(1, candidates // 250)
+    space = tune.grid_search([{"kind": "grid", "step": 0.05}] +
+                             [{"kind": "dirichlet", "n": 250, "seed": seed + i,
+                               "concentration": (0.5, 1.0, 2.0)[i % 3]} for i in range(batches)])
+    # Tune nests the grid under "search": unwrap it in the trial.
+    tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_unwrap_weight_trial, probs=probs, labels=labels,
+                                                                 objective=objective), {"CPU": 1}),
+                       param_space={"search": space},
+                       tune_config=tune.TuneConfig(metric="score", mode="max"),
+                       run_config=tune.RunConfig(name="weights", storage_path=storage, verbose=0))
+    grid = tuner.fit()
+    df = grid.get_dataframe()
+    rows = [r for r in (res.metrics for res in grid) if r and "score" in r]
+    best = max(rows, key=lambda r: (round(r["score"], 9), -r["log_loss"]))
+    if k and len(best["weights"]) != k:
+        raise RuntimeError("weight search returned a vector of the wrong length")
+    return np.array(best["weights"]), best, df
+
+
+def _unwrap_weight_trial(config: dict, probs, labels, objective) -> None:
+    weight_trial(config["search"], probs, labels, objective)
+
+
+def cmd_weights(a) -> int:
+    train_out = Path(a.train_out)
+    src = Bundle.load(a.bundle or train_out / "bundle")
+    vp = load_tensors(train_out / "val_probs.safetensors")
+    labels = vp["labels"].numpy().astype(int)
+    names = src.member_names
+    missing = [n for n in names if f"{n}.probs" not in vp]
+    if missing:
+        print(f"tune.py: {train_out / 'val_probs.safetensors'} lacks members {missing}", file=sys.stderr)
+        return 2
+    raw = {n: vp[f"{n}.probs"].numpy().astype(np.float64) for n in names}
+    temps = {n: fit_temperature(raw[n], labels) if not a.no_temperature else 1.0 for n in names}
+    cal = {n: apply_temperature(raw[n], temps[n]) for n in names}
+    print(f"{'member':<16}{'T':>7}{'NLL before':>12}{'NLL after':>11}{'ECE before':>12}{'ECE after':>11}")
+    calib = {}
+    for n in names:
+        calib[n] = {"temperature": temps[n], "nll_before": nll(raw[n], labels), "nll_after": nll(cal[n], labels),
+                    "ece_before": expected_calibration_error(labels, raw[n]),
+                    "ece_after": expected_calibration_error(labels, cal[n])}
+        c = calib[n]
+        print(f"{n:<16}{c['temperature']:>7.3f}{c['nll_before']:>12.4f}{c['nll_after']:>11.4f}"
+              f"{c['ece_before']:>12.4f}{c['ece_after']:>11.4f}")
+
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False) if os.environ.get("RAY_ADDRESS") \
+            else ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    stacked = np.stack([cal[n] for n in names])
+    t0 = time.time()
+    weights, best, df = search_weights(stacked, labels, a.objective, a.candidates, a.seed,
+                                       storage=str(Path(a.storage_path or train_out / "ray_results").resolve()))
+    weights = np.round(weights, 6)
+    weights = weights / weights.sum()
+    default = score_candidates(np.array([src.weights]), stacked, labels, a.objective)
+    n_cands = int(df["candidates"].sum()) if "candidates" in df else None
+    out = Path(a.out) if a.out else train_out / f"bundle-tuned-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists():
+        print(f"tune.py: {out} exists; bundles are never overwritten, choose a new --out", file=sys.stderr)
+        return 2
+    new = derive_bundle(src, out, weights=tuple(float(w) for w in weights), temperatures=temps, provenance={
+        "weight_search": {"objective": a.objective, "candidates": n_cands, "seed": a.seed,
+                          "best_score": best["score"], "best_log_loss": best["log_loss"],
+                          "default_weights_score": float(default["score"][0]),
+                          "source_bundle": src.id, "val_rows": int(len(labels)), "seconds": time.time() - t0},
+        "calibration": calib})
+    df.to_csv(out.parent / f"{out.name}-weights_search.csv", index=False)
+    print(f"\nsearched {n_cands} candidates in {time.time() - t0:.1f}s; {a.objective}: "
+          f"{best['score']:.4f} (weights {dict(zip(names, weights.round(3)))}) vs {default['score'][0]:.4f} "
+          f"with {dict(zip(names, src.weights))}")
+    print(f"new bundle {new.id}: {out} (the source bundle {src.id} is unchanged)")
+    return 0
+
+
+# --------------------------------------------------------------------------- dropout
+def dropout_trial(config: dict) -> None:
+    """Tune function: build and run a TorchTrainer for this trial; metrics reach Tune through
+    TuneReportCallback (the Ray 2.5x pattern; Tuner(TorchTrainer) no longer works)."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from skin.distributed import train_loop_per_worker
+    trial = tune.get_context().get_trial_id()
+    loop = dict(config["base"])
+    loop["dropout"] = [config[f"dropout_{i}"] for i in range(config["n_dropout"])]
+    loop["lr"] = config["lr"]
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
+        run_config=ray.train.RunConfig(name=f"{config['name']}-{trial}", storage_path=config["storage"],
+                                       callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
+
+def cmd_dropout(a) -> int:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False) if os.environ.get("RAY_ADDRESS") \
+            else ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    base = {"epochs": a.epochs, "image_size": a.image_size, "pretrained": a.pretrained, "batch_size": a.batch_size,
+            "per_image_norm": a.per_image_norm, "augment": a.augment, "data_dir": str(Path(a.data).resolve())}
+    if a.smoke:
+        base |= {"epochs": 4, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "pretrained": "none",
+                 "warmup_epochs": 0.5, "num_workers": 0}
+    best_configs, tables = {}, []
+    for member in a.members:
+        spec = get_spec(member)
+        n_drop = len(spec.head.dropout)
+        cfg = TrainConfig.from_dict({**base, "backbone": member})
+        cfg.validate()
+        space = {f"dropout_{i}": tune.uniform(0.0, 0.6) for i in range(n_drop)}
+        space |= {"lr": tune.loguniform(spec.lr / 4, spec.lr * 4), "n_dropout": n_drop,
+                  "base": dataclasses.asdict(cfg), "cpus": a.cpus_per_trial, "name": f"dropout-{member}",
+                  "storage": str(out / "ray_results")}
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=base["epochs"], grace_period=a.grace_period,
+                                  reduction_factor=2)
+        tuner = tune.Tuner(
+            tune.with_resources(dropout_trial, {"CPU": 0}),  # the trainer's worker holds the CPUs
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=SCORE, mode="max", num_samples=a.trials, scheduler=scheduler,
+                                        max_concurrent_trials=a.concurrent),
+            run_config=tune.RunConfig(name=f"tune-dropout-{member}", storage_path=str(out / "ray_results"), verbose=1))
+        grid = tuner.fit()
+        best = grid.get_best_result(metric=SCORE, mode="max", scope="all")
+        df = grid.get_dataframe(filter_metric=SCORE, filter_mode="max")
+        df["member"] = member
+        tables.append(df)
+        best_configs[member] = {"dropout": [round(best.config[f"dropout_{i}"], 4) for i in range(n_drop)],
+                                "lr": float(best.config["lr"]), "val_f1_macro": float(df[SCORE].max())}
+        print(f"{member}: best val macro-F1 {df[SCORE].max():.4f} with {best_configs[member]}")
+    import pandas as pd
+    table = pd.concat(tables, ignore_index=True)
+    keep = [c for c in table.columns if c.startswith(("config/dropout_", "config/lr")) or c in
+            ("member", "trial_id", "epoch", SCORE, "val_loss", "val_accuracy")]
+    table[keep].to_csv(out / "results.csv", index=False)
+    _plot_dropout(table, out / "results.png")
+    (out / "best_config.yaml").write_text(yaml.safe_dump(
+        {"members": {m: {"dropout": c["dropout"], "lr": c["lr"]} for m, c in best_configs.items()}}, sort_keys=False))
+    print(f"results: {out / 'results.csv'}, {out / 'results.png'}; best: {out / 'best_config.yaml'} "
+          f"(pass it to jobs/train.py --config)")
+    return 0
+
+
+def _plot_dropout(table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for member, df in table.groupby("member"):
+        mean_drop = df[[c for c in df.columns if c.startswith("config/dropout_")]].mean(1)
+        ax.scatter(mean_drop, df[SCORE], label=member, s=30 + 10 * df.get("epoch", 1))
+    ax.set_xlabel("mean head dropout")
+    ax.set_ylabel("best val macro-F1 (marker size: epochs reached)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("weights", help="temperatures + ensemble weights on cached validation probabilities")
+    w.add_argument("--train-out", required=True, help="jobs/train.py --out folder (val_probs.safetensors, bundle/)")
+    w.add_argument("--bundle", help="source bundle (default TRAIN_OUT/bundle)")
+    w.add_argument("--out", help="new bundle folder (default TRAIN_OUT/bundle-tuned-<time>); never overwritten")
+    w.add_argument("--objective", choices=["f1_macro", "balanced_accuracy"], default="f1_macro")
+    w.add_argument("--candidates", type=int, default=2000, help="Dirichlet candidates besides the 0.05 simplex grid")
+    w.add_argument("--no-temperature", action="store_true", help="keep T = 1")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--storage-path")
+    w.add_argument("--num-cpus", type=int)
+    w.set_defaults(fn=cmd_weights)
+    d = sub.add_parser("dropout", help="ASHA search of head dropout and learning rate per member")
+    d.add_argument("--data", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=list_backbones())
+    d.add_argument("--trials", type=int, default=8)
+    d.add_argument("--concurrent", type=int, default=2)
+    d.add_argument("--cpus-per-trial", type=float, default=1.0)
+    d.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--image-size", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--pretrained", default="imagenet")
+    d.add_argument("--per-image-norm", action="store_true")
+    d.add_argument("--augment", default="standard", choices=["standard", "light"])
+    d.add_argument("--smoke", action="store_true", help="tiny images, 4 short epochs, random init")
+    d.add_argument("--num-cpus", type=int)
+    d.set_defaults(fn=cmd_dropout)
+    a = p.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

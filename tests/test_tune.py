@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skin.bundle import Bundle
+from skin.calibration import (apply_temperature, best_index, fit_temperature, nll, score_candidates,
+                              simplex_grid)
+
+
+def _probs(y, accuracy, rng, sharpness=3.0, c=6):
+    """Probabilities of a member that is right `accuracy` of the time."""
+    n = len(y)
+    top = np.where(rng.random(n) < accuracy, y, (y + rng.integers(1, c, n)) % c)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), top] += sharpness
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_temperature_lowers_held_out_nll_of_an_overconfident_member():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 4000)
+    honest = _probs(y, 0.7, rng)
+    overconfident = apply_temperature(honest, 0.25)  # logits x 4
+    t = fit_temperature(overconfident[:2000], y[:2000])
+    assert 2.5 < t < 6
+    assert nll(apply_temperature(overconfident[2000:], t), y[2000:]) < nll(overconfident[2000:], y[2000:]) - 0.2
+
+
+def test_vectorised_scores_equal_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 6, 500)
+    probs = np.stack([_probs(y, a, rng) for a in (0.9, 0.5, 0.6)])
+    w = simplex_grid(3, 0.25)
+    s = score_candidates(w, probs, y)
+    b = score_candidates(w, probs, y, "balanced_accuracy")
+    for i, wi in enumerate(w):
+        pred = np.tensordot(wi, probs, 1).argmax(1)
+        assert s["score"][i] == pytest.approx(f1_score(y, pred, average="macro"))
+        assert b["score"][i] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert len(simplex_grid(3, 0.05)) == 231
+
+
+def test_weight_search_favours_the_good_member(ray_local, tmp_path):
+    from jobs.tune import search_weights
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 6, 3000)
+    probs = np.stack([_probs(y, 0.97, rng), _probs(y, 0.45, rng), _probs(y, 0.45, rng)])
+    weights, best, df = search_weights(probs, y, candidates=500, storage=str(tmp_path))
+    assert weights[0] >= 0.7, weights
+    assert best["score"] == pytest.approx(df["score"].max())
+
+
+def test_weights_job_writes_a_new_bundle_that_serves(ray_local, trained, tmp_path):
+    import jobs.tune as job
+    from skin.ensemble import Predictor
+    from skin.synth import make_sample
+    src = Bundle.load(trained / "bundle")
+    out = tmp_path / "tuned"
+    assert job.main(["weights", "--train-out", str(trained), "--out", str(out), "--candidates", "250"]) == 0
+    new = Bundle.load(out)
+    assert new.id != src.id and new.provenance["parent"] == src.id
+    assert new.provenance["weight_search"]["candidates"] >= 250
+    assert all(m.temperature > 0 for m in new.members)
+    assert abs(sum(new.weights) - 1) < 1e-6
+    assert Bundle.load(trained / "bundle").id == src.id  # source untouched
+    r = Predictor(new).predict([make_sample(1, 0, 0, 64).image])[0]
+    assert abs(sum(r["probabilities"].values()) - 1) < 1e-6
+    assert job.main(["weights", "--train-out", str(trained), "--out", str(out), "--candidates", "250"]) == 2
+
+
+def test_dropout_search_with_asha(ray_local, scanned, tmp_path):
+    import jobs.tune as job
+    assert job.main(["dropout", "--data", str(scanned), "--out", str(tmp_path), "--members", "mobilenetv2",
+                     "--trials", "4", "--concurrent", "2", "--cpus-per-trial", "0.5", "--smoke"]) == 0
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert table["trial_id"].nunique() >= 4
+    assert (table["epoch"] < 4).any(), "ASHA stopped no trial early"
+    best = __import__("yaml").safe_load((tmp_path / "best_config.yaml").read_text())["members"]["mobilenetv2"]
+    top = table.loc[table["val_f1_macro"].idxmax()]
+    assert best["lr"] == pytest.approx(top["config/lr"])
+    assert (tmp_path / "results.png").is_file()

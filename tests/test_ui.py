@@ -1,0 +1,140 @@
+"""The Streamlit page against the real API: AppTest, then one run in headless Chromium."""
+import ast
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from streamlit.testing.v1 import AppTest
+
+from skin.synth import jpeg_bytes, make_sample
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+
+
+def _jpeg(label=4, index=3) -> bytes:
+    return jpeg_bytes(make_sample(label, 5, index, 128), 5, index)
+
+
+def _page(monkeypatch, url: str) -> AppTest:
+    monkeypatch.setenv("SKINRAY_API_URL", url)
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.run()
+    return at
+
+
+def test_the_page_imports_neither_torch_nor_skin():
+    tree = ast.parse(Path(APP).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not names & {"torch", "skin", "torchvision", "timm", "ray"}, names
+
+
+def test_upload_shows_class_confidence_bars_and_overlay(api, monkeypatch):
+    at = _page(monkeypatch, api)
+    assert not at.exception
+    assert "Decision support" in at.info[0].value
+    assert any("sk-" in m.value for m in at.sidebar.markdown)  # bundle id from /v1/info
+    at.file_uploader[0].upload("lesion.jpg", _jpeg(), "image/jpeg")
+    at.run()
+    assert not at.exception, at.exception
+    metric = at.metric[0]
+    assert metric.label == "Predicted class" and metric.value in {
+        "Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"}
+    assert "confidence" in metric.delta
+    assert len(at.get("bar_chart")) == 1
+    assert len(at.get("imgs")) >= 1  # photograph and overlay
+    assert at.selectbox[0].value == metric.value  # the map shown is the predicted class's
+    at.selectbox[0].select("Malign")
+    at.run()
+    assert not at.exception
+    assert len(at.dataframe) == 1  # per-member table
+
+
+def test_several_uploads_make_a_table(api, monkeypatch):
+    at = _page(monkeypatch, api)
+    at.file_uploader[0].set_value([("a.jpg", _jpeg(0, 1), "image/jpeg"), ("b.jpg", _jpeg(5, 2), "image/jpeg")])
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["file"]) == ["a.jpg", "b.jpg"]
+
+
+def test_api_error_is_a_readable_message(api, monkeypatch):
+    at = _page(monkeypatch, api)
+    at.file_uploader[0].upload("notes.jpg", b"this is not a photograph", "image/jpeg")
+    at.run()
+    assert not at.exception
+    msg = at.error[0].value
+    assert "notes.jpg" in msg and "HTTP 400" in msg and "Traceback" not in msg
+
+
+def test_api_down_is_a_readable_message(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    at = _page(monkeypatch, f"http://127.0.0.1:{port}")
+    assert not at.exception
+    assert "cannot reach the API" in at.sidebar.error[0].value
+    at.file_uploader[0].upload("x.jpg", _jpeg(), "image/jpeg")
+    at.run()
+    assert "cannot reach the API" in at.error[0].value
+
+
+@pytest.fixture()
+def page_server(api, tmp_path):
+    """`streamlit run ui/app.py` on a free 127.0.0.1 port, pointed at the session's API."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, SKINRAY_API_URL=api)
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.address", "127.0.0.1",
+                             "--server.port", str(port), "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], env=env,
+                            stdout=open(tmp_path / "streamlit.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(60):
+            try:
+                if requests.get(url + "/_stcore/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it)")
+def test_end_to_end_in_chromium(page_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+    img = tmp_path / "lesion.jpg"
+    img.write_bytes(_jpeg(2, 7))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(page_server, wait_until="domcontentloaded")
+            page.get_by_text("Upload one or more photographs").wait_for(timeout=60_000)
+            page.locator("input[type=file]").set_input_files(str(img))
+            page.get_by_text("Predicted class").wait_for(timeout=90_000)
+            page.get_by_text("where the ensemble looked for").wait_for(timeout=30_000)
+            text = page.inner_text("body")
+            assert any(c in text for c in ("Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"))
+            assert page.locator("img").count() >= 2
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000

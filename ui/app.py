@@ -1,0 +1,190 @@
+"""skinray page: a Streamlit client of the Ray Serve API (HTTP only; no model, no torch, no skin).
+
+    SKINRAY_API_URL=http://127.0.0.1:8000 streamlit run ui/app.py --server.address 127.0.0.1
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import requests
+import streamlit as st
+from PIL import Image
+
+DEFAULT_API = os.environ.get("SKINRAY_API_URL", "http://127.0.0.1:8000")
+TIMEOUT_S = float(os.environ.get("SKINRAY_API_TIMEOUT", "60"))
+NOTICE = ("Decision support, not a diagnosis: the answer and its heat map help a clinician look "
+          "again; they do not replace examination or histopathology.")
+
+
+class ApiProblem(Exception):
+    """Anything that went wrong talking to the API, as a sentence a person can act on."""
+
+
+def _headers(key: str) -> dict:
+    return {"X-API-Key": key} if key else {}
+
+
+def _explain(resp: requests.Response) -> str:
+    try:
+        err = resp.json()["error"]
+        return f"{err['message']} (HTTP {resp.status_code}, {err['code']})"
+    except (ValueError, KeyError, TypeError):
+        return f"the API answered HTTP {resp.status_code}"
+
+
+def call(method: str, url: str, key: str, **kw) -> dict:
+    try:
+        resp = requests.request(method, url, headers=_headers(key), timeout=TIMEOUT_S, **kw)
+    except requests.ConnectionError:
+        raise ApiProblem(f"cannot reach the API at {url.rsplit('/v1', 1)[0]}: is the service running? "
+                         "Check the address in the sidebar.") from None
+    except requests.Timeout:
+        raise ApiProblem(f"the API did not answer within {TIMEOUT_S:.0f} s; try again in a moment.") from None
+    if resp.status_code != 200:
+        raise ApiProblem(_explain(resp))
+    try:
+        return resp.json()
+    except ValueError:
+        raise ApiProblem("the API answered with something that is not JSON; check the address") from None
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def fetch_info(api: str, key: str) -> dict:
+    return call("GET", f"{api}/v1/info", key)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def fetch_prediction(api: str, key: str, name: str, data: bytes, mime: str) -> dict:
+    """One request per (server, file): moving the opacity slider or changing class re-blends
+    locally from the raw maps in this answer."""
+    return call("POST", f"{api}/v1/predict", key, files={"file": (name, data, mime)},
+                params={"cam": "true", "all_classes": "true"})
+
+
+def decode_png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def blend(image: Image.Image, grey_map: Image.Image, alpha: float) -> Image.Image:
+    """Jet-coloured map over the photograph at the chosen opacity (same blend as the server)."""
+    import matplotlib
+    base = image.convert("RGB")
+    m = np.asarray(grey_map.convert("L").resize(base.size, Image.Resampling.BILINEAR), np.float32) / 255.0
+    heat = matplotlib.colormaps["jet"](m)[..., :3]
+    out = (1 - alpha) * (np.asarray(base, np.float32) / 255.0) + alpha * heat
+    return Image.fromarray((out * 255 + 0.5).clip(0, 255).astype(np.uint8), "RGB")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sidebar() -> tuple[str, str, float, dict | None]:
+    st.sidebar.title("skinray")
+    api = st.sidebar.text_input("API address", DEFAULT_API).rstrip("/")
+    key = st.sidebar.text_input("API key (if the server needs one)", type="password")
+    alpha = st.sidebar.slider("Heat-map opacity", 0.0, 1.0, 0.4, 0.05)
+    info = None
+    try:
+        info = fetch_info(api, key)
+    except ApiProblem as e:
+        st.sidebar.error(str(e))
+    if info:
+        st.sidebar.markdown(f"**Model bundle** `{info['bundle']}`")
+        if info.get("untrained"):
+            st.sidebar.warning("This bundle has random weights (a test/demo bundle): its answers mean nothing.")
+        members = ", ".join(f"{m['name']} ({m['weight']:.2f})" for m in info["members"])
+        st.sidebar.caption(f"Members and weights: {members}")
+        ens = (info.get("metrics") or {}).get("ensemble")
+        if ens:
+            split = info["metrics"].get("split", "test")
+            st.sidebar.markdown(f"**{split} metrics (ensemble)**")
+            st.sidebar.table(pd.DataFrame({"value": [ens["accuracy"], ens["balanced_accuracy"], ens["f1_macro"]]},
+                                          index=["accuracy", "balanced accuracy", "macro-F1"]).round(4))
+        else:
+            st.sidebar.caption("No evaluation metrics stored in this bundle yet.")
+    return api, key, alpha, info
+
+
+def show_result(name: str, image: Image.Image, result: dict, alpha: float) -> None:
+    st.subheader(name)
+    if result.get("uncertain"):
+        st.warning("Uncertain answer: " + "; ".join(result.get("uncertain_reasons") or ["low confidence"]))
+    c1, c2 = st.columns(2)
+    c1.metric("Predicted class", result["class"], f"{result['confidence']:.1%} confidence", delta_color="off")
+    probs = pd.DataFrame({"probability": result["probabilities"]})
+    c2.bar_chart(probs, horizontal=True, height=220)
+
+    gc = result.get("gradcam") or {}
+    maps = gc.get("maps_png") or ({gc["class"]: gc["map_png"]} if gc else {})
+    overlay = None
+    left, right = st.columns(2)
+    left.image(image, caption="uploaded photograph", use_container_width=True)
+    if maps:
+        classes = list(maps)
+        default = classes.index(gc["class"]) if gc.get("class") in classes else 0
+        shown = right.selectbox("Grad-CAM of class", classes, index=default, key=f"cls-{name}")
+        overlay = blend(image, decode_png(maps[shown]), alpha)
+        right.image(overlay, caption=f"where the ensemble looked for {shown}", use_container_width=True)
+    else:
+        right.info("No Grad-CAM in this answer.")
+
+    st.markdown("**Each model's view** (disagreement lowers trust)")
+    rows = {m: {**v["probabilities"], "top class": v["top_class"], "weight": v["weight"]}
+            for m, v in result["members"].items()}
+    st.dataframe(pd.DataFrame(rows).T, use_container_width=True)
+    d1, d2 = st.columns(2)
+    if overlay is not None:
+        d1.download_button("Download overlay (PNG)", png_bytes(overlay), f"{name}-gradcam.png", "image/png",
+                           key=f"png-{name}")
+    slim = {k: v for k, v in result.items() if k != "gradcam"}
+    d2.download_button("Download result (JSON)", json.dumps(slim, indent=2), f"{name}-result.json",
+                       "application/json", key=f"json-{name}")
+
+
+def main() -> None:
+    st.set_page_config(page_title="skinray", layout="wide")
+    api, key, alpha, _ = sidebar()
+    st.title("Skin-lesion classifier")
+    st.info(NOTICE)
+    files = st.file_uploader("Upload one or more photographs (JPG, JPEG, PNG)", type=["jpg", "jpeg", "png"],
+                             accept_multiple_files=True)
+    if not files:
+        st.caption("The page sends each image to the API and shows the answer with its Grad-CAM explanation.")
+        return
+    answers, images = {}, {}
+    for f in files:
+        data = f.getvalue()
+        name = f.name
+        try:
+            images[name] = Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception:  # noqa: BLE001 - the API gives the authoritative reason below
+            images[name] = None
+        with st.spinner(f"Classifying {name}..."):
+            try:
+                answers[name] = fetch_prediction(api, key, name, data, f.type or "application/octet-stream")
+            except ApiProblem as e:
+                answers[name] = e
+    table = pd.DataFrame([
+        {"file": n, "class": a["class"], "confidence": round(a["confidence"], 4), "uncertain": a["uncertain"]}
+        if isinstance(a, dict) else {"file": n, "class": "error", "confidence": None, "uncertain": None}
+        for n, a in answers.items()])
+    if len(files) > 1:
+        st.dataframe(table, use_container_width=True, hide_index=True)
+    for name, a in answers.items():
+        if isinstance(a, ApiProblem):
+            st.error(f"{name}: {a}")
+        elif images[name] is not None:
+            show_result(name, images[name], a, alpha)
+        st.divider()
+
+
+main()
