@@ -256,6 +256,10 @@ class Ensemble:
         t0 = time.perf_counter()
         if class_name is not None and class_name not in self.bundle.classes.names:
             raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
+        form = await request.form()  # already parsed for `file`; Starlette caches it
+        if len(form.getlist("file")) > 1:
+            raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
+                           "(several images: one request each)")
         data = await file.read(self.limits.max_bytes + 1)
         try:
             image = await asyncio.to_thread(load_image, data, self.limits)

@@ -51,6 +51,23 @@ class ImageLimits:
 DATASET_LIMITS = ImageLimits(max_bytes=200 * 1024 * 1024, formats=DATASET_FORMATS)
 
 
+def _check_jpeg_stream(data: bytes) -> None:
+    """libjpeg only *warns* on corrupt entropy-coded data and Pillow then returns garbage
+    pixels. Decode again with libjpeg-turbo in strict mode, at 1/8 scale (every Huffman code is
+    still read, the IDCT is cheap), and refuse the file when it reports corruption."""
+    try:
+        import simplejpeg
+    except ImportError:  # optional speed-up dependency missing: keep Pillow's leniency
+        return
+    try:
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+    except ValueError as e:
+        msg = str(e)
+        if any(w in msg for w in ("Corrupt", "corrupt", "Premature", "Huffman", "premature")):
+            raise UndecodableImageError(
+                f"JPEG data is corrupt ({msg}); re-export or re-upload the photograph") from None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited onto white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -98,6 +115,8 @@ def load_image(data: bytes | str | Path, limits: ImageLimits = ImageLimits()) ->
             if getattr(img, "n_frames", 1) > 1:
                 raise UnsupportedImageTypeError("animated images are not accepted; send one still frame")
             img.load()
+            if fmt == "JPEG":
+                _check_jpeg_stream(data)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None  # smoke runs
     use_cache: bool = True
-    kill_after_epoch: int | None = None  # fault injection for tests: SIGKILL self once, after this epoch
+    kill_after_epoch: int | None = None  # fault injection for tests: SIGKILL self once, in the next epoch
     kill_marker: str | None = None
 
     def validate(self) -> None:
@@ -205,6 +205,19 @@ def evaluate_loader(model: nn.Module, loader, device, classes: ClassMap, amp: bo
             "val_balanced_accuracy": m["balanced_accuracy"], SCORE: m["f1_macro"]}, p, y
 
 
+def _maybe_kill(cfg: TrainConfig, epoch: int, log: Callable[[str], None]) -> None:
+    """Fault injection for tests: SIGKILL this worker once, mid-way through the epoch after
+    `kill_after_epoch` (after that epoch's checkpoint was reported and registered)."""
+    if cfg.kill_after_epoch is None or epoch != cfg.kill_after_epoch or not cfg.kill_marker:
+        return
+    if Path(cfg.kill_marker).exists():
+        return
+    time.sleep(2.0)  # let the controller collect the previous report before the crash
+    Path(cfg.kill_marker).write_text(str(os.getpid()))
+    log(f"fault injection: killing worker process {os.getpid()} during epoch {epoch + 1}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> dict:
     """Train one member; returns the last epoch's metrics."""
     cfg.validate()
@@ -271,6 +284,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _maybe_kill(cfg, epoch, log)
             loss_sum += loss.item() * len(y)
             seen += len(y)
             step += 1
@@ -291,8 +305,4 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
                              {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(ys)})
                 atomic_write_json(Path(tmp, "state.json"), {"epoch": epoch + 1, "config": asdict(cfg)})
             runtime.report(metrics, tmp if runtime.rank == 0 else None)
-        if cfg.kill_after_epoch == epoch + 1 and cfg.kill_marker and not Path(cfg.kill_marker).exists():
-            Path(cfg.kill_marker).write_text(str(os.getpid()))
-            log(f"[{spec.name}] fault injection: killing worker process {os.getpid()}")
-            os.kill(os.getpid(), signal.SIGKILL)
     return metrics

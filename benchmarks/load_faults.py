@@ -1,0 +1,122 @@
+"""Full-size load and fault run against a local Serve app (loopback only, bounded).
+
+  load    2,000 requests at concurrency 16 with Grad-CAM on: errors, p50/p99, and PSS of the
+          Serve replica processes before and after (growth must stay < 10%: no hook leaks)
+  fault   during a second load run, kill resnet50's replica actor: in-flight requests must end
+          (200 or 503) within their timeout, Serve restarts the replica, and within 30 s every
+          request succeeds again; prints the error count and the recovery time
+
+    python benchmarks/load_faults.py [--requests 2000] [--concurrency 16] [--size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def replica_pss_gb() -> float:
+    total = 0
+    for p in psutil.process_iter(["cmdline"]):
+        if " ".join(p.info.get("cmdline") or []).startswith("ray::ServeReplica:skinray"):
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                pass
+    return total / 1e9
+
+
+def run_load(url: str, data: bytes, n: int, concurrency: int, timeout: float = 60.0):
+    def one(_):
+        t0 = time.perf_counter()
+        try:
+            code = requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
+                                 timeout=timeout).status_code
+        except requests.RequestException:
+            code = -1
+        return (time.perf_counter() - t0) * 1e3, code
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    a = ap.parse_args()
+    import ray
+    import torch
+    from ray import serve
+    from serve_app import AppArgs, build_app
+    from skin.bundle import write_bundle
+    from skin.classes import ClassMap
+    from skin.registry import DEFAULT_MEMBERS, create_model
+    from skin.synth import jpeg_bytes, make_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        write_bundle(Path(tmp, "b"), ClassMap(), {n: create_model(n, 6, pretrained="none", input_size=a.size)
+                                                 for n in DEFAULT_MEMBERS}, untrained=True)
+        data = jpeg_bytes(make_sample(3, 0, 0, 384), 0, 0)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(AppArgs(bundle=str(Path(tmp, "b")))), name="skinray", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        run_load(url, data, 32, a.concurrency)
+        before = replica_pss_gb()
+        t0 = time.perf_counter()
+        out = run_load(url, data, a.requests, a.concurrency)
+        wall = time.perf_counter() - t0
+        after = replica_pss_gb()
+        lat = np.array([t for t, _ in out])
+        errors = sum(c != 200 for _, c in out)
+        print(f"load: {a.requests} requests at concurrency {a.concurrency}, Grad-CAM on: {errors} errors, "
+              f"p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms, "
+              f"{a.requests / wall:.1f} requests/s")
+        print(f"memory (PSS of replicas): {before:.2f} GB before, {after:.2f} GB after "
+              f"({(after - before) / before:+.1%}; must stay < 10%)")
+
+        names = [x for x in ray.util.list_named_actors(all_namespaces=True)
+                 if "resnet50" in x["name"] and "REPLICA" in x["name"].upper()]
+        victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+        with ThreadPoolExecutor(1) as bg:
+            fut = bg.submit(run_load, url, data, 200, a.concurrency, 45.0)
+            time.sleep(2)
+            killed = time.time()
+            ray.kill(victim, no_restart=True)
+            during = fut.result()
+        codes = [c for _, c in during]
+        recovered = None
+        while time.time() - killed < 120:
+            if run_load(url, data, 4, 4, 30.0) and all(c == 200 for _, c in run_load(url, data, 8, 4, 30.0)):
+                recovered = time.time() - killed
+                break
+            time.sleep(0.5)
+        print(f"fault: killed resnet50's replica during 200 requests: {codes.count(200)} x 200, "
+              f"{codes.count(503)} x 503, {sum(c not in (200, 503) for c in codes)} other; slowest "
+              f"{max(t for t, _ in during) / 1e3:.1f} s (timeout 45 s)")
+        print(f"recovery: every request succeeds again {recovered:.1f} s after the kill (target <= 30 s)"
+              if recovered is not None else "recovery: NOT recovered within 120 s")
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
