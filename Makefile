@@ -52,7 +52,14 @@ test-all: $(STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/gradcam_cost.py
+	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/serve_latency.py
+	$(PY) benchmarks/load_faults.py
+	@if [ -f $(DEMO_DIR)/train/bundle/bundle.json ]; then \
+	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle --data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth; \
+	else echo "gradcam_faithfulness.py needs the demo bundle: run make demo first"; fi
 
 ui: $(STAMP)
 	SKINRAY_API_URL=$${SKINRAY_API_URL:-http://127.0.0.1:8000} $(VENV)/bin/streamlit run ui/app.py \

@@ -111,8 +111,9 @@ class ApiError(Exception):
 
 
 def _error(status: int, code: str, message: str, request_id: str = "") -> JSONResponse:
+    # Serve's proxy echoes (or assigns) X-Request-ID on every response; we only quote it.
     return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}},
-                        status_code=status, headers={"X-Request-ID": request_id})
+                        status_code=status)
 
 
 @api.exception_handler(ApiError)
@@ -209,7 +210,7 @@ class Ensemble:
 
         @api.middleware("http")
         async def _request_context(request: Request, call_next):
-            rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+            rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
             request.state.request_id = rid
             t0 = time.perf_counter()
             if self.api_key and request.url.path != "/healthz":
@@ -217,7 +218,6 @@ class Ensemble:
                     return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
                                   "header (or Authorization: Bearer <key>)", rid)
             response = await call_next(request)
-            response.headers["X-Request-ID"] = rid
             logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
                         response.status_code, (time.perf_counter() - t0) * 1000)  # never image bytes
             return response

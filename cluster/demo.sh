@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo, on one machine, with the same job scripts and Serve config as a cluster:
-# local Ray head -> synthetic lesions -> scan -> balance -> cache -> train (ray job submit)
+# local Ray head -> synthetic lesions -> scan -> balance -> cache -> train -> weight search
 # -> evaluate (ray job submit) -> serve deploy -> Streamlit page; prints the URLs.
 #   bash cluster/demo.sh [DIR]          outputs under DIR (default demo/)
 #   bash cluster/demo.sh --stop [DIR]   stops everything it started (by PID, never by name)
@@ -31,33 +31,48 @@ if [ "$STOP" = 1 ]; then stop_all; exit 0; fi
 
 t0=$(date +%s)
 step() { printf '\n== [%3ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
+# ray job submit, retried while the head's job agent is still starting (it answers 500 then).
+submit() {
+  local log=$STATE/submit.log
+  for _ in $(seq 1 30); do
+    if ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- "$@" 2>&1 | tee "$log"; then
+      grep -q "SUCCEEDED" "$log" && return 0
+    fi
+    grep -q "No available agent" "$log" || { echo "job failed; its log is above ($log)" >&2; return 1; }
+    sleep 2
+  done
+  return 1
+}
 
-step "1/8 local Ray head (127.0.0.1, Jobs API at $DASH)"
+step "1/9 local Ray head (127.0.0.1, Jobs API at $DASH)"
 bash cluster/local.sh start "$STATE"
 
-step "2/8 synthetic lesions: 1,200 images in 6 classes, with masks -> $DIR/synth"
+step "2/9 synthetic lesions: 1,200 images in 6 classes, with masks -> $DIR/synth"
 [ -f "$DIR/synth/manifest.csv" ] || skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2
-step "3/8 scan (validate, split, leakage check), balance 150/class, resize cache"
+step "3/9 scan (validate, split, leakage check), balance 150/class, resize cache"
 skin data scan "$DIR/synth" --out "$DIR/data" --quiet | tail -n 4
 skin data balance "$DIR/data" --per-class 150 --seed 0
 skin data cache "$DIR/data" --image-size 64 | tail -n 1
 
-step "4/8 train the three members concurrently: ray job submit jobs/train.py"
-ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-  python jobs/train.py --data "$DIR/data" --out "$DIR/train" --config jobs/configs/demo.yaml
+step "4/9 train the three members concurrently: ray job submit jobs/train.py"
+rm -rf "$DIR/train" "$DIR/eval"   # a fresh run (the same --name would resume the last one)
+submit python jobs/train.py --data "$DIR/data" --out "$DIR/train" --config jobs/configs/demo.yaml
 
-step "5/8 evaluate on the test split with Ray Data: ray job submit jobs/evaluate.py"
-ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-  python jobs/evaluate.py --bundle "$DIR/train/bundle" --data "$DIR/data" --out "$DIR/eval"
+step "5/9 temperatures + ensemble-weight search with Ray Tune: ray job submit jobs/tune.py weights"
+submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bundle-tuned"
+BUNDLE=$DIR/train/bundle-tuned
 
-step "6/8 deploy the service: serve deploy (cluster/serve_config.yaml, bundle -> $DIR/train/bundle)"
-sed -e "s#bundle: .*#bundle: $DIR/train/bundle#" -e "s#port: 8000#port: $API_PORT#" \
+step "6/9 evaluate on the test split with Ray Data: ray job submit jobs/evaluate.py"
+submit python jobs/evaluate.py --bundle "$BUNDLE" --data "$DIR/data" --out "$DIR/eval"
+
+step "7/9 deploy the service: serve deploy (cluster/serve_config.yaml, bundle -> $BUNDLE)"
+sed -e "s#bundle: .*#bundle: $BUNDLE#" -e "s#port: 8000#port: $API_PORT#" \
   cluster/serve_config.yaml >"$DIR/serve_config.yaml"
 serve deploy "$DIR/serve_config.yaml" -a "$DASH"
 for _ in $(seq 1 120); do curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1 && break; sleep 1; done
 curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null || { echo "the API did not come up; see: serve status -a $DASH" >&2; exit 1; }
 
-step "7/8 the page (Streamlit on 127.0.0.1:$UI_PORT)"
+step "8/9 the page (Streamlit on 127.0.0.1:$UI_PORT)"
 if [ -f ui/app.py ]; then
   SKINRAY_API_URL="http://127.0.0.1:$API_PORT" nohup streamlit run ui/app.py --server.address 127.0.0.1 \
     --server.port "$UI_PORT" --server.headless true --browser.gatherUsageStats false >"$STATE/ui.log" 2>&1 &
@@ -65,11 +80,11 @@ if [ -f ui/app.py ]; then
   for _ in $(seq 1 60); do curl -fsS "http://127.0.0.1:$UI_PORT/_stcore/health" >/dev/null 2>&1 && break; sleep 1; done
 fi
 
-step "8/8 done in $(( $(date +%s) - t0 )) s"
+step "9/9 done in $(( $(date +%s) - t0 )) s"
 cat <<MSG
   API      http://127.0.0.1:$API_PORT/docs    (POST /v1/predict, GET /v1/info)
   page     http://127.0.0.1:$UI_PORT
-  bundle   $DIR/train/bundle
+  bundle   $BUNDLE
   report   $DIR/eval/report.md
   jobs     $DASH (Ray dashboard and Jobs API)
 Stop everything with: make demo-stop

@@ -30,7 +30,9 @@ start)
     --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --disable-usage-stats >"$STATE/ray-head.log" 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 90); do
-    if curl -fsS "http://127.0.0.1:$DASH_PORT/api/version" >/dev/null 2>&1; then
+    # The dashboard answers before the job agent is ready: wait until the Jobs API lists jobs.
+    if curl -fsS "http://127.0.0.1:$DASH_PORT/api/version" >/dev/null 2>&1 &&
+       ray job list --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1; then
       echo "Ray head up: jobs at http://127.0.0.1:$DASH_PORT (pid $(cat "$PIDFILE"))"; exit 0
     fi
     kill -0 "$(cat "$PIDFILE")" 2>/dev/null || { cat "$STATE/ray-head.log"; exit 1; }

@@ -179,7 +179,7 @@ def cmd_dropout(a) -> int:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=base["epochs"], grace_period=a.grace_period,
                                   reduction_factor=2)
         tuner = tune.Tuner(
-            tune.with_resources(dropout_trial, {"CPU": 0}),  # the trainer's worker holds the CPUs
+            tune.with_resources(dropout_trial, {"CPU": 0.1}),  # the trainer's own worker holds the real CPUs
             param_space=space,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", num_samples=a.trials, scheduler=scheduler,
                                         max_concurrent_trials=a.concurrent),

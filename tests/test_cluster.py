@@ -1,9 +1,11 @@
 """Cluster configs: launcher schema, KubeRay drift, and a real local head with the Jobs API."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,10 +55,11 @@ def head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     log = open(tmp_path / "head.log", "w")
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=3",
-                             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -75,6 +78,7 @@ def head(tmp_path):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_submit_train_job_then_deploy_and_predict(head, scanned, tmp_path):
@@ -82,10 +86,19 @@ def test_submit_train_job_then_deploy_and_predict(head, scanned, tmp_path):
     url, env = head
     client = JobSubmissionClient(url)
     out = tmp_path / "train"
-    job_id = client.submit_job(
-        entrypoint=f"python jobs/train.py --data {scanned} --out {out} --smoke --name cluster",
-        runtime_env={"working_dir": str(ROOT), "excludes": [".venv/", "demo/", ".git/", "**/__pycache__/"],
-                     "env_vars": {"HF_HUB_OFFLINE": "1"}})
+    job_id = None
+    for _ in range(60):  # the job agent comes up a little after the dashboard answers
+        try:
+            job_id = client.submit_job(
+                entrypoint=f"python jobs/train.py --data {scanned} --out {out} --smoke --name cluster",
+                runtime_env={"working_dir": str(ROOT), "excludes": [".venv/", "demo/", ".git/", "**/__pycache__/"],
+                             "env_vars": {"HF_HUB_OFFLINE": "1"}})
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(2)
+    assert job_id, "the head's job agent never became available"
     deadline = time.time() + 600
     while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, client.get_job_logs(job_id)[-3000:]

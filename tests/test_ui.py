@@ -48,8 +48,8 @@ def test_upload_shows_class_confidence_bars_and_overlay(api, monkeypatch):
     assert metric.label == "Predicted class" and metric.value in {
         "Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"}
     assert "confidence" in metric.delta
-    assert len(at.get("bar_chart")) == 1
-    assert len(at.get("imgs")) >= 1  # photograph and overlay
+    assert len(at.get("vega_lite_chart")) == 1  # st.bar_chart of the six probabilities
+    assert len(at.get("image")) == 2  # the photograph and the overlay
     assert at.selectbox[0].value == metric.value  # the map shown is the predicted class's
     at.selectbox[0].select("Malign")
     at.run()

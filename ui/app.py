@@ -127,20 +127,20 @@ def show_result(name: str, image: Image.Image, result: dict, alpha: float) -> No
     maps = gc.get("maps_png") or ({gc["class"]: gc["map_png"]} if gc else {})
     overlay = None
     left, right = st.columns(2)
-    left.image(image, caption="uploaded photograph", use_container_width=True)
+    left.image(image, caption="uploaded photograph", width="stretch")
     if maps:
         classes = list(maps)
         default = classes.index(gc["class"]) if gc.get("class") in classes else 0
         shown = right.selectbox("Grad-CAM of class", classes, index=default, key=f"cls-{name}")
         overlay = blend(image, decode_png(maps[shown]), alpha)
-        right.image(overlay, caption=f"where the ensemble looked for {shown}", use_container_width=True)
+        right.image(overlay, caption=f"where the ensemble looked for {shown}", width="stretch")
     else:
         right.info("No Grad-CAM in this answer.")
 
     st.markdown("**Each model's view** (disagreement lowers trust)")
     rows = {m: {**v["probabilities"], "top class": v["top_class"], "weight": v["weight"]}
             for m, v in result["members"].items()}
-    st.dataframe(pd.DataFrame(rows).T, use_container_width=True)
+    st.dataframe(pd.DataFrame(rows).T, width="stretch")
     d1, d2 = st.columns(2)
     if overlay is not None:
         d1.download_button("Download overlay (PNG)", png_bytes(overlay), f"{name}-gradcam.png", "image/png",
@@ -178,7 +178,7 @@ def main() -> None:
         if isinstance(a, dict) else {"file": n, "class": "error", "confidence": None, "uncertain": None}
         for n, a in answers.items()])
     if len(files) > 1:
-        st.dataframe(table, use_container_width=True, hide_index=True)
+        st.dataframe(table, width="stretch", hide_index=True)
     for name, a in answers.items():
         if isinstance(a, ApiProblem):
             st.error(f"{name}: {a}")
