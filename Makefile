@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/gradcam_cost.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/weight_search.py
 	$(PY) benchmarks/serve_latency.py
 	$(PY) benchmarks/load_faults.py
 	@if [ -f $(DEMO_DIR)/train/bundle/bundle.json ]; then \

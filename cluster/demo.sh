@@ -36,7 +36,7 @@ submit() {
   local log=$STATE/submit.log
   for _ in $(seq 1 30); do
     if ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- "$@" 2>&1 | tee "$log"; then
-      grep -q "SUCCEEDED" "$log" && return 0
+      grep -qi "succeeded" "$log" && return 0
     fi
     grep -q "No available agent" "$log" || { echo "job failed; its log is above ($log)" >&2; return 1; }
     sleep 2
@@ -49,9 +49,9 @@ bash cluster/local.sh start "$STATE"
 
 step "2/9 synthetic lesions: 1,200 images in 6 classes, with masks -> $DIR/synth"
 [ -f "$DIR/synth/manifest.csv" ] || skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2
-step "3/9 scan (validate, split, leakage check), balance 150/class, resize cache"
+step "3/9 scan (validate, split, leakage check), balance 140/class, resize cache"
 skin data scan "$DIR/synth" --out "$DIR/data" --quiet | tail -n 4
-skin data balance "$DIR/data" --per-class 150 --seed 0
+skin data balance "$DIR/data" --per-class 140 --seed 0
 skin data cache "$DIR/data" --image-size 64 | tail -n 1
 
 step "4/9 train the three members concurrently: ray job submit jobs/train.py"

@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None  # smoke runs
     use_cache: bool = True
+    channels_last: bool = True  # NHWC convs: 1.7x faster for EfficientNet-B1 on CPU here, the usual win on GPU
     kill_after_epoch: int | None = None  # fault injection for tests: SIGKILL self once, in the next epoch
     kill_marker: str | None = None
 
@@ -231,7 +232,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
     train_loader, val_loader, cached, _ = _loaders(cfg, member, classes, runtime)
     device = runtime.device
     amp = device.type == "cuda"
-    if amp:
+    if cfg.channels_last:
         member = member.to(memory_format=torch.channels_last)
     model = runtime.prepare_model(member)
     spec = member.spec
@@ -277,7 +278,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, total, warmup)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if amp:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = criterion(model(x).float(), y)

@@ -48,9 +48,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def head(tmp_path):
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
     """A real Ray head on 127.0.0.1 with free ports and its own temp dir; stopped by PID."""
+    tmp_path = tmp_path_factory.mktemp("head")
     gcs, dash = _free_port(), _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
@@ -81,29 +82,36 @@ def head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _submit(client, entrypoint: str) -> str:
+    for _ in range(60):  # the job agent comes up a little after the dashboard answers
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": str(ROOT), "excludes": [".venv/", "demo/", ".git/", "**/__pycache__/"],
+                             "env_vars": {"HF_HUB_OFFLINE": "1"}})
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(2)
+    raise AssertionError("the head's job agent never became available")
+
+
+def _wait(client, job_id, timeout=600):
+    from ray.job_submission import JobStatus
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(2)
+    return status
+
+
 def test_submit_train_job_then_deploy_and_predict(head, scanned, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     url, env = head
     client = JobSubmissionClient(url)
     out = tmp_path / "train"
-    job_id = None
-    for _ in range(60):  # the job agent comes up a little after the dashboard answers
-        try:
-            job_id = client.submit_job(
-                entrypoint=f"python jobs/train.py --data {scanned} --out {out} --smoke --name cluster",
-                runtime_env={"working_dir": str(ROOT), "excludes": [".venv/", "demo/", ".git/", "**/__pycache__/"],
-                             "env_vars": {"HF_HUB_OFFLINE": "1"}})
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e):
-                raise
-            time.sleep(2)
-    assert job_id, "the head's job agent never became available"
-    deadline = time.time() + 600
-    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(2)
-    status = client.get_job_status(job_id)
+    job_id = _submit(client, f"python jobs/train.py --data {scanned} --out {out} --smoke --name cluster")
+    status = _wait(client, job_id)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-5000:]  # the job's logs, on failure
     assert (out / "bundle" / "bundle.json").is_file()
     assert list((out / "ray_results").glob("cluster-*"))  # checkpoints in the storage path
@@ -132,3 +140,34 @@ def test_submit_train_job_then_deploy_and_predict(head, scanned, tmp_path):
     assert status_code == 200, subprocess.run([str(Path(sys.executable).parent / "serve"), "status", "-a", url],
                                               capture_output=True, text=True, env=serve_env).stdout
     assert abs(sum(r.json()["probabilities"].values()) - 1) < 1e-6
+
+
+def test_killed_driver_resumes_on_resubmit(head, scanned, tmp_path):
+    """Stop (kill) the driver of a submitted training job once a checkpoint exists, resubmit with
+    the same run name and storage: it resumes from the last checkpoint and finishes."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    url, _ = head
+    client = JobSubmissionClient(url)
+    out = tmp_path / "train"
+    cmd = (f"python jobs/train.py --data {scanned} --out {out} --smoke --epochs 6 --members mobilenetv2 "
+           f"--name resume")
+    first = _submit(client, cmd)
+    ckpts = out / "ray_results" / "resume-mobilenetv2"
+    deadline = time.time() + 300
+    while not list(ckpts.glob("checkpoint_*/state.json")):
+        assert time.time() < deadline and client.get_job_status(first) == JobStatus.RUNNING, \
+            client.get_job_logs(first)[-3000:]
+        time.sleep(0.5)
+    client.stop_job(first)
+    assert _wait(client, first) == JobStatus.STOPPED
+    done_before = max(json.loads(p.read_text())["epoch"] for p in ckpts.glob("checkpoint_*/state.json"))
+    assert done_before < 6
+    second = _submit(client, cmd)
+    assert _wait(client, second) == JobStatus.SUCCEEDED, client.get_job_logs(second)[-5000:]
+    logs = client.get_job_logs(second)
+    assert "resumed from epoch" in logs, logs[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mobilenetv2"]["best_epoch"] >= 1
+    epochs = sorted(json.loads(p.read_text())["epoch"] for p in ckpts.glob("checkpoint_*/state.json"))
+    assert epochs[-1] == 6
+    print(f"driver killed after epoch {done_before}; resubmitted run resumed and reached epoch 6")
