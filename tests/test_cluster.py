@@ -155,7 +155,7 @@ def test_killed_driver_resumes_on_resubmit(head, scanned, tmp_path):
     ckpts = out / "ray_results" / "resume-mobilenetv2"
     deadline = time.time() + 300
     while not list(ckpts.glob("checkpoint_*/state.json")):
-        assert time.time() < deadline and client.get_job_status(first) == JobStatus.RUNNING, \
+        assert time.time() < deadline and client.get_job_status(first) in {JobStatus.PENDING, JobStatus.RUNNING}, \
             client.get_job_logs(first)[-3000:]
         time.sleep(0.5)
     client.stop_job(first)
