@@ -11,32 +11,15 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def replica_pss_gb() -> float:
-    total = 0
-    for p in psutil.process_iter(["cmdline"]):
-        if " ".join(p.info.get("cmdline") or []).startswith("ray::ServeReplica:skinray"):
-            try:
-                total += p.memory_full_info().pss
-            except psutil.Error:
-                pass
-    return total / 1e9
+from _harness import local_ray, random_bundle, serve_pss_gb, start_serve
 
 
 def run_load(url: str, data: bytes, n: int, concurrency: int, timeout: float = 60.0):
@@ -58,33 +41,21 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     a = ap.parse_args()
-    import ray
-    import torch
     from ray import serve
     from serve_app import AppArgs, build_app
-    from skin.bundle import write_bundle
-    from skin.classes import ClassMap
-    from skin.registry import DEFAULT_MEMBERS, create_model
     from skin.synth import jpeg_bytes, make_sample
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        write_bundle(Path(tmp, "b"), ClassMap(), {n: create_model(n, 6, pretrained="none", input_size=a.size)
-                                                 for n in DEFAULT_MEMBERS}, untrained=True)
+    with tempfile.TemporaryDirectory() as tmp, local_ray(2) as ray:
+        bundle = random_bundle(Path(tmp, "b"), a.size)
         data = jpeg_bytes(make_sample(3, 0, 0, 384), 0, 0)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(AppArgs(bundle=str(Path(tmp, "b")))), name="skinray", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+        url = start_serve()
+        serve.run(build_app(AppArgs(bundle=str(bundle))), name="skinray", route_prefix="/")
         run_load(url, data, 32, a.concurrency)
-        before = replica_pss_gb()
+        before = serve_pss_gb()
         t0 = time.perf_counter()
         out = run_load(url, data, a.requests, a.concurrency)
         wall = time.perf_counter() - t0
-        after = replica_pss_gb()
+        after = serve_pss_gb()
         lat = np.array([t for t, _ in out])
         errors = sum(c != 200 for _, c in out)
         print(f"load: {a.requests} requests at concurrency {a.concurrency}, Grad-CAM on: {errors} errors, "
@@ -115,7 +86,6 @@ def main() -> None:
         print(f"recovery: every request succeeds again {recovered:.1f} s after the kill (target <= 30 s)"
               if recovered is not None else "recovery: NOT recovered within 120 s")
         serve.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -23,14 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 import requests
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from _harness import local_ray, random_bundle, serve_pss_gb, start_serve
 
 
 def upload() -> bytes:
@@ -69,19 +63,6 @@ def floor(bundle_dir: str, data: bytes) -> tuple[float, float]:
     return statistics.median(t1) * 1e3, 32 / (time.perf_counter() - t0)
 
 
-def app_pss_gb() -> float:
-    """PSS of Serve's processes (replicas, proxy, controller), found among this user's processes."""
-    total = 0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if cmd.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")):
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.Error, AttributeError):
-                pass
-    return total / 1e9
-
-
 def load(url: str, data: bytes, concurrency: int, n: int) -> tuple[list[float], float, int]:
     def one(_):
         t0 = time.perf_counter()
@@ -99,27 +80,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40, help="requests per concurrency level (x concurrency/4 for 16)")
     ap.add_argument("--size", type=int, default=224)
     a = ap.parse_args()
-    import ray
     from ray import serve
-    from skin.bundle import write_bundle
-    from skin.classes import ClassMap
-    from skin.registry import DEFAULT_MEMBERS, create_model
     from serve_app import AppArgs, build_app
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        write_bundle(Path(tmp, "b"), ClassMap(), {n: create_model(n, 6, pretrained="none", input_size=a.size)
-                                                 for n in DEFAULT_MEMBERS}, untrained=True)
+    with tempfile.TemporaryDirectory() as tmp, local_ray(2):
+        bundle = random_bundle(Path(tmp, "b"), a.size)
         data = upload()
-        floor_ms, batch8 = floor(str(Path(tmp, "b")), data)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
+        floor_ms, batch8 = floor(str(bundle), data)
+        url = start_serve()
         t0 = time.perf_counter()
-        serve.run(build_app(AppArgs(bundle=str(Path(tmp, "b")))), name="skinray", route_prefix="/", blocking=False)
+        serve.run(build_app(AppArgs(bundle=str(bundle))), name="skinray", route_prefix="/", blocking=False)
         while True:
             try:
                 if requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
@@ -135,9 +105,8 @@ def main() -> None:
             n = a.requests if c < 16 else a.requests * 2
             lat, thr, errors = load(url, data, c, n)
             rows[c] = (np.percentile(lat, 50), np.percentile(lat, 99), thr, errors)
-        mem = app_pss_gb()
+        mem = serve_pss_gb(("ray::ServeReplica:skinray", "ray::ProxyActor", "ray::ServeController"))
         serve.shutdown()
-        ray.shutdown()
     print(f"in-process floor: three forwards {floor_ms:.1f} ms at batch 1 (2 threads); batch-8 {batch8:.1f} images/s")
     print(f"{'concurrency':>11}{'p50 ms':>9}{'p99 ms':>9}{'images/s':>10}{'errors':>8}")
     for c, (p50, p99, thr, err) in rows.items():

@@ -85,7 +85,7 @@ def main() -> None:
         import ray
         from ray.train import Result
         from skin.distributed import Scaling, fit_concurrently, make_trainer
-        ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
         trainer = make_trainer(cfg, Scaling(1, float(a.threads)), "overhead", str(Path(tmp, "ray")), keep=None)
         result: Result = fit_concurrently({"m": trainer})["m"]
         ray_epoch = epoch_gaps([m for _, m in result.best_checkpoints])

@@ -47,7 +47,7 @@ def main() -> None:
 
     import ray
     from jobs.tune import search_weights
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         weights, best, df = search_weights(probs, y, candidates=a.candidates, storage=tmp)

@@ -12,7 +12,6 @@ Writes metrics.json, PNG plots and report.md, and stores the metrics in the bund
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no cluster is running")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset (a job submitted to a "
+                   "cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to join a running local cluster)")
     return p.parse_args(argv)
 
 
@@ -50,11 +50,8 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(a.bundle).resolve().parent / f"eval-{a.split}"
 
     import ray
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    from skin.distributed import init_ray
+    init_ray(a.num_cpus)
     t0 = time.time()
     ds = ray.data.from_pandas(df[["path", "label_index"]])
     scored = ds.map_batches(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage-path", help="Ray Train storage: a local folder (default OUT/ray_results) or "
                    "shared storage (s3://..., NFS) on multi-node clusters")
     p.add_argument("--name", help="run name; re-running with the same name and storage resumes (default skinray-train)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no cluster is running")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset (a job submitted to a "
+                   "cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to join a running local cluster)")
     p.add_argument("--seed", type=int)
     return p.parse_args(argv)
 
@@ -142,12 +142,8 @@ def main(argv=None) -> int:
         configs[m] = tc
 
     import ray
-    from skin.distributed import Scaling, best_checkpoint_dir, feasible, fit_concurrently, make_trainer
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    from skin.distributed import Scaling, best_checkpoint_dir, feasible, fit_concurrently, init_ray, make_trainer
+    init_ray(a.num_cpus)
     # Share the CPUs that are free now (a Serve app may hold some), so every member can start at once.
     free_cpus = ray.available_resources().get("CPU", 0) or ray.cluster_resources().get("CPU", 1)
     cpus = cfg["cpus_per_worker"] or max(0.1, int(10 * free_cpus / (len(members) * cfg["workers"])) / 10)

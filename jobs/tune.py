@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from skin.bundle import Bundle, derive_bundle
 from skin.calibration import (apply_temperature, best_index, dirichlet_candidates, fit_temperature, nll,
                               score_candidates, simplex_grid)
 from skin.checkpoint import load_tensors
+from skin.distributed import init_ray
 from skin.metrics import expected_calibration_error
 from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
 from skin.train import SCORE, TrainConfig
@@ -101,10 +100,7 @@ def cmd_weights(a) -> int:
         print(f"{n:<16}{c['temperature']:>7.3f}{c['nll_before']:>12.4f}{c['nll_after']:>11.4f}"
               f"{c['ece_before']:>12.4f}{c['ece_after']:>11.4f}")
 
-    import ray
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False) if os.environ.get("RAY_ADDRESS") \
-            else ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    init_ray(a.num_cpus)
     stacked = np.stack([cal[n] for n in names])
     t0 = time.time()
     weights, best, df = search_weights(stacked, labels, a.objective, a.candidates, a.seed,
@@ -153,14 +149,11 @@ def dropout_trial(config: dict) -> None:
 
 
 def cmd_dropout(a) -> int:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False) if os.environ.get("RAY_ADDRESS") \
-            else ray.init(num_cpus=a.num_cpus, include_dashboard=False)
+    init_ray(a.num_cpus)
     base = {"epochs": a.epochs, "image_size": a.image_size, "pretrained": a.pretrained, "batch_size": a.batch_size,
             "per_image_norm": a.per_image_norm, "augment": a.augment, "data_dir": str(Path(a.data).resolve())}
     if a.smoke:

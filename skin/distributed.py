@@ -45,6 +45,19 @@ class RayRuntime:
         return ckpt.to_directory()  # local copy, works for remote storage too
 
 
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by Ray for a submitted job, or by the user, e.g.
+    `auto`); otherwise start a private local Ray, never attaching to a stale or foreign one."""
+    import os
+    import ray
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: a plain dict config in, everything else in `skin.train`."""
     train_member(TrainConfig.from_dict(config), RayRuntime())

@@ -3,7 +3,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from skin.bundle import Bundle, BundleError, derive_bundle, write_bundle
 from skin.checkpoint import CheckpointError

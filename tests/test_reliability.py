@@ -1,7 +1,6 @@
 """Reliability and security: the bad-input corpus, API fuzzing, load, faults, data safety, access."""
 import base64
 import io
-import json
 import re
 import sys
 import time

@@ -1,13 +1,11 @@
 """The real Serve app over HTTP: one app per test session on the shared local Ray."""
 import base64
 import io
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import deploy as _deploy
 
-import numpy as np
 import pytest
 import requests
 from PIL import Image

@@ -1,11 +1,10 @@
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from skin.bundle import Bundle
-from skin.calibration import (apply_temperature, best_index, fit_temperature, nll, score_candidates,
+from skin.calibration import (apply_temperature, fit_temperature, nll, score_candidates,
                               simplex_grid)
 
 

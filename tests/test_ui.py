@@ -1,6 +1,5 @@
 """The Streamlit page against the real API: AppTest, then one run in headless Chromium."""
 import ast
-import io
 import os
 import shutil
 import socket

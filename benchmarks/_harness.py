@@ -1,0 +1,61 @@
+"""Shared set-up of the serving benchmarks: a random-weight bundle, a private local Ray, the Serve
+app on a free loopback port, and the PSS of Serve's processes."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # serve_app and jobs live at the repository root
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray on 127.0.0.1
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def random_bundle(root: Path, size: int) -> Path:
+    import torch
+    from skin.bundle import write_bundle
+    from skin.classes import ClassMap
+    from skin.registry import DEFAULT_MEMBERS, create_model
+    torch.manual_seed(0)
+    write_bundle(root, ClassMap(), {n: create_model(n, 6, pretrained="none", input_size=size)
+                                    for n in DEFAULT_MEMBERS}, untrained=True)
+    return root
+
+
+@contextmanager
+def local_ray(num_cpus: int = 2):
+    import ray
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def start_serve() -> str:
+    """Serve's HTTP proxy on a free 127.0.0.1 port; returns its base URL."""
+    from ray import serve
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def serve_pss_gb(prefixes: tuple[str, ...] = ("ray::ServeReplica:skinray",)) -> float:
+    """PSS of this machine's processes whose command line starts with one of the prefixes
+    (Ray names its worker processes after the actor they host). Measurement only."""
+    total = 0
+    for p in psutil.process_iter(["cmdline"]):
+        if " ".join(p.info.get("cmdline") or []).startswith(prefixes):
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                pass
+    return total / 1e9
