@@ -40,6 +40,8 @@ class MemberOptions(BaseModel):
     replicas: int = Field(1, ge=1, description="replicas of this member")
     num_cpus: float = Field(DEFAULT_MEMBER_CPUS, gt=0, description="CPUs per replica (torch threads follow)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractional lets members share a GPU")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads (default: the CPU share, at least 1); "
+                                   "more than the share trades throughput under load for latency when idle")
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     fault_drill: bool = Field(False, description="this member fails every call (to rehearse alerts/degraded mode)")
@@ -67,10 +69,10 @@ class MemberModel:
     """One ensemble member: probabilities + all-class Grad-CAM maps for a batch of inputs."""
 
     def __init__(self, bundle_dir: str, name: str, num_cpus: float = DEFAULT_MEMBER_CPUS,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005) -> None:
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, threads: Optional[int] = None) -> None:
         import torch
         from skin.bundle import Bundle
-        torch.set_num_threads(max(1, int(round(num_cpus))))  # Ray sets 1 thread for fractional CPUs
+        torch.set_num_threads(threads or max(1, int(round(num_cpus))))  # Ray sets 1 thread for fractional CPUs
         self.torch = torch
         bundle = Bundle.load(bundle_dir)
         self.name = name
@@ -266,12 +268,16 @@ class Ensemble:
         except ImageError as e:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
+        prepared: Dict[Any, np.ndarray] = {}  # members sharing a data config share one tensor
         inputs = {}
         for name, cfg in self.data_configs.items():
-            inputs[name] = eval_preset(cfg)(image).numpy()
+            if cfg not in prepared:
+                prepared[cfg] = await asyncio.to_thread(lambda c=cfg: eval_preset(c)(image).numpy())
+            inputs[name] = prepared[cfg]
         results, missing = await self._fan_out(inputs)
         t_members = time.perf_counter()
-        answer = self._answer(results, missing, image, cam, alpha, all_classes, class_name)
+        # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
+        answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)
         t_end = time.perf_counter()
         answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
                                 "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3}
@@ -348,7 +354,7 @@ def build_app(args: AppArgs):
         handles[name] = MemberModel.options(
             name=name, num_replicas=o.replicas, ray_actor_options=opts,
             user_config={"fault_drill": o.fault_drill},
-        ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s)
+        ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s, o.threads)
     return Ensemble.options(num_replicas=args.ingress_replicas,
                             ray_actor_options={"num_cpus": args.ingress_cpus}).bind(args.model_dump(), handles)
 

@@ -137,7 +137,7 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.4, cmap: str =
 
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, "PNG", optimize=False, compress_level=3)
+    image.save(buf, "PNG", optimize=False, compress_level=1)  # speed over bytes: maps are smooth
     return buf.getvalue()
 
 

@@ -207,3 +207,18 @@ def test_logs_carry_request_ids_not_image_bytes(api):
         time.sleep(0.5)
     assert f"request_id={rid}" in text and " ms" in text
     assert "/9j/" not in text and "iVBORw0KGgo" not in text  # no base64 JPEG/PNG in the logs
+
+
+@pytest.mark.slow
+def test_full_size_load_and_fault_run():
+    """`make test-all` only: 2,000 requests at concurrency 16 with Grad-CAM on, then a replica
+    kill under load (benchmarks/load_faults.py on its own private Ray)."""
+    import subprocess
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_faults.py")], capture_output=True,
+                         text=True, timeout=3000).stdout
+    load = re.search(r"load: .*?: (\d+) errors", out)
+    growth = re.search(r"\(([+-][\d.]+)%; must stay", out)
+    recovery = re.search(r"every request succeeds again ([\d.]+) s.*?(\d+)/16 succeed", out)
+    assert load and int(load.group(1)) == 0, out
+    assert growth and float(growth.group(1)) < 10, out
+    assert recovery and float(recovery.group(1)) <= 30 and recovery.group(2) == "16", out
