@@ -137,8 +137,8 @@ def cmd_predict(a) -> int:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="skin", description=__doc__.split(":")[0] + ": skin-lesion "
-                                "ensemble tools (data, models, bundles, prediction). No Ray needed.")
+    p = argparse.ArgumentParser(prog="skin", description="skinray's library tools: datasets, models, "
+                                "bundles, prediction and Grad-CAM, in-process (no Ray needed).")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     data = sub.add_parser("data", help="synthesise, scan, balance datasets").add_subparsers(dest="data_cmd", required=True)
@@ -168,11 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_balance)
 
-    try:
-        from .cache import add_cache_parser
-        add_cache_parser(data)
-    except ImportError:
-        pass
+    from .cache import add_cache_parser
+    add_cache_parser(data)
 
     s = sub.add_parser("models", help="registry table: parameters of each backbone and head")
     s.add_argument("--num-classes", type=_positive, default=6)
@@ -201,11 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--uncertain-below", type=float, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
     s.set_defaults(fn=cmd_predict)
 
-    try:
-        from .gradcam import add_explain_parser
-        add_explain_parser(sub)
-    except ImportError:
-        pass
+    from .gradcam import add_explain_parser
+    add_explain_parser(sub)
     return p
 
 
