@@ -59,7 +59,8 @@ def ray_local():
     2-core machine so the Serve app (1.75 CPUs) and Train smoke runs (3 x 0.6) can coexist."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": a private Ray even when /tmp/ray names another (or a stale) cluster
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     yield ray
     try:
