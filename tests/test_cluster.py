@@ -154,7 +154,8 @@ def test_killed_driver_resumes_on_resubmit(head, scanned, tmp_path):
     first = _submit(client, cmd)
     ckpts = out / "ray_results" / "resume-mobilenetv2"
     deadline = time.time() + 300
-    while not list(ckpts.glob("checkpoint_*/state.json")):
+    snapshot = ckpts / "checkpoint_manager_snapshot.json"  # what Train V2 restores from
+    while not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
         assert time.time() < deadline and client.get_job_status(first) in {JobStatus.PENDING, JobStatus.RUNNING}, \
             client.get_job_logs(first)[-3000:]
         time.sleep(0.5)
