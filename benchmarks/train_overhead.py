@@ -3,8 +3,9 @@
   ray / plain    epoch time through Ray Train (1 worker) / epoch time of the same loop without
                  Ray (skin.train with LocalRuntime); epochs after the first, wall clock between
                  epoch starts, so checkpoint reporting is included (target <= 1.10)
-  loader / model data-loader images/s (cache on: decode + augment + collate, no model) /
-                 model training images/s (forward + backward + step on ready tensors) (target >= 3)
+  loader / model data-loader images/s (cache on: read + crop/flip + collate, no model) /
+                 model training images/s (batch augmentation + forward + backward + step on the
+                 loaded batches) (target >= 3)
 
     python benchmarks/train_overhead.py [--backbone mobilenetv2] [--size 64] [--epochs 4]
 """
@@ -57,7 +58,8 @@ def main() -> None:
         # loader vs model throughput
         torch.set_num_threads(a.threads)
         member = create_model(a.backbone, 6, pretrained="none", input_size=a.size, normalize="per_image")
-        ds = ManifestDataset(df, train_preset(member.data_config), data, "train_balanced", side)
+        preset = train_preset(member.data_config)
+        ds = ManifestDataset(df, preset.sample, data, "train_balanced", side)
         loader = torch.utils.data.DataLoader(ds, 32, shuffle=True, collate_fn=skip_none_collate)
         t0, n = time.perf_counter(), 0
         batches = []
@@ -69,7 +71,7 @@ def main() -> None:
         member.train()
         t0, n = time.perf_counter(), 0
         for x, y in batches:
-            loss = torch.nn.functional.cross_entropy(member(x), y)
+            loss = torch.nn.functional.cross_entropy(member(preset.batch(x)), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

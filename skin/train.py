@@ -173,16 +173,22 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
     if missing:
         raise DatasetError(f"classes with zero training images: {missing}")
     side = cache_side(member.data_config.input_size) if cfg.use_cache else None
-    train_ds = ManifestDataset(train_df, train_preset(member.data_config, cfg.augment), data_dir, tr_split, side)
+    preset = train_preset(member.data_config, cfg.augment)
+    # On a GPU the per-pixel half of the augmentation runs batched on the device (the loader
+    # sends uint8); on a CPU the whole preset stays in the loader, beside the training process.
+    on_device = runtime.device.type == "cuda"
+    train_ds = ManifestDataset(train_df, preset.sample if on_device else preset, data_dir, tr_split, side)
     val_ds = ManifestDataset(val_df, eval_preset(member.data_config), data_dir, "val", side)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (0 if runtime.cpus <= 2 else min(4, int(runtime.cpus) - 1))
+    # Worker processes only pay off beside a GPU or with CPUs to spare; a GPU eats far more images.
+    cap = 8 if runtime.device.type == "cuda" else 4
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (0 if runtime.cpus <= 2 else min(cap, int(runtime.cpus) - 1))
     common = dict(num_workers=workers, collate_fn=skip_none_collate,
                   pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
     g = torch.Generator().manual_seed(cfg.seed)
     train = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
                        generator=g, **common)
     val = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **common)
-    return runtime.prepare_loader(train), runtime.prepare_loader(val), train_ds.cached, val_df
+    return runtime.prepare_loader(train), runtime.prepare_loader(val), train_ds.cached, (preset.batch if on_device else None)
 
 
 @torch.no_grad()
@@ -219,6 +225,37 @@ def _maybe_kill(cfg: TrainConfig, epoch: int, log: Callable[[str], None]) -> Non
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module, x: torch.Tensor,
+               y: torch.Tensor, amp: bool, channels_last: bool,
+               augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One optimisation step; `augment` (the preset's BatchAugment) runs on the device after the
+    transfer. Returns the detached loss (no host sync: the caller decides when to read it, so a
+    GPU is never stalled once per step)."""
+    device = next(model.parameters()).device
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if augment is not None:
+        x = augment(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = criterion(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def configure_device(device: torch.device) -> bool:
+    """Per-device settings of the loop; returns whether bf16 autocast is used (GPU only: on CPU
+    bf16 convolutions are slower than fp32 on most cores)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return True
+    return False
+
+
 def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> dict:
     """Train one member; returns the last epoch's metrics."""
     cfg.validate()
@@ -229,9 +266,9 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
     random_init = cfg.pretrained in ("none", "random")
     member = create_model(cfg.backbone, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
                           input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None)
-    train_loader, val_loader, cached, _ = _loaders(cfg, member, classes, runtime)
+    train_loader, val_loader, cached, batch_augment = _loaders(cfg, member, classes, runtime)
     device = runtime.device
-    amp = device.type == "cuda"
+    amp = configure_device(device)
     if cfg.channels_last:
         member = member.to(memory_format=torch.channels_last)
     model = runtime.prepare_model(member)
@@ -268,7 +305,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
         model.train()
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        loss_sum, seen, skipped, step = 0.0, 0, 0, epoch * steps_per_epoch
+        loss_sum, seen, skipped, step = torch.zeros((), device=device), 0, 0, epoch * steps_per_epoch
         for i, (x, y, n_skip) in enumerate(train_loader):
             if i >= steps_per_epoch:
                 break
@@ -277,26 +314,22 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
                 continue
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, total, warmup)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = criterion(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss_sum += train_step(model, opt, criterion, x, y, amp, cfg.channels_last,
+                                   batch_augment) * len(y)
             _maybe_kill(cfg, epoch, log)
-            loss_sum += loss.item() * len(y)
             seen += len(y)
             step += 1
+        loss_sum = loss_sum.item()  # the one host sync of the training phase
+        train_s = time.time() - t0
         val, probs, ys = evaluate_loader(model, val_loader, device, classes, amp)
         metrics = {"epoch": epoch + 1, "member": spec.name, "train_loss": loss_sum / max(seen, 1),
                    **val, "skipped_images": skipped, "epoch_start": t0, "epoch_end": time.time(),
-                   "epoch_s": time.time() - t0, "lr": opt.param_groups[1]["lr"], "frozen_backbone": frozen,
-                   **resumed}
+                   "epoch_s": time.time() - t0, "train_images_per_s": seen / max(train_s, 1e-9),
+                   "lr": opt.param_groups[1]["lr"], "frozen_backbone": frozen, **resumed}
         log(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
             f"val_loss {val['val_loss']:.4f} val_acc {val['val_accuracy']:.4f} "
-            f"val_f1 {val[SCORE]:.4f} ({metrics['epoch_s']:.1f}s{', skipped ' + str(skipped) if skipped else ''})")
+            f"val_f1 {val[SCORE]:.4f} ({metrics['epoch_s']:.1f}s, {metrics['train_images_per_s']:.0f} img/s"
+            f"{', skipped ' + str(skipped) if skipped else ''})")
         with tempfile.TemporaryDirectory() as tmp:
             if runtime.rank == 0:
                 save_member(member, tmp, extra={"classes": list(classes), "epoch": epoch + 1,
