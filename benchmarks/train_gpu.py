@@ -93,9 +93,6 @@ def model_bound(name: str, a, device: torch.device) -> dict[str, float]:
     x8 = torch.randint(0, 256, x.shape, dtype=torch.uint8, device=device)
     out["skin step"] = rate(lambda: train_step(model, opt, crit, x8, y, amp, True, augment), a.batch,
                             a.steps, a.warmup, device)
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -148,6 +145,8 @@ def main() -> None:
         rows = []
         for name in a.members:
             r = model_bound(name, a, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             rt = LocalRuntime(str(Path(tmp, "run", name)), device=device, cpus=float(cpus))
             cfg = TrainConfig(backbone=name, data_dir=str(data), epochs=a.epochs, batch_size=a.batch,
                               pretrained="none", image_size=a.size, augment="standard")
