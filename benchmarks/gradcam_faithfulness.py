@@ -23,6 +23,32 @@ from skin.gradcam import energy_inside, explain_images, pointing_hit
 from skin.images import load_image
 
 
+def faithfulness(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "test",
+                 batch: int = 16) -> dict:
+    """Per class and overall: pointing game, energy in the mask, mask area; plus accuracy."""
+    synth = Path(synth).resolve()
+    masks = {str((synth / p).resolve()): synth / m for p, m in
+             pd.read_csv(synth / "manifest.csv")[["path", "mask"]].itertuples(index=False)}
+    df = load_manifest(data, split)
+    hits, energy, area, correct = defaultdict(list), defaultdict(list), defaultdict(list), []
+    rows = list(df.itertuples())
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        images = [load_image(r.path) for r in chunk]
+        for r, res in zip(chunk, explain_images(bundle, images)):
+            mask = np.asarray(Image.open(masks[str(Path(r.path).resolve())])) > 127
+            cam = res["ensemble_map"]
+            hits[r.label].append(pointing_hit(cam, mask))
+            energy[r.label].append(energy_inside(cam, mask))
+            area[r.label].append(float(mask.mean()))
+            correct.append(res["class"] == r.label)
+    per_class = {c: {"pointing": float(np.mean(hits[c])), "energy": float(np.mean(energy[c])),
+                     "mask_area": float(np.mean(area[c]))} for c in bundle.classes if c in hits}
+    return {"per_class": per_class, "images": len(correct), "accuracy": float(np.mean(correct)),
+            "pointing": float(np.mean([h for v in hits.values() for h in v])),
+            "energy": float(np.mean([e for v in energy.values() for e in v]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="demo/train/bundle")
@@ -32,31 +58,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     a = ap.parse_args()
     bundle = Bundle.load(a.bundle)
-    synth = Path(a.synth).resolve()
-    masks = {str((synth / p).resolve()): synth / m for p, m in
-             pd.read_csv(synth / "manifest.csv")[["path", "mask"]].itertuples(index=False)}
-    df = load_manifest(a.data, a.split)
-    hits, energy = defaultdict(list), defaultdict(list)
-    rows = list(df.itertuples())
-    for start in range(0, len(rows), a.batch):
-        chunk = rows[start:start + a.batch]
-        images = [load_image(r.path) for r in chunk]
-        for r, res in zip(chunk, explain_images(bundle, images)):
-            mask = np.asarray(Image.open(masks[str(Path(r.path).resolve())])) > 127
-            cam = res["ensemble_map"]
-            hits[r.label].append(pointing_hit(cam, mask))
-            energy[r.label].append(energy_inside(cam, mask))
-    all_hits = [h for v in hits.values() for h in v]
-    mask_share = {c: float(np.mean([np.mean(np.asarray(Image.open(m)) > 127) for m in
-                                    [masks[str(Path(p).resolve())] for p in df[df.label == c].path]]))
-                  for c in hits}
-    print(f"bundle {bundle.id}{' (UNTRAINED)' if bundle.untrained else ''}, {len(all_hits)} {a.split} images")
+    r = faithfulness(bundle, a.data, a.synth, a.split, a.batch)
+    strides = sorted({e.output_stride for e in bundle.members})
+    print(f"bundle {bundle.id}{' (UNTRAINED)' if bundle.untrained else ''}, {r['images']} {a.split} images, "
+          f"output stride {'/'.join(map(str, strides))}, accuracy {r['accuracy']:.3f}")
     print(f"{'class':<14}{'pointing game':>14}{'energy in mask':>16}{'mask area':>11}")
-    for c in bundle.classes:
-        if c in hits:
-            print(f"{c:<14}{np.mean(hits[c]):>14.3f}{np.mean(energy[c]):>16.3f}{mask_share[c]:>11.3f}")
-    print(f"{'all':<14}{np.mean(all_hits):>14.3f}{np.mean([e for v in energy.values() for e in v]):>16.3f}"
-          f"   (pointing-game target >= 0.80)")
+    for c, v in r["per_class"].items():
+        print(f"{c:<14}{v['pointing']:>14.3f}{v['energy']:>16.3f}{v['mask_area']:>11.3f}")
+    print(f"{'all':<14}{r['pointing']:>14.3f}{r['energy']:>16.3f}   (pointing-game target >= 0.80)")
 
 
 if __name__ == "__main__":

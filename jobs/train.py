@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="head peak learning rate (default: each backbone's own)")
     p.add_argument("--image-size", type=int, help="input size of every member (default: the weights' own, 224)")
     p.add_argument("--pretrained", help="imagenet (default), a weights file/folder, or none (random init)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32),
+                   help="feature-map stride of every member (default 32); 16 or 8 give finer Grad-CAM maps at more compute")
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
     p.add_argument("--freeze-epochs", type=int, help="train only the head for the first N epochs")
     p.add_argument("--workers", type=int, help="Ray Train workers per member (DDP when > 1; default 1)")
@@ -84,7 +86,7 @@ def resolve(a: argparse.Namespace) -> dict:
     if a.smoke:
         cfg["train"].update(SMOKE)
     flags = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "image_size": a.image_size,
-             "pretrained": a.pretrained, "per_image_norm": a.per_image_norm,
+             "pretrained": a.pretrained, "per_image_norm": a.per_image_norm, "output_stride": a.output_stride,
              "freeze_epochs": a.freeze_epochs, "seed": a.seed}
     cfg["train"].update({k: v for k, v in flags.items() if v is not None})
     for k in ("members", "weights", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures",

@@ -25,7 +25,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
-from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, get_spec,
+from .registry import (DEFAULT_WEIGHTS, OUTPUT_STRIDES, DataConfig, HeadConfig, Member, get_spec,
                        member_from_metadata)
 
 FORMAT = "skinray-bundle"
@@ -47,10 +47,12 @@ class MemberEntry:
     sha256: str
     classes: tuple[str, ...]
     temperature: float = 1.0
+    output_stride: int = 32
 
     def to_json(self) -> dict:
         return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
                 "head": self.head.to_json(), "data_config": self.data_config.to_json(),
+                "output_stride": self.output_stride,
                 "weights_file": self.weights_file, "sha256": self.sha256,
                 "classes": list(self.classes), "temperature": self.temperature}
 
@@ -59,7 +61,7 @@ class MemberEntry:
         return cls(str(d["name"]), str(d["backbone"]), int(d["num_classes"]),
                    HeadConfig.from_json(d["head"]), DataConfig.from_json(d["data_config"]),
                    str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
-                   float(d.get("temperature", 1.0)))
+                   float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)))
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ class Bundle:
         """Rebuild one member (eval mode) and load its weights, checking the file hash."""
         e = self.entry(name)
         member = member_from_metadata({"backbone": e.backbone, "num_classes": e.num_classes,
-                                       "head": e.head.to_json(), "data_config": e.data_config.to_json()})
+                                       "head": e.head.to_json(), "data_config": e.data_config.to_json(),
+                                       "output_stride": e.output_stride})
         load_member_weights(member, self.root / e.weights_file, e.sha256)
         return member.eval()
 
@@ -154,6 +157,8 @@ def _from_json(root: Path, d: dict) -> Bundle:
         if m.num_classes != len(classes):
             raise ClassMapError(f"member {m.name} has {m.num_classes} outputs, bundle has "
                                 f"{len(classes)} classes")
+        if m.output_stride not in OUTPUT_STRIDES:
+            raise BundleError(f"member {m.name}: output_stride must be one of {OUTPUT_STRIDES}, got {m.output_stride}")
         if not (m.temperature > 0 and math.isfinite(m.temperature)):
             raise BundleError(f"member {m.name}: temperature must be a positive number, got {m.temperature}")
     if not isinstance(weights_map, dict) or set(weights_map) != set(names):
@@ -227,7 +232,7 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
             raise ClassMapError(f"member {name} has {m.num_classes} outputs, class map has {len(classes)}")
         entries.append(MemberEntry(name, m.spec.name, m.num_classes, m.head_config, m.data_config,
                                    f"{name}.safetensors", "", tuple(classes),
-                                   float((temperatures or {}).get(name, 1.0))))
+                                   float((temperatures or {}).get(name, 1.0)), m.output_stride))
         files[name] = (lambda path, m=m: save_tensors(path, m.state_dict()))
     prov = {"code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return _write(Path(root), classes, entries, weights, files, metrics or {},

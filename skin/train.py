@@ -32,7 +32,7 @@ from .classes import ClassMap
 from .data import DatasetError, load_classes, load_manifest, training_split
 from .metrics import compute_metrics
 from .presets import eval_preset, train_preset
-from .registry import Member, create_model, get_spec
+from .registry import OUTPUT_STRIDES, Member, create_model, get_spec
 
 # Score that selects the best checkpoint of a member.
 SCORE = "val_f1_macro"
@@ -53,6 +53,7 @@ class TrainConfig:
     dropout: float | list[float] | None = None
     pretrained: str = "imagenet"  # "imagenet", a weights file/folder, or "none"
     image_size: int | None = None
+    output_stride: int = 32  # 16 / 8: finer Grad-CAM maps (dilated last stages), more compute
     per_image_norm: bool = False
     augment: str = "standard"  # or "light": mild crop + flips (small from-scratch runs)
     num_workers: int = -1  # DataLoader workers; -1: from the CPUs this worker was given
@@ -70,6 +71,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be less than epochs ({self.epochs})")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -265,7 +268,8 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
     classes = load_classes(cfg.data_dir)
     random_init = cfg.pretrained in ("none", "random")
     member = create_model(cfg.backbone, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
-                          input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None)
+                          input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None,
+                          output_stride=cfg.output_stride)
     train_loader, val_loader, cached, batch_augment = _loaders(cfg, member, classes, runtime)
     device = runtime.device
     amp = configure_device(device)

@@ -92,3 +92,28 @@ def test_derive_never_overwrites(random_bundle, tmp_path):
     assert Bundle.load(random_bundle).weights == (0.30, 0.30, 0.40)
     with pytest.raises(BundleError, match="never overwritten"):
         derive_bundle(src, tmp_path / "v2", weights=(0.2, 0.2, 0.6))
+
+
+def test_output_stride_travels_with_the_bundle(tmp_path):
+    """A member trained at stride 16 must come back at stride 16 (same weights, finer CAM map);
+    bundles written before the option load at 32; a bad value is refused at load."""
+    import torch
+    from skin.gradcam import GradCAM
+    m = create_model("mobilenetv2", 6, pretrained="none", input_size=64, output_stride=16).eval()
+    b = write_bundle(tmp_path / "b", ClassMap(), {"mobilenetv2": m})
+    loaded = Bundle.load(b.root).load_member("mobilenetv2")
+    assert loaded.output_stride == 16
+    x = torch.randn(1, 3, 64, 64)
+    with GradCAM(loaded) as cam:
+        logits, maps = cam(x)
+    assert maps.shape[-2:] == (4, 4)
+    torch.testing.assert_close(logits, m(x))
+
+    data = json.loads((b.root / "bundle.json").read_text())
+    data["members"][0]["output_stride"] = 12
+    (b.root / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="output_stride must be one of"):
+        Bundle.load(b.root)
+    del data["members"][0]["output_stride"]  # an older bundle
+    (b.root / "bundle.json").write_text(json.dumps(data))
+    assert Bundle.load(b.root, verify=False).members[0].output_stride == 32

@@ -105,3 +105,17 @@ def test_zero_init_last_bn_for_random_init():
     m = create_model("efficientnet_b1", pretrained="none")
     zeroed = [b for b in m.backbone.modules() if getattr(b, "has_skip", False)]
     assert zeroed and all(b.bn3.weight.abs().sum() == 0 for b in zeroed if hasattr(b, "bn3"))
+
+
+@pytest.mark.parametrize("name", DEFAULT_MEMBERS)
+def test_output_stride_makes_the_cam_map_finer(name):
+    """Same parameters (the weights load unchanged), a 4x4 instead of 2x2 map at 64 px."""
+    coarse = create_model(name, pretrained="none", input_size=64)
+    fine = create_model(name, pretrained="none", input_size=64, output_stride=16)
+    fine.load_state_dict(coarse.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert coarse.forward_features(x).shape[-2:] == (2, 2)
+    assert fine.forward_features(x).shape[-2:] == (4, 4)
+    assert fine.metadata()["output_stride"] == 16
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        create_model(name, pretrained="none", output_stride=4)

@@ -29,6 +29,17 @@ def test_one_member_trains_and_reports_each_epoch(scanned, tmp_path):
     assert (tmp_path / "run" / "latest" / "optimizer.safetensors").is_file()
 
 
+def test_output_stride_is_trained_and_saved(scanned, tmp_path):
+    from skin.checkpoint import load_member
+    rt = LocalRuntime(str(tmp_path / "run"))
+    cfg = TrainConfig(backbone="resnet50", data_dir=str(scanned), output_stride=16, **{**TINY, "epochs": 1})
+    train_member(cfg, rt, log=lambda s: None)
+    member, meta = load_member(tmp_path / "run" / "best")
+    assert member.output_stride == 16 and meta["output_stride"] == 16
+    with pytest.raises(ValueError, match="output_stride"):
+        TrainConfig(backbone="resnet50", data_dir=str(scanned), output_stride=12).validate()
+
+
 def test_resume_loads_the_checkpoint_weights(scanned, tmp_path):
     rt = LocalRuntime(str(tmp_path / "run"))
     cfg = TrainConfig(backbone="efficientnet_b1", data_dir=str(scanned), **(TINY | {"epochs": 1}))
