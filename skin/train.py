@@ -62,6 +62,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # smoke runs
     use_cache: bool = True
     channels_last: bool = True  # NHWC convs: 1.7x faster for EfficientNet-B1 on CPU here, the usual win on GPU
+    # bf16 autocast: "auto" = on a GPU only; "bf16" = also on a CPU with native bf16 (avx512_bf16 /
+    # AMX: ResNet50 trains 1.7x faster here, depthwise-conv members slower); "off" = fp32
+    amp: str = "auto"
     kill_after_epoch: int | None = None  # fault injection for tests: SIGKILL self once, in the next epoch
     kill_marker: str | None = None
 
@@ -71,6 +74,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be less than epochs ({self.epochs})")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
 
@@ -248,15 +253,25 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Modul
     return loss.detach()
 
 
-def configure_device(device: torch.device) -> bool:
-    """Per-device settings of the loop; returns whether bf16 autocast is used (GPU only: on CPU
-    bf16 convolutions are slower than fp32 on most cores)."""
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: the CPUs on which bf16 convolutions beat fp32 (Linux flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def configure_device(device: torch.device, amp: str = "auto") -> bool:
+    """Per-device settings of the loop; returns whether bf16 autocast is used: always on a GPU
+    unless amp="off"; on a CPU only when asked (amp="bf16") and the CPU has native bf16, since
+    elsewhere bf16 convolutions are several times slower than fp32."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return True
-    return False
+        return amp != "off"
+    return amp == "bf16" and cpu_has_native_bf16()
 
 
 def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> dict:
@@ -272,7 +287,9 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
                           output_stride=cfg.output_stride)
     train_loader, val_loader, cached, batch_augment = _loaders(cfg, member, classes, runtime)
     device = runtime.device
-    amp = configure_device(device)
+    amp = configure_device(device, cfg.amp)
+    if cfg.amp == "bf16" and not amp:
+        log(f"[{cfg.backbone}] amp=bf16 asked for, but this CPU has no native bf16: training in fp32")
     if cfg.channels_last:
         member = member.to(memory_format=torch.channels_last)
     model = runtime.prepare_model(member)
@@ -299,7 +316,8 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
         log(f"[{spec.name}] resumed from epoch {start_epoch} ({ckpt})")
 
     log(f"[{spec.name}] {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
-        f"{member.data_config.input_size}px, {threads} threads, device {device}, cache {'on' if cached else 'off'}")
+        f"{member.data_config.input_size}px, {threads} threads, device {device}{', bf16' if amp else ''}, "
+        f"cache {'on' if cached else 'off'}")
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()

@@ -40,6 +40,25 @@ def test_output_stride_is_trained_and_saved(scanned, tmp_path):
         TrainConfig(backbone="resnet50", data_dir=str(scanned), output_stride=12).validate()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_cpu_only_where_the_cpu_has_it(scanned, tmp_path, monkeypatch, native):
+    import torch
+    import skin.train as st
+    monkeypatch.setattr(st, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert st.configure_device(cpu, "auto") is False and st.configure_device(cpu, "off") is False
+    assert st.configure_device(cpu, "bf16") is native
+    lines = []
+    rt = LocalRuntime(str(tmp_path / "run"), device=cpu)
+    train_member(TrainConfig(backbone="resnet50", data_dir=str(scanned), amp="bf16", **{**TINY, "epochs": 1}),
+                 rt, log=lines.append)
+    assert np.isfinite(rt.history[0]["train_loss"])
+    assert any("bf16" in line for line in lines)  # either "device cpu, bf16" or the fp32 fallback notice
+    assert any("no native bf16" in line for line in lines) is (not native)
+    with pytest.raises(ValueError, match="amp must be"):
+        TrainConfig(backbone="resnet50", data_dir=str(scanned), amp="fp16").validate()
+
+
 def test_resume_loads_the_checkpoint_weights(scanned, tmp_path):
     rt = LocalRuntime(str(tmp_path / "run"))
     cfg = TrainConfig(backbone="efficientnet_b1", data_dir=str(scanned), **(TINY | {"epochs": 1}))
