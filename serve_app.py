@@ -58,6 +58,7 @@ class AppArgs(BaseModel):
     api_key: Optional[str] = Field(None, description="require X-API-Key (or Bearer) on every route but /healthz; "
                                    "default: $SKINRAY_API_KEY when set")
     allow_degraded: bool = Field(False, description="answer from the remaining members when one fails")
+
     member_timeout_s: float = Field(30.0, gt=0)
     uncertain_below: float = Field(0.5, ge=0, le=1)
     overlay_max_side: int = Field(1024, ge=64, description="overlay/map PNGs are at most this size (aspect kept)")
@@ -88,18 +89,20 @@ class MemberModel:
 
     def _run(self, batch: np.ndarray):
         from skin.gradcam import GradCAM
+        t0 = time.perf_counter()
         x = self.torch.from_numpy(batch).to(self.device)
         with GradCAM(self.member) as cam:
             logits, maps = cam(x)
         probs = self.torch.softmax(logits.float() / self.temperature, -1).cpu().numpy()
-        return probs, maps.cpu().numpy().astype(np.float32)
+        return probs, maps.cpu().numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def predict(self, inputs: List[np.ndarray]) -> List[Dict[str, np.ndarray]]:
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
-        probs, maps = await asyncio.to_thread(self._run, np.stack(inputs))
-        return [{"probs": probs[i], "maps": maps[i]} for i in range(len(inputs))]
+        probs, maps, ms = await asyncio.to_thread(self._run, np.stack(inputs))
+        return [{"probs": probs[i], "maps": maps[i], "compute_ms": ms, "batch": len(inputs)}
+                for i in range(len(inputs))]
 
 
 # --------------------------------------------------------------------------- ingress
@@ -209,6 +212,8 @@ class Ensemble:
                                   min_side=self.args.min_side)
         self.api_key = self.args.api_key or os.environ.get("SKINRAY_API_KEY") or None
         self.data_configs = {e.name: e.data_config for e in self.bundle.members}
+        side = max(c.input_size for c in self.data_configs.values())
+        self.map_work = (side, side)  # ensemble map built at the members' input size, resized once
 
         @api.middleware("http")
         async def _request_context(request: Request, call_next):
@@ -280,7 +285,8 @@ class Ensemble:
         answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)
         t_end = time.perf_counter()
         answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
-                                "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3}
+                                "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3,
+                                **{f"{n}_compute": r["compute_ms"] for n, r in results.items()}}
         return answer
 
     async def _fan_out(self, inputs: Dict[str, np.ndarray]):
@@ -324,12 +330,13 @@ class Ensemble:
             k = classes.index(class_name) if class_name else out["class_index"]
             disp = display_copy(image, self.args.overlay_max_side)
             size = (disp.size[1], disp.size[0])
-            cam_k = ensemble_map({n: torch.from_numpy(r["maps"][k]) for n, r in results.items()}, weights, size)
+            cam_k = ensemble_map({n: torch.from_numpy(r["maps"][k]) for n, r in results.items()}, weights, size,
+                                 self.map_work)
             g = {"class": classes[k], "overlay_png": b64(overlay(disp, cam_k, alpha)),
                  "map_png": b64(map_image(cam_k))}
             if all_classes:
                 g["maps_png"] = {c: b64(map_image(ensemble_map(
-                    {n: torch.from_numpy(r["maps"][j]) for n, r in results.items()}, weights, size)))
+                    {n: torch.from_numpy(r["maps"][j]) for n, r in results.items()}, weights, size, self.map_work)))
                     for j, c in enumerate(classes)}
             out["gradcam"] = g
         return out
@@ -348,7 +355,7 @@ def build_app(args: AppArgs):
     handles = {}
     for name in bundle.member_names:
         o = args.members.get(name, MemberOptions())
-        opts = {"num_cpus": o.num_cpus}
+        opts: Dict[str, Any] = {"num_cpus": o.num_cpus}
         if o.num_gpus:
             opts["num_gpus"] = o.num_gpus
         handles[name] = MemberModel.options(

@@ -2,13 +2,17 @@
 
 On this machine (random-weight bundle at 224 px, Grad-CAM on, JPEG 512x384 uploads over
 loopback HTTP):
-  floor            three members' forward passes in one process, 2 torch threads, batch 1
+  floor            three members' forward passes in one process, 2 torch threads, batch 1, with no
+                   Ray process alive (measured before and after the Serve runs; the mean is used)
   p50 / floor      at concurrency 1                                   (target <= 1.25)
   thr16 / batch8   images/s at concurrency 16 / in-process batch-8 images/s (target >= 0.8)
   cold start       serve.run() to the first 200 from /v1/predict       (target <= 20 s)
   memory           PSS of the app's processes: replicas + Serve proxy/controller (target <= 3.6 GB)
 
-    python benchmarks/serve_latency.py [--requests 40]
+    python benchmarks/serve_latency.py [--requests 40] [--config cluster/serve_config.yaml]
+
+The app runs with the member options of --config (the shipped Serve config; its bundle is
+replaced by the random-weight one).
 """
 from __future__ import annotations
 
@@ -63,33 +67,46 @@ def floor(bundle_dir: str, data: bytes) -> tuple[float, float]:
     return statistics.median(t1) * 1e3, 32 / (time.perf_counter() - t0)
 
 
-def load(url: str, data: bytes, concurrency: int, n: int) -> tuple[list[float], float, int]:
+def load(url: str, data: bytes, concurrency: int, n: int) -> tuple[list[float], float, int, dict]:
     def one(_):
         t0 = time.perf_counter()
         r = requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=120)
-        return time.perf_counter() - t0, r.status_code
+        timings = r.json().get("timings_ms", {}) if r.status_code == 200 else {}
+        return time.perf_counter() - t0, r.status_code, timings
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         out = list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
-    return [o[0] * 1e3 for o in out], n / wall, sum(o[1] != 200 for o in out)
+    parts = {k: float(np.median([o[2][k] for o in out if k in o[2]])) for k in (out[0][2] or {})}
+    return [o[0] * 1e3 for o in out], n / wall, sum(o[1] != 200 for o in out), parts
+
+
+def app_args(config: str, bundle: Path) -> dict:
+    """The first application's args in a Serve config file, with our bundle."""
+    import yaml
+    args = yaml.safe_load(Path(config).read_text())["applications"][0].get("args", {})
+    return {**args, "bundle": str(bundle)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=40, help="requests per concurrency level (x concurrency/4 for 16)")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "cluster/serve_config.yaml"))
     a = ap.parse_args()
     from ray import serve
     from serve_app import AppArgs, build_app
 
-    with tempfile.TemporaryDirectory() as tmp, local_ray(2):
-        bundle = random_bundle(Path(tmp, "b"), a.size)
-        data = upload()
-        floor_ms, batch8 = floor(str(bundle), data)
+    tmp = tempfile.TemporaryDirectory()
+    bundle = random_bundle(Path(tmp.name, "b"), a.size)
+    data = upload()
+    # The floor is measured with no Ray process alive, before and after (this machine's speed drifts)
+    floor_before = floor(str(bundle), data)
+    with local_ray(2):
         url = start_serve()
         t0 = time.perf_counter()
-        serve.run(build_app(AppArgs(bundle=str(bundle))), name="skinray", route_prefix="/", blocking=False)
+        args = AppArgs.model_validate(app_args(a.config, bundle))
+        serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
         while True:
             try:
                 if requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
@@ -103,14 +120,25 @@ def main() -> None:
         rows = {}
         for c in (1, 4, 16):
             n = a.requests if c < 16 else a.requests * 2
-            lat, thr, errors = load(url, data, c, n)
+            lat, thr, errors, parts = load(url, data, c, n)
             rows[c] = (np.percentile(lat, 50), np.percentile(lat, 99), thr, errors)
+            if c == 1:
+                breakdown = parts
         mem = serve_pss_gb(("ray::ServeReplica:skinray", "ray::ProxyActor", "ray::ServeController"))
         serve.shutdown()
-    print(f"in-process floor: three forwards {floor_ms:.1f} ms at batch 1 (2 threads); batch-8 {batch8:.1f} images/s")
+    floor_after = floor(str(bundle), data)
+    tmp.cleanup()
+    floor_ms = (floor_before[0] + floor_after[0]) / 2
+    batch8 = (floor_before[1] + floor_after[1]) / 2
+    print("members: " + ", ".join(f"{n} {o.threads or 'auto'} thread(s)/{o.num_cpus} CPU"
+                                  for n, o in args.members.items()))
+    print(f"in-process floor: three forwards {floor_ms:.1f} ms at batch 1 (2 threads); batch-8 {batch8:.1f} images/s "
+          f"(mean of before/after the Serve runs: {floor_before[0]:.1f}/{floor_after[0]:.1f} ms, "
+          f"{floor_before[1]:.1f}/{floor_after[1]:.1f} images/s)")
     print(f"{'concurrency':>11}{'p50 ms':>9}{'p99 ms':>9}{'images/s':>10}{'errors':>8}")
     for c, (p50, p99, thr, err) in rows.items():
         print(f"{c:>11}{p50:>9.1f}{p99:>9.1f}{thr:>10.2f}{err:>8}")
+    print("server-side medians at concurrency 1: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown.items()))
     print(f"p50 / floor at concurrency 1: {rows[1][0] / floor_ms:.2f} (target <= 1.25, Grad-CAM on)")
     print(f"throughput at 16 / in-process batch 8: {rows[16][2] / batch8:.2f} (target >= 0.8)")
     print(f"cold start to first 200: {cold:.1f} s (target <= 20)")

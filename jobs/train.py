@@ -177,13 +177,13 @@ def main(argv=None) -> int:
 
     loaded, summary, val_tensors = {}, {}, {}
     for m in members:
-        ckpt = best_checkpoint_dir(results[m])
-        member, meta = load_member(ckpt)
+        with best_checkpoint_dir(results[m]) as (ckpt, stored_at):
+            member, meta = load_member(ckpt)
+            vp = load_tensors(ckpt / "val_probs.safetensors")
         classes.check_same(type(classes)(tuple(meta["classes"])), f"class maps of the data and member {m}")
         loaded[m] = member
-        vp = load_tensors(ckpt / "val_probs.safetensors")
         val_tensors[f"{m}.probs"], val_tensors["labels"] = vp["probs"], vp["labels"]
-        summary[m] = {"best_epoch": meta["epoch"], **meta["metrics"], "checkpoint": str(ckpt)}
+        summary[m] = {"best_epoch": meta["epoch"], **meta["metrics"], "checkpoint": stored_at}
     save_tensors(out / "val_probs.safetensors", val_tensors, metadata={"members": json.dumps(members)})
     pretrained = {m: configs[m].pretrained for m in members}
     bundle = write_bundle(out / "bundle", classes, loaded, weights, provenance={

@@ -26,7 +26,7 @@ import yaml
 
 from skin.bundle import Bundle, derive_bundle
 from skin.calibration import (apply_temperature, best_index, dirichlet_candidates, fit_temperature, nll,
-                              score_candidates, simplex_grid)
+                              out_of_fold_gain, score_candidates, simplex_grid)
 from skin.checkpoint import load_tensors
 from skin.distributed import init_ray
 from skin.metrics import expected_calibration_error
@@ -108,6 +108,16 @@ def cmd_weights(a) -> int:
     weights = np.round(weights, 6)
     weights = weights / weights.sum()
     default = score_candidates(np.array([src.weights]), stacked, labels, a.objective)
+    # Guard against fitting the noise of a small validation set: the same search, nested in
+    # stratified folds, must beat the source weights on held-out rows, or the source weights stay.
+    k = len(names)
+    cands = np.concatenate([simplex_grid(k, 0.05)] + [dirichlet_candidates(k, 250, a.seed + i, (0.5, 1.0, 2.0)[i % 3])
+                                                       for i in range(max(1, a.candidates // 250))])
+    oof = out_of_fold_gain(cands, np.array(src.weights), stacked, labels, a.objective, a.folds, a.seed)
+    searched = weights
+    accepted = a.force or oof["gain"] > 0
+    if not accepted:
+        weights = np.array(src.weights, float)
     n_cands = int(df["candidates"].sum()) if "candidates" in df else None
     out = Path(a.out) if a.out else train_out / f"bundle-tuned-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists():
@@ -117,12 +127,20 @@ def cmd_weights(a) -> int:
         "weight_search": {"objective": a.objective, "candidates": n_cands, "seed": a.seed,
                           "best_score": best["score"], "best_log_loss": best["log_loss"],
                           "default_weights_score": float(default["score"][0]),
+                          "searched_weights": [float(w) for w in searched], "accepted": bool(accepted),
+                          "out_of_fold_gain": oof,
                           "source_bundle": src.id, "val_rows": int(len(labels)), "seconds": time.time() - t0},
         "calibration": calib})
     df.to_csv(out.parent / f"{out.name}-weights_search.csv", index=False)
     print(f"\nsearched {n_cands} candidates in {time.time() - t0:.1f}s; {a.objective}: "
-          f"{best['score']:.4f} (weights {dict(zip(names, weights.round(3)))}) vs {default['score'][0]:.4f} "
+          f"{best['score']:.4f} (weights {dict(zip(names, searched.round(3).tolist()))}) vs {default['score'][0]:.4f} "
           f"with {dict(zip(names, src.weights))}")
+    print(f"out-of-fold check ({oof['folds']} stratified folds of the {len(labels)} validation rows): "
+          f"held-out {a.objective} gain of the search {oof['gain']:+.4f} "
+          f"({', '.join(f'{g:+.3f}' for g in oof['fold_gains'])}) -> "
+          + ("searched weights kept" + (" (--force)" if a.force and oof["gain"] <= 0 else "") if accepted
+             else f"no gain beyond the rows searched: the source weights {dict(zip(names, src.weights))} are kept "
+                  "(temperatures still applied; --force keeps the searched weights)"))
     print(f"new bundle {new.id}: {out} (the source bundle {src.id} is unchanged)")
     return 0
 
@@ -224,6 +242,9 @@ def main(argv=None) -> int:
     w.add_argument("--objective", choices=["f1_macro", "balanced_accuracy"], default="f1_macro")
     w.add_argument("--candidates", type=int, default=2000, help="Dirichlet candidates besides the 0.05 simplex grid")
     w.add_argument("--no-temperature", action="store_true", help="keep T = 1")
+    w.add_argument("--folds", type=int, default=5, help="stratified folds of the out-of-fold check (default 5)")
+    w.add_argument("--force", action="store_true",
+                   help="keep the searched weights even when the out-of-fold check shows no held-out gain")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--storage-path")
     w.add_argument("--num-cpus", type=int)

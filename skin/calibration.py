@@ -84,3 +84,35 @@ def best_index(score: np.ndarray, log_loss: np.ndarray) -> int:
     top = score.max()
     tied = np.nonzero(score >= top - 1e-9)[0]
     return int(tied[np.argmin(log_loss[tied])])
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """A fold index per row, each class spread evenly over the folds."""
+    y = np.asarray(y, int)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), int)
+    for c in np.unique(y):
+        rows = rng.permutation(np.nonzero(y == c)[0])
+        fold[rows] = np.arange(len(rows)) % folds
+    return fold
+
+
+def out_of_fold_gain(candidates: np.ndarray, default: np.ndarray, member_probs: np.ndarray, y: np.ndarray,
+                     objective: str = "f1_macro", folds: int = 5, seed: int = 0) -> dict:
+    """Does searching the weights pay off beyond the rows it was searched on? For each
+    stratified fold of the validation rows: pick the best candidate on the other folds, then score
+    it and the default weights on the held-out fold. A search that only fits the noise of a small
+    validation set (180 rows in the demo: one image is 0.006 of macro-F1) shows no out-of-fold gain.
+    Returns {"gain": mean held-out score difference, "fold_gains": [...], "folds": n}."""
+    y = np.asarray(y, int)
+    fold = stratified_folds(y, folds, seed)
+    gains = []
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        if not held.any() or not fit.any():
+            continue
+        s = score_candidates(candidates, member_probs[:, fit], y[fit], objective)
+        best = candidates[best_index(s["score"], s["log_loss"])]
+        pair = score_candidates(np.stack([best, default]), member_probs[:, held], y[held], objective)["score"]
+        gains.append(float(pair[0] - pair[1]))
+    return {"gain": float(np.mean(gains)) if gains else 0.0, "fold_gains": gains, "folds": len(gains)}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .train import SCORE, TrainConfig, train_member
 
@@ -114,12 +116,16 @@ def fit_concurrently(trainers: dict):
     return results
 
 
-def best_checkpoint_dir(result) -> Path:
-    """The best checkpoint by val macro-F1 of a finished run, as a local folder."""
+@contextmanager
+def best_checkpoint_dir(result) -> Iterator[tuple[Path, str]]:
+    """The best checkpoint by val macro-F1 of a finished run: (a local folder, its storage path).
+    On local or NFS storage the folder is the checkpoint itself; on remote storage (s3://...)
+    a temporary download that is removed on exit."""
     ckpt = result.get_best_checkpoint(metric=SCORE, mode="max")
     if ckpt is None:
         raise RuntimeError(f"run {result.path} reported no checkpoint")
-    return Path(ckpt.to_directory())
+    with ckpt.as_directory() as folder:
+        yield Path(folder), ckpt.path
 
 
 def feasible(scaling: Scaling, members: int) -> None:

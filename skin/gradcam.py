@@ -113,14 +113,25 @@ def normalize(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 
 def ensemble_map(member_maps: Mapping[str, torch.Tensor], weights: Mapping[str, float],
-                 size: tuple[int, int]) -> np.ndarray:
-    """Each member's (h, w) map for the ensemble's class, upsampled to size, normalised per member,
-    averaged with the ensemble weights (renormalised over the members given)."""
+                 size: tuple[int, int], work: tuple[int, int] | None = None) -> np.ndarray:
+    """Each member's (h, w) map for the ensemble's class, upsampled to `work` (the members' input
+    size; default `size`), normalised per member, averaged with the ensemble weights
+    (renormalised over the members given), then resized once to `size` (the image)."""
+    work = tuple(work or size)
     total = sum(weights[n] for n in member_maps)
-    acc = torch.zeros(size)
+    acc = torch.zeros(work)
     for name, m in member_maps.items():
-        acc += weights[name] / total * normalize(upsample(m[None], size)[0])
+        acc += weights[name] / total * normalize(upsample(m[None], work)[0])
+    if work != tuple(size):
+        acc = upsample(acc[None], size)[0]
     return acc.clamp(0, 1).numpy()
+
+
+def input_size(members: Mapping[str, "Member"] | Sequence[int]) -> tuple[int, int]:
+    """The work size of the ensemble map: the largest member input size, square (the eval
+    preset resizes the whole image to a square, so this grid covers the whole photograph)."""
+    sizes = [m.data_config.input_size for m in members.values()] if isinstance(members, Mapping) else list(members)
+    return (max(sizes), max(sizes))
 
 
 @lru_cache(maxsize=8)
@@ -138,7 +149,10 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.4, cmap: str =
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within [0, 1], got {alpha}")
     w, h = image.size
-    m = upsample(torch.as_tensor(cam, dtype=torch.float32)[None], (h, w))[0].clamp(0, 1).numpy()
+    m = np.asarray(cam, dtype=np.float32)
+    if m.shape != (h, w):
+        m = upsample(torch.from_numpy(m)[None], (h, w))[0].numpy()
+    m = np.clip(m, 0, 1)
     heat = _colormap_lut(cmap)[np.minimum((m * 256).astype(np.int32), 255)]
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = (1 - alpha) * base + alpha * heat
@@ -191,7 +205,7 @@ def explain_images(bundle, images: Sequence[Image.Image], class_name: str | None
         size = (img.size[1], img.size[0])
         member_maps = {n: o[1][i, k] for n, o in outs.items()}
         r["gradcam_class"] = bundle.classes.name(k)
-        r["ensemble_map"] = ensemble_map(member_maps, weights, size)
+        r["ensemble_map"] = ensemble_map(member_maps, weights, size, input_size(members))
         r["member_maps"] = {n: normalize(upsample(m[None], size)[0]).numpy() for n, m in member_maps.items()}
         r["overlay"] = overlay(img, r["ensemble_map"], alpha)
         results.append(r)

@@ -114,6 +114,9 @@ def test_members_ran_concurrently_and_best_checkpoint_kept(trained):
         spans[m] = (min(h["epoch_start"] for h in hist), max(h["epoch_end"] for h in hist))
         best = max(hist, key=lambda h: h[SCORE])
         assert summary[m]["best_epoch"] == best["epoch"]
+        # the summary points at the stored checkpoint, not at a temporary copy of it
+        run_dir = (trained / "ray_results" / f"t-{m}").resolve()
+        assert Path(summary[m]["checkpoint"]).resolve().parent == run_dir
     latest_start = max(s for s, _ in spans.values())
     earliest_end = min(e for _, e in spans.values())
     assert latest_start < earliest_end, spans  # every member was training at one moment

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from skin.bundle import Bundle
-from skin.calibration import (apply_temperature, fit_temperature, nll, score_candidates,
-                              simplex_grid)
+from skin.calibration import (apply_temperature, fit_temperature, nll, out_of_fold_gain, score_candidates,
+                              simplex_grid, stratified_folds)
 
 
 def _probs(y, accuracy, rng, sharpness=3.0, c=6):
@@ -53,6 +53,26 @@ def test_weight_search_favours_the_good_member(ray_local, tmp_path):
     assert best["score"] == pytest.approx(df["score"].max())
 
 
+def test_out_of_fold_check_tells_a_real_gain_from_noise():
+    """A clearly better member: the nested search beats equal weights on held-out rows. Three
+    equally good members on a small validation set: whatever the search finds on some rows does
+    not carry over to the others."""
+    rng = np.random.default_rng(3)
+    cands = simplex_grid(3, 0.05)
+    equal = np.full(3, 1 / 3)
+    y = rng.integers(0, 6, 600)
+    good = np.stack([_probs(y, 0.95, rng), _probs(y, 0.4, rng), _probs(y, 0.4, rng)])
+    assert out_of_fold_gain(cands, equal, good, y)["gain"] > 0.05
+    y = rng.integers(0, 6, 180)
+    same = np.stack([_probs(y, 0.8, rng) for _ in range(3)])
+    r = out_of_fold_gain(cands, equal, same, y)
+    assert r["folds"] == 5 and r["gain"] <= 0.0, r
+    folds = stratified_folds(y, 5)
+    for c in range(6):  # every class spread evenly over the folds
+        counts = np.bincount(folds[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+
+
 def test_weights_job_writes_a_new_bundle_that_serves(ray_local, trained, tmp_path):
     import jobs.tune as job
     from skin.ensemble import Predictor
@@ -65,6 +85,9 @@ def test_weights_job_writes_a_new_bundle_that_serves(ray_local, trained, tmp_pat
     assert new.provenance["weight_search"]["candidates"] >= 250
     assert all(m.temperature > 0 for m in new.members)
     assert abs(sum(new.weights) - 1) < 1e-6
+    check = new.provenance["weight_search"]
+    assert 1 <= check["out_of_fold_gain"]["folds"] <= 5  # tiny val set: folds without rows are skipped
+    assert tuple(new.weights) == pytest.approx(tuple(check["searched_weights"]) if check["accepted"] else src.weights)
     assert Bundle.load(trained / "bundle").id == src.id  # source untouched
     r = Predictor(new).predict([make_sample(1, 0, 0, 64).image])[0]
     assert abs(sum(r["probabilities"].values()) - 1) < 1e-6
