@@ -276,6 +276,7 @@ def configure_device(device: torch.device, amp: str = "auto") -> bool:
 
 def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> dict:
     """Train one member; returns the last epoch's metrics."""
+    run_start = time.time()  # this worker's run began (before the model, data and first epoch)
     cfg.validate()
     threads = cfg.threads or max(1, int(round(runtime.cpus)))
     torch.set_num_threads(threads)  # Ray sets 1 thread in fractional-CPU workers
@@ -347,7 +348,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
         metrics = {"epoch": epoch + 1, "member": spec.name, "train_loss": loss_sum / max(seen, 1),
                    **val, "skipped_images": skipped, "epoch_start": t0, "epoch_end": time.time(),
                    "epoch_s": time.time() - t0, "train_images_per_s": seen / max(train_s, 1e-9),
-                   "lr": opt.param_groups[1]["lr"], "frozen_backbone": frozen, **resumed}
+                   "lr": opt.param_groups[1]["lr"], "frozen_backbone": frozen, "run_start": run_start, **resumed}
         log(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
             f"val_loss {val['val_loss']:.4f} val_acc {val['val_accuracy']:.4f} "
             f"val_f1 {val[SCORE]:.4f} ({metrics['epoch_s']:.1f}s, {metrics['train_images_per_s']:.0f} img/s"
