@@ -6,9 +6,10 @@
 Each member deployment loads its member from the bundle and answers, for a batch of prepared
 inputs (`@serve.batch`), temperature-scaled probabilities plus every class's Grad-CAM map at
 feature resolution (one forward pass: skin.gradcam). The ensemble deployment is the FastAPI
-ingress: it validates and decodes the upload once (skin.images), applies each member's eval
-preset, fans out to the members concurrently through DeploymentHandles, averages with the
-bundle's weights, builds the ensemble Grad-CAM and overlay, and answers.
+ingress: it validates and decodes the upload once (skin.images), applies the resize half of each
+member's eval preset (uint8; the member normalises), fans out to the members concurrently through
+DeploymentHandles, averages with the bundle's weights, builds the ensemble Grad-CAM and overlay,
+and answers.
 
 HTTP API (OpenAPI at /docs): POST /v1/predict, GET /v1/info, GET /healthz.
 """
@@ -19,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -43,7 +44,11 @@ class MemberOptions(BaseModel):
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: the CPU share, at least 1); "
                                    "more than the share trades throughput under load for latency when idle")
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="wait this long for a batch to fill; 0 takes "
+                                        "what is queued (under load, requests queue while a batch runs)")
+    amp: Literal["off", "auto", "bf16"] = Field("off", description="backbone precision: off = fp32; auto = bf16 on a "
+                                                "GPU; bf16 = also on a CPU with native bf16 (else fp32, logged). "
+                                                "`skin predict --amp` gives the same answers in-process")
     fault_drill: bool = Field(False, description="this member fails every call (to rehearse alerts/degraded mode)")
 
 
@@ -70,16 +75,23 @@ class MemberModel:
     """One ensemble member: probabilities + all-class Grad-CAM maps for a batch of inputs."""
 
     def __init__(self, bundle_dir: str, name: str, num_cpus: float = DEFAULT_MEMBER_CPUS,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, threads: Optional[int] = None) -> None:
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0, threads: Optional[int] = None,
+                 amp: str = "off") -> None:
         import torch
         from skin.bundle import Bundle
+        from skin.device import configure_device
+        from skin.gradcam import Explainer
+        from skin.presets import eval_pixels
         torch.set_num_threads(threads or max(1, int(round(num_cpus))))  # Ray sets 1 thread for fractional CPUs
         self.torch = torch
         bundle = Bundle.load(bundle_dir)
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.member = bundle.load_member(name).to(self.device)
-        self.temperature = bundle.entry(name).temperature
+        self.pixels = eval_pixels(self.member.data_config)  # the ingress sends the resized uint8 image
+        if amp == "bf16" and not configure_device(self.device, amp):
+            logger.warning("member %s: amp=bf16 asked for, but this CPU has no native bf16: running fp32", name)
+        self.explainer = Explainer({name: self.member}, {name: bundle.entry(name).temperature}, amp)
         self.fault_drill = False
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -88,15 +100,12 @@ class MemberModel:
         self.fault_drill = bool((config or {}).get("fault_drill", False))
 
     def _run(self, batch: np.ndarray):
-        from skin.gradcam import GradCAM
         t0 = time.perf_counter()
-        x = self.torch.from_numpy(batch).to(self.device)
-        with GradCAM(self.member) as cam:
-            logits, maps = cam(x)
-        probs = self.torch.softmax(logits.float() / self.temperature, -1).cpu().numpy()
-        return probs, maps.cpu().numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
+        x = self.pixels(self.torch.from_numpy(batch).to(self.device))
+        probs, maps = self.explainer.member_outputs(self.name, x)  # the same path as `skin explain`
+        return probs, maps.numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, inputs: List[np.ndarray]) -> List[Dict[str, np.ndarray]]:
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
@@ -259,7 +268,7 @@ class Ensemble:
                       all_classes: bool = Query(False, description="include every class's raw map"),
                       class_name: Optional[str] = Query(None, alias="class", description="explain this class instead")):
         from skin.images import ImageError, load_image
-        from skin.presets import eval_preset
+        from skin.presets import eval_geometry
         t0 = time.perf_counter()
         if class_name is not None and class_name not in self.bundle.classes.names:
             raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
@@ -273,11 +282,12 @@ class Ensemble:
         except ImageError as e:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
-        prepared: Dict[Any, np.ndarray] = {}  # members sharing a data config share one tensor
+        prepared: Dict[Any, np.ndarray] = {}  # members sharing a data config share one array
         inputs = {}
         for name, cfg in self.data_configs.items():
             if cfg not in prepared:
-                prepared[cfg] = await asyncio.to_thread(lambda c=cfg: eval_preset(c)(image).numpy())
+                # the resize half of the member's eval preset; the member normalises (skin.presets)
+                prepared[cfg] = await asyncio.to_thread(lambda c=cfg: eval_geometry(c)(image).numpy())
             inputs[name] = prepared[cfg]
         results, missing = await self._fan_out(inputs)
         t_members = time.perf_counter()
@@ -361,7 +371,8 @@ def build_app(args: AppArgs):
         handles[name] = MemberModel.options(
             name=name, num_replicas=o.replicas, ray_actor_options=opts,
             user_config={"fault_drill": o.fault_drill},
-        ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s, o.threads)
+        ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s, o.threads,
+                                                    o.amp)
     return Ensemble.options(num_replicas=args.ingress_replicas,
                             ray_actor_options={"num_cpus": args.ingress_cpus}).bind(args.model_dump(), handles)
 

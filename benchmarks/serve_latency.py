@@ -12,7 +12,9 @@ loopback HTTP):
     python benchmarks/serve_latency.py [--requests 40] [--config cluster/serve_config.yaml]
 
 The app runs with the member options of --config (the shipped Serve config; its bundle is
-replaced by the random-weight one).
+replaced by the random-weight one). The floor is the issue's: fp32 forwards. When a member is
+served in bf16 (`amp: bf16`), the ratios are also printed against forwards in that precision,
+which isolates the serving overhead from the precision gain.
 """
 from __future__ import annotations
 
@@ -38,14 +40,17 @@ def upload() -> bytes:
     return buf.getvalue()
 
 
-def floor(bundle_dir: str, data: bytes) -> tuple[float, float]:
-    """Median ms of the three forwards at batch 1; images/s of the three forwards at batch 8."""
+def floor(bundle_dir: str, data: bytes, amp: dict[str, str] | None = None) -> tuple[float, float]:
+    """Median ms of the three forwards at batch 1; images/s of the three forwards at batch 8.
+    amp: per-member precision (skin.device's rule) for the served-precision floor; default fp32."""
     from skin.bundle import Bundle
+    from skin.device import autocast, configure_device
     from skin.images import load_image
     from skin.presets import to_batch
     torch.set_num_threads(2)
     b = Bundle.load(bundle_dir)
     members = b.load_members()
+    bf16 = {n: configure_device(torch.device("cpu"), (amp or {}).get(n, "off")) for n in members}
     img = load_image(data)
     x1 = {n: to_batch([img], m.data_config) for n, m in members.items()}
     x8 = {n: x.repeat(8, 1, 1, 1) for n, x in x1.items()}
@@ -53,7 +58,8 @@ def floor(bundle_dir: str, data: bytes) -> tuple[float, float]:
     def run(xs):
         with torch.inference_mode():
             for n, m in members.items():
-                m(xs[n])
+                with autocast(torch.device("cpu"), bf16[n]):
+                    m(xs[n])
     run(x1)
     t1 = []
     for _ in range(15):
@@ -100,14 +106,20 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     bundle = random_bundle(Path(tmp.name, "b"), a.size)
     data = upload()
+    args = AppArgs.model_validate(app_args(a.config, bundle))
+    amp = {n: o.amp for n, o in args.members.items()}
+    mixed = any(v != "off" for v in amp.values())
     # The floor is measured with no Ray process alive, before and after (this machine's speed drifts)
     floor_before = floor(str(bundle), data)
+    same_before = floor(str(bundle), data, amp) if mixed else floor_before
     with local_ray(2):
         url = start_serve()
         t0 = time.perf_counter()
-        args = AppArgs.model_validate(app_args(a.config, bundle))
         serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
         while True:
+            if time.perf_counter() - t0 > 300:
+                raise SystemExit("the app gave no 200 from /v1/predict within 300 s: see the replica logs "
+                                 "under /tmp/ray/session_latest/logs/serve")
             try:
                 if requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
                                  timeout=30).status_code == 200:
@@ -127,10 +139,11 @@ def main() -> None:
         mem = serve_pss_gb(("ray::ServeReplica:skinray", "ray::ProxyActor", "ray::ServeController"))
         serve.shutdown()
     floor_after = floor(str(bundle), data)
+    same_after = floor(str(bundle), data, amp) if mixed else floor_after
     tmp.cleanup()
     floor_ms = (floor_before[0] + floor_after[0]) / 2
     batch8 = (floor_before[1] + floor_after[1]) / 2
-    print("members: " + ", ".join(f"{n} {o.threads or 'auto'} thread(s)/{o.num_cpus} CPU"
+    print("members: " + ", ".join(f"{n} {o.replicas} x {o.threads or 'auto'} thread(s)/{o.num_cpus} CPU, amp {o.amp}"
                                   for n, o in args.members.items()))
     print(f"in-process floor: three forwards {floor_ms:.1f} ms at batch 1 (2 threads); batch-8 {batch8:.1f} images/s "
           f"(mean of before/after the Serve runs: {floor_before[0]:.1f}/{floor_after[0]:.1f} ms, "
@@ -141,6 +154,11 @@ def main() -> None:
     print("server-side medians at concurrency 1: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown.items()))
     print(f"p50 / floor at concurrency 1: {rows[1][0] / floor_ms:.2f} (target <= 1.25, Grad-CAM on)")
     print(f"throughput at 16 / in-process batch 8: {rows[16][2] / batch8:.2f} (target >= 0.8)")
+    if mixed:  # the same ratios against forwards in the precision the app serves: serving overhead alone
+        same_ms, same8 = (same_before[0] + same_after[0]) / 2, (same_before[1] + same_after[1]) / 2
+        print(f"in-process floor at the served precision ({', '.join(f'{n} {v}' for n, v in amp.items() if v != 'off')}): "
+              f"{same_ms:.1f} ms at batch 1; batch-8 {same8:.1f} images/s -> p50 / floor {rows[1][0] / same_ms:.2f}, "
+              f"throughput at 16 / batch 8 {rows[16][2] / same8:.2f}")
     print(f"cold start to first 200: {cold:.1f} s (target <= 20)")
     print(f"memory of the app's processes (PSS): {mem:.2f} GB (target <= 3.6)")
 

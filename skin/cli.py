@@ -115,7 +115,7 @@ def cmd_predict(a) -> int:
     from .bundle import Bundle
     from .ensemble import Predictor
     from .images import ImageLimits, load_image
-    predictor = Predictor(Bundle.load(a.bundle), uncertain_below=a.uncertain_below)
+    predictor = Predictor(Bundle.load(a.bundle), uncertain_below=a.uncertain_below, amp=a.amp)
     failures = 0
     results = []
     for path in a.images:
@@ -196,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", required=True)
     s.add_argument("--json", action="store_true", help="print the HTTP API's JSON shape")
     s.add_argument("--uncertain-below", type=float, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
+    from .gradcam import add_amp_argument, add_explain_parser
+    add_amp_argument(s)
     s.set_defaults(fn=cmd_predict)
 
-    from .gradcam import add_explain_parser
     add_explain_parser(sub)
     return p
 

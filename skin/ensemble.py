@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .bundle import Bundle
+from .device import autocast, configure_device
 from .presets import to_batch
 from .registry import Member
 
@@ -53,9 +54,10 @@ class Predictor:
     """Load a bundle once; answer lists of RGB images."""
 
     def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None,
-                 device: str = "cpu", uncertain_below: float = UNCERTAIN_BELOW) -> None:
+                 device: str = "cpu", uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off") -> None:
         self.bundle = bundle
         self.device = torch.device(device)
+        self.bf16 = configure_device(self.device, amp)  # skin.device's rule; "off" = fp32
         self.members = {n: m.to(self.device).eval() for n, m in (members or bundle.load_members()).items()}
         self.weights = {n: bundle.weight_of(n) for n in self.members}
         self.uncertain_below = uncertain_below
@@ -65,7 +67,10 @@ class Predictor:
         out = {}
         for name, m in self.members.items():
             x = to_batch(images, m.data_config).to(self.device)
-            out[name] = softmax(m(x), self.bundle.entry(name).temperature).cpu().numpy()
+            with autocast(self.device, self.bf16):  # the backbone; the head in fp32, as skin.gradcam runs it
+                feats = m.forward_features(x)
+            logits = m.forward_head(m.pool(feats.float()))
+            out[name] = softmax(logits, self.bundle.entry(name).temperature).cpu().numpy()
         return out
 
     def predict(self, images: list[Image.Image]) -> list[dict]:

@@ -149,13 +149,23 @@ def train_preset(cfg: DataConfig, strength: str = "standard") -> TrainPreset:
 
 def eval_preset(cfg: DataConfig) -> T.Compose:
     """Resize the whole image to input_size x input_size (no crop: a lesion near the border must
-    stay in view, and a CAM over the full frame maps back onto the original photograph)."""
+    stay in view, and a CAM over the full frame maps back onto the original photograph).
+    It is `eval_geometry` (uint8 out) then `eval_pixels`; the server runs the first half where it
+    decodes the upload and ships uint8 to the members, a quarter of the bytes."""
+    return T.Compose([eval_geometry(cfg), eval_pixels(cfg)])
+
+
+def eval_geometry(cfg: DataConfig) -> T.Compose:
+    """PIL image -> uint8 (3, S, S): the resize half of the eval preset."""
     return T.Compose([
         T.ToImage(),
         T.Resize((cfg.input_size, cfg.input_size), interpolation=_interp(cfg), antialias=True),
-        T.ToDtype(torch.float32, scale=True),
-        _normalize(cfg),
     ])
+
+
+def eval_pixels(cfg: DataConfig) -> T.Compose:
+    """uint8 (..., 3, S, S) -> normalised float32: the per-pixel half of the eval preset."""
+    return T.Compose([T.ToDtype(torch.float32, scale=True), _normalize(cfg)])
 
 
 def to_batch(images: list[Image.Image], cfg: DataConfig) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .checkpoint import atomic_write_json, load_tensors, save_member, save_tenso
 from .classes import ClassMap
 from .data import DatasetError, load_classes, load_manifest, training_split
 from .metrics import compute_metrics
+from .device import check_amp, configure_device
 from .presets import eval_preset, train_preset
 from .registry import OUTPUT_STRIDES, Member, create_model, get_spec
 
@@ -74,8 +75,7 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be less than epochs ({self.epochs})")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        check_amp(self.amp)
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
 
@@ -251,27 +251,6 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Modul
     loss.backward()
     opt.step()
     return loss.detach()
-
-
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: the CPUs on which bf16 convolutions beat fp32 (Linux flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def configure_device(device: torch.device, amp: str = "auto") -> bool:
-    """Per-device settings of the loop; returns whether bf16 autocast is used: always on a GPU
-    unless amp="off"; on a CPU only when asked (amp="bf16") and the CPU has native bf16, since
-    elsewhere bf16 convolutions are several times slower than fp32."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return amp != "off"
-    return amp == "bf16" and cpu_has_native_bf16()
 
 
 def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> dict:

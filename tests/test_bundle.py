@@ -117,3 +117,28 @@ def test_output_stride_travels_with_the_bundle(tmp_path):
     del data["members"][0]["output_stride"]  # an older bundle
     (b.root / "bundle.json").write_text(json.dumps(data))
     assert Bundle.load(b.root, verify=False).members[0].output_stride == 32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_bf16_predict_and_explain_agree(random_bundle, monkeypatch, native):
+    """`skin predict --amp bf16` and the server's member path (Explainer, as `amp: bf16` runs it)
+    give the same probabilities; bf16 only where the CPU has it natively, fp32 otherwise; the maps
+    stay fp32."""
+    import torch
+    import skin.device
+    from skin.gradcam import Explainer
+    from skin.presets import to_batch
+    monkeypatch.setattr(skin.device, "cpu_has_native_bf16", lambda: native)
+    b = Bundle.load(random_bundle)
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
+    fp32 = Predictor(b).member_probs(imgs)
+    bf16 = Predictor(b, amp="bf16").member_probs(imgs)
+    members = b.load_members()
+    ex = Explainer(members, {e.name: e.temperature for e in b.members}, amp="bf16")
+    for n, m in members.items():
+        probs, maps = ex.member_outputs(n, to_batch(imgs, m.data_config))
+        assert maps.dtype == torch.float32
+        assert np.allclose(probs, bf16[n], atol=1e-5)
+        assert np.allclose(bf16[n], fp32[n], atol=0.05)
+    # (a random EfficientNet-B1's features are ~1e-5, too small for bf16 to move its probabilities)
+    assert any(not np.array_equal(bf16[n], fp32[n]) for n in members) is native

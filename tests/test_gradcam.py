@@ -1,4 +1,5 @@
 import gc
+import io
 
 import numpy as np
 import pytest
@@ -133,3 +134,24 @@ def test_maps_have_the_image_size_and_overlay():
     want = (matplotlib.colormaps["jet"](cam)[..., :3] * 255 + 0.5).astype(np.uint8)
     got = np.asarray(overlay(img, cam, alpha=1.0)).astype(int)
     assert np.abs(got - want).max() <= 1  # float32 blending vs float64: rounding at .5 only
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_png_bytes_round_trip_exactly(mode):
+    rng = np.random.default_rng(0)
+    shape = (37, 53, 3) if mode == "RGB" else (37, 53)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    back = Image.open(io.BytesIO(png_bytes(img)))
+    assert back.format == "PNG" and back.mode == mode and back.size == (53, 37)
+    assert np.array_equal(np.asarray(back), np.asarray(img))
+
+
+def test_overlay_blends_like_float_arithmetic():
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), "RGB")
+    cam = rng.random((40, 60)).astype(np.float32)
+    import matplotlib
+    heat = matplotlib.colormaps["jet"](np.minimum((cam * 256).astype(int), 255))[..., :3] * 255  # int: table index
+    want = 0.6 * np.asarray(img, np.float64) + 0.4 * heat
+    got = np.asarray(overlay(img, cam, alpha=0.4)).astype(float)
+    assert np.abs(got - want).max() <= 1.0

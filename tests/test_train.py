@@ -43,8 +43,9 @@ def test_output_stride_is_trained_and_saved(scanned, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_cpu_only_where_the_cpu_has_it(scanned, tmp_path, monkeypatch, native):
     import torch
+    import skin.device
     import skin.train as st
-    monkeypatch.setattr(st, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(skin.device, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert st.configure_device(cpu, "auto") is False and st.configure_device(cpu, "off") is False
     assert st.configure_device(cpu, "bf16") is native
