@@ -109,7 +109,12 @@ class MemberModel:
     async def predict(self, inputs: List[np.ndarray]) -> List[Dict[str, np.ndarray]]:
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
-        probs, maps, ms = await asyncio.to_thread(self._run, np.stack(inputs))
+        # Computed on this replica's user-code event loop, not in a worker thread: Serve forms the next
+        # batch as soon as this one *starts*, so with the loop free every queued request became a batch
+        # of one (measured: batch 1 at 16 concurrent requests). Holding the loop until the batch is done
+        # makes the next batch everything that arrived meanwhile (6-8 under load; no added wait when idle).
+        # Serve's own loop (health checks, routing) runs in another thread and stays responsive.
+        probs, maps, ms = self._run(np.stack(inputs))
         return [{"probs": probs[i], "maps": maps[i], "compute_ms": ms, "batch": len(inputs)}
                 for i in range(len(inputs))]
 
