@@ -152,6 +152,11 @@ def main() -> None:
     for c, (p50, p99, thr, err) in rows.items():
         print(f"{c:>11}{p50:>9.1f}{p99:>9.1f}{thr:>10.2f}{err:>8}")
     print("server-side medians at concurrency 1: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown.items()))
+    slowest = max(v for k, v in breakdown.items() if k.endswith("_compute"))
+    print(f"where the p50 goes at concurrency 1: slowest member's compute {slowest:.1f} ms, fan-out round trip beyond "
+          f"it {breakdown['members'] - slowest:.1f} ms, decode + Grad-CAM + response "
+          f"{breakdown['decode'] + breakdown['gradcam_and_response']:.1f} ms, outside the ingress (client, HTTP, "
+          f"proxy) {rows[1][0] - breakdown['total']:.1f} ms")
     print(f"p50 / floor at concurrency 1: {rows[1][0] / floor_ms:.2f} (target <= 1.25, Grad-CAM on)")
     print(f"throughput at 16 / in-process batch 8: {rows[16][2] / batch8:.2f} (target >= 0.8)")
     if mixed:  # the same ratios against forwards in the precision the app serves: serving overhead alone
