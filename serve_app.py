@@ -37,8 +37,24 @@ DEFAULT_MEMBER_CPUS = 0.5  # Serve replicas default to 1 CPU: three of them neve
 
 
 # --------------------------------------------------------------------------- typed builder args
+class Autoscaling(BaseModel):
+    """Serve's autoscaling of one member's replicas (its `autoscaling_config`)."""
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0, description="requests per replica Serve aims for; a batch "
+                                           "is up to max_batch_size, so half a batch keeps replicas busy")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    def model_post_init(self, _context) -> None:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})")
+
+
 class MemberOptions(BaseModel):
-    replicas: int = Field(1, ge=1, description="replicas of this member")
+    replicas: int = Field(1, ge=1, description="replicas of this member (fixed; see autoscaling)")
+    autoscaling: Optional[Autoscaling] = Field(None, description="let Serve scale this member's replicas with load "
+                                               "(replaces `replicas`)")
     num_cpus: float = Field(DEFAULT_MEMBER_CPUS, gt=0, description="CPUs per replica (torch threads follow)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractional lets members share a GPU")
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: the CPU share, at least 1); "
@@ -373,8 +389,10 @@ def build_app(args: AppArgs):
         opts: Dict[str, Any] = {"num_cpus": o.num_cpus}
         if o.num_gpus:
             opts["num_gpus"] = o.num_gpus
+        scale: Dict[str, Any] = ({"autoscaling_config": o.autoscaling.model_dump()} if o.autoscaling
+                                 else {"num_replicas": o.replicas})
         handles[name] = MemberModel.options(
-            name=name, num_replicas=o.replicas, ray_actor_options=opts,
+            name=name, ray_actor_options=opts, **scale,
             user_config={"fault_drill": o.fault_drill},
         ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s, o.threads,
                                                     o.amp)

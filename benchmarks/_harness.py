@@ -13,7 +13,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # serve_app and jobs live at the repository root
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray on 127.0.0.1
+# a private local Ray: Ray turns its token auth on by itself (token in ~/.ray/auth_token unless RAY_AUTH_TOKEN_PATH)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 

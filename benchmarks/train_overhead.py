@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(Path(tmp, "s"), a.per_class, 128, seed=0, progress=False)
         data = Path(tmp, "d")

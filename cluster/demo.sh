@@ -15,7 +15,9 @@ DIR=$(cd "$DIR" && pwd)
 STATE=$DIR/state
 export PATH="$ROOT/.venv/bin:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # local demo on 127.0.0.1 only
+# Ray's token auth stays on: local.sh generates the token into $STATE/ray_token; every client
+# below (ray job submit, serve deploy/shutdown) passes it.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/ray_token
 DASH=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
 API_PORT=${SKINRAY_API_PORT:-8000}
 UI_PORT=${SKINRAY_UI_PORT:-8501}

@@ -32,6 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
+    p.add_argument("--dry-run", action="store_true", help="print the resource plan of the scorer actors and exit "
+                   "(0 when each fits a node or a node type the autoscaler can start, 2 when not)")
+    p.add_argument("--node-types", metavar="FILE", help="autoscaling node types (`ray up` YAML or KubeRay manifest); "
+                   "default: what the cluster's autoscaler reports")
+    p.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset (a job submitted to a "
                    "cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to join a running local cluster)")
     return p.parse_args(argv)
@@ -50,8 +55,14 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(a.bundle).resolve().parent / f"eval-{a.split}"
 
     import ray
-    from skin.distributed import init_ray
+    from skin.distributed import init_ray, plan_or_exit
+    from skin.plan import Group
     init_ray(a.num_cpus)
+    try:
+        plan_or_exit("evaluate.py", [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)],
+                     a.node_types, a.dry_run, a.scale_timeout)
+    except SystemExit as e:
+        return int(e.code or 0)
     t0 = time.time()
     ds = ray.data.from_pandas(df[["path", "label_index"]])
     scored = ds.map_batches(

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
     p.add_argument("--freeze-epochs", type=int, help="train only the head for the first N epochs")
     p.add_argument("--workers", type=int, help="Ray Train workers per member (DDP when > 1; default 1)")
-    p.add_argument("--cpus-per-worker", type=float, help="default: the cluster's free CPUs shared among all workers")
+    p.add_argument("--cpus-per-worker", type=float, help="default: the largest share of the free CPUs (of the nodes that "
+                   "have the GPUs asked for) with which every worker of every member starts at once")
     p.add_argument("--gpus-per-worker", type=float, help="fractional allowed, e.g. 0.33 so three members share one GPU")
     p.add_argument("--max-failures", type=int, help="worker failures tolerated per member (default 2)")
     p.add_argument("--storage-path", help="Ray Train storage: a local folder (default OUT/ray_results) or "
@@ -63,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset (a job submitted to a "
                    "cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to join a running local cluster)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the resource plan for the connected cluster and exit: "
+                   "0 when every worker fits a node (or a node type the autoscaler can start), 2 when not")
+    p.add_argument("--node-types", metavar="FILE", help="the cluster's autoscaling node types: a `ray up` YAML or a "
+                   "KubeRay manifest. Workers that do not fit the nodes running now are placed on node types the "
+                   "autoscaler can start, and those nodes are requested (ray.autoscaler.sdk.request_resources)")
+    p.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes (default 900)")
     return p.parse_args(argv)
 
 
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
     cfg = resolve(a)
     data_dir, out = str(Path(a.data).resolve()), Path(a.out).resolve()
     try:
-        check_data(data_dir)
+        if not a.dry_run:  # a dry run plans resources only: its --data may live on the cluster's storage
+            check_data(data_dir)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
@@ -137,24 +145,35 @@ def main(argv=None) -> int:
         print(f"train.py: {len(weights)} weights for {len(members)} members", file=sys.stderr)
         return 2
     configs = {}
-    for m in members:
-        tc = TrainConfig.from_dict({**cfg["train"], **(cfg["per_member"].get(m) or {}), "backbone": m,
-                                    "data_dir": data_dir})
-        tc.validate()
-        configs[m] = tc
-
-    import ray
-    from skin.distributed import Scaling, best_checkpoint_dir, feasible, fit_concurrently, init_ray, make_trainer
-    init_ray(a.num_cpus)
-    # Share the CPUs that are free now (a Serve app may hold some), so every member can start at once.
-    free_cpus = ray.available_resources().get("CPU", 0) or ray.cluster_resources().get("CPU", 1)
-    cpus = cfg["cpus_per_worker"] or max(0.1, int(10 * free_cpus / (len(members) * cfg["workers"])) / 10)
-    scaling = Scaling(cfg["workers"], cpus, float(cfg["gpus_per_worker"] or 0))
     try:
-        feasible(scaling, len(members))
-    except ValueError as e:
+        for m in members:
+            tc = TrainConfig.from_dict({**cfg["train"], **(cfg["per_member"].get(m) or {}), "backbone": m,
+                                        "data_dir": data_dir})
+            tc.validate()
+            configs[m] = tc
+    except (ValueError, TypeError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
+
+    from skin.distributed import Scaling, init_ray, plan_or_exit, release_nodes
+    from skin.plan import Group
+    init_ray(a.num_cpus)
+    gpus = float(cfg["gpus_per_worker"] or 0)
+    try:
+        plan = plan_or_exit("train.py", [Group(m, cfg["workers"], cfg["cpus_per_worker"], gpus) for m in members],
+                            a.node_types, a.dry_run, a.scale_timeout)
+    except SystemExit as e:
+        return int(e.code or 0)
+    scaling = Scaling(cfg["workers"], plan.groups[0].cpus, gpus)
+    try:
+        return _train(a, cfg, members, weights, configs, scaling, data_dir, out)
+    finally:
+        if plan.new_nodes:
+            release_nodes()
+
+
+def _train(a, cfg, members, weights, configs, scaling, data_dir, out) -> int:
+    from skin.distributed import best_checkpoint_dir, fit_concurrently, make_trainer
     storage = cfg["storage_path"] or str(out / "ray_results")
     classes = load_classes(data_dir)
     try:

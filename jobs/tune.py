@@ -169,9 +169,16 @@ def dropout_trial(config: dict) -> None:
 def cmd_dropout(a) -> int:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from skin.distributed import plan_or_exit
+    from skin.plan import Group
     out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     init_ray(a.num_cpus)
+    try:  # each concurrent trial is one Train worker
+        plan_or_exit("tune.py", [Group("trial", a.concurrent, a.cpus_per_trial, 0.0)], a.node_types, a.dry_run,
+                     a.scale_timeout)
+    except SystemExit as e:
+        return int(e.code or 0)
+    out.mkdir(parents=True, exist_ok=True)
     base = {"epochs": a.epochs, "image_size": a.image_size, "pretrained": a.pretrained, "batch_size": a.batch_size,
             "per_image_norm": a.per_image_norm, "augment": a.augment, "data_dir": str(Path(a.data).resolve())}
     if a.smoke:
@@ -265,6 +272,9 @@ def main(argv=None) -> int:
     d.add_argument("--augment", default="standard", choices=["standard", "light"])
     d.add_argument("--smoke", action="store_true", help="tiny images, 4 short epochs, random init")
     d.add_argument("--num-cpus", type=int)
+    d.add_argument("--dry-run", action="store_true", help="print the resource plan of the concurrent trials and exit")
+    d.add_argument("--node-types", metavar="FILE", help="autoscaling node types (`ray up` YAML or KubeRay manifest)")
+    d.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes")
     d.set_defaults(fn=cmd_dropout)
     a = p.parse_args(argv)
     return a.fn(a)

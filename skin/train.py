@@ -89,9 +89,12 @@ class Runtime(Protocol):
     rank: int
     device: torch.device
     cpus: float
+    node: str  # where this worker runs (logged, so a multi-node run shows its placement)
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
     def prepare_loader(self, loader: DataLoader) -> DataLoader: ...
+    def sync_buffers(self, model: nn.Module) -> None: ...
+    def gather(self, obj: object) -> list: ...
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
     def latest_checkpoint(self) -> str | None: ...
 
@@ -105,6 +108,7 @@ class LocalRuntime:
     cpus: float = float(os.cpu_count() or 1)
     world_size: int = 1
     rank: int = 0
+    node: str = "local"
     history: list = field(default_factory=list)
 
     def prepare_model(self, model):
@@ -112,6 +116,12 @@ class LocalRuntime:
 
     def prepare_loader(self, loader):
         return loader
+
+    def sync_buffers(self, model):
+        pass
+
+    def gather(self, obj):
+        return [obj]
 
     def report(self, metrics, checkpoint_dir):
         import shutil
@@ -186,6 +196,11 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
     # sends uint8); on a CPU the whole preset stays in the loader, beside the training process.
     on_device = runtime.device.type == "cuda"
     train_ds = ManifestDataset(train_df, preset.sample if on_device else preset, data_dir, tr_split, side)
+    # Validation is split by rank into contiguous blocks without padding (Ray's prepare_data_loader
+    # would pad the last shard with repeated rows) and concatenated back in `validate`: every val
+    # row scored exactly once, in manifest order (unreadable rows dropped, as in one process).
+    block = np.array_split(np.arange(len(val_df)), runtime.world_size)[runtime.rank]
+    val_df = val_df.iloc[block]
     val_ds = ManifestDataset(val_df, eval_preset(member.data_config), data_dir, "val", side)
     # Worker processes only pay off beside a GPU or with CPUs to spare; a GPU eats far more images.
     cap = 8 if runtime.device.type == "cuda" else 4
@@ -196,13 +211,14 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
     train = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
                        generator=g, **common)
     val = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **common)
-    return runtime.prepare_loader(train), runtime.prepare_loader(val), train_ds.cached, (preset.batch if on_device else None)
+    return runtime.prepare_loader(train), val, train_ds.cached, (preset.batch if on_device else None)
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader, device, classes: ClassMap, amp: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+def score_loader(model: nn.Module, loader, device, amp: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities, labels and summed cross-entropy of every readable row of `loader`."""
     model.eval()
-    probs, ys, loss_sum, n = [], [], 0.0, 0
+    probs, ys, loss_sum = [], [], 0.0
     for x, y, _ in loader:
         if x is None:
             continue
@@ -211,13 +227,34 @@ def evaluate_loader(model: nn.Module, loader, device, classes: ClassMap, amp: bo
             logits = model(x)
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        n += len(y)
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         ys.append(y.cpu().numpy())
-    p, y = np.concatenate(probs), np.concatenate(ys)
-    m = compute_metrics(y, p, classes)
-    return {"val_loss": loss_sum / max(n, 1), "val_accuracy": m["accuracy"],
-            "val_balanced_accuracy": m["balanced_accuracy"], SCORE: m["f1_macro"]}, p, y
+    n = len(probs[0][0]) if probs else 0
+    return (np.concatenate(probs) if probs else np.zeros((0, n), np.float32),
+            np.concatenate(ys) if ys else np.zeros(0, np.int64), loss_sum)
+
+
+def val_metrics(probs: np.ndarray, labels: np.ndarray, loss_sum: float, classes: ClassMap) -> dict:
+    m = compute_metrics(labels, probs, classes)
+    return {"val_loss": loss_sum / max(len(labels), 1), "val_accuracy": m["accuracy"],
+            "val_balanced_accuracy": m["balanced_accuracy"], SCORE: m["f1_macro"]}
+
+
+def evaluate_loader(model: nn.Module, loader, device, classes: ClassMap, amp: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One process: metrics, probabilities and labels of a whole loader."""
+    p, y, loss = score_loader(model, loader, device, amp)
+    return val_metrics(p, y, loss, classes), p, y
+
+
+def validate(member: Member, loader, runtime: Runtime, classes: ClassMap, amp: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Every rank scores its block of val rows with rank 0's weights and buffers, and the blocks
+    are concatenated in rank order: the metrics and probabilities of the whole val split, equal
+    to one process evaluating rank 0's checkpoint."""
+    runtime.sync_buffers(member)  # BN running stats drift per rank in the last step; rank 0's are saved
+    parts = runtime.gather(score_loader(member, loader, runtime.device, amp))
+    probs = np.concatenate([p for p, _, _ in parts if len(p)] or [parts[0][0]])
+    labels = np.concatenate([y for _, y, _ in parts])
+    return val_metrics(probs, labels, sum(loss for _, _, loss in parts), classes), probs, labels
 
 
 def _maybe_kill(cfg: TrainConfig, epoch: int, log: Callable[[str], None]) -> None:
@@ -295,6 +332,8 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
         resumed = {"resumed_from_epoch": start_epoch, "resumed_weights_digest": state_digest(member.state_dict())}
         log(f"[{spec.name}] resumed from epoch {start_epoch} ({ckpt})")
 
+    if runtime.world_size > 1:
+        log(f"[{spec.name}] rank {runtime.rank}/{runtime.world_size} on node {runtime.node}")
     log(f"[{spec.name}] {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
         f"{member.data_config.input_size}px, {threads} threads, device {device}{', bf16' if amp else ''}, "
         f"cache {'on' if cached else 'off'}")
@@ -323,7 +362,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
             step += 1
         loss_sum = loss_sum.item()  # the one host sync of the training phase
         train_s = time.time() - t0
-        val, probs, ys = evaluate_loader(model, val_loader, device, classes, amp)
+        val, probs, ys = validate(member, val_loader, runtime, classes, amp)
         metrics = {"epoch": epoch + 1, "member": spec.name, "train_loss": loss_sum / max(seen, 1),
                    **val, "skipped_images": skipped, "epoch_start": t0, "epoch_end": time.time(),
                    "epoch_s": time.time() - t0, "train_images_per_s": seen / max(train_s, 1e-9),

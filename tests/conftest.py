@@ -5,8 +5,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests only; real clusters keep token auth
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Ray's token auth stays on in the tests too: one token for the session, in a file of its own.
+os.environ["RAY_AUTH_MODE"] = "token"
+if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    import secrets
+    import tempfile
+    _token = os.path.join(tempfile.mkdtemp(prefix="skinray-test-token-"), "ray_token")
+    with open(os.open(_token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = _token
 
 from pathlib import Path  # noqa: E402
 

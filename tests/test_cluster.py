@@ -5,7 +5,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +22,54 @@ def test_cluster_yaml_passes_rays_schema():
     jsonschema.validate(yaml.safe_load((ROOT / "cluster" / "cluster.yaml").read_text()), schema)
 
 
-def test_rayservice_embeds_the_serve_config():
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+# What the RayService's serve config may change from cluster/serve_config.yaml, per member.
+CLUSTER_MEMBER_KEYS = {"num_cpus", "num_gpus", "amp", "threads", "replicas", "autoscaling"}
+
+
+@pytest.mark.parametrize("manifest,crd", [("rayjob-train.yaml", "ray.io_rayjobs.yaml"),
+                                          ("rayservice.yaml", "ray.io_rayservices.yaml")])
+def test_kuberay_manifests_validate_against_the_crds(manifest, crd):
+    import jsonschema
+    if not CRDS.is_dir():
+        pytest.fail(f"{CRDS} is missing: the KubeRay CRD schemas live in ../shared/kuberay-crds")
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / manifest).read_text())
+    crd_doc = yaml.safe_load((CRDS / crd).read_text())
+    schema = next(v for v in crd_doc["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    assert crd_doc["spec"]["names"]["kind"] == doc["kind"] and doc["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(doc, schema)
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig")
+    assert cluster["authOptions"]["mode"] == "token"  # Ray's token auth on, from a Secret
+    bad = json.loads(json.dumps(doc))
+    (bad["spec"].get("rayClusterSpec") or bad["spec"].get("rayClusterConfig"))["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError):  # the schema check has teeth
+        jsonschema.validate(bad, schema)
+
+
+def test_rayservice_is_the_serve_config_with_the_cluster_differences_only():
     service = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
-    serve_config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config
+    local = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    remote = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert remote["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
+    assert {k: v for k, v in remote["http_options"].items() if k != "host"} == \
+        {k: v for k, v in local["http_options"].items() if k != "host"}
+    assert {k: v for k, v in remote.items() if k not in ("http_options", "applications")} == \
+        {k: v for k, v in local.items() if k not in ("http_options", "applications")}
+    (ra,), (la,) = remote["applications"], local["applications"]
+    assert {k: v for k, v in ra.items() if k != "args"} == {k: v for k, v in la.items() if k != "args"}
+    rargs, largs = dict(ra["args"]), dict(la["args"])
+    rmem, lmem = rargs.pop("members"), largs.pop("members")
+    assert rargs == largs  # bundle, limits, degraded mode, ingress: the same application
+    assert set(rmem) == set(lmem)
+    for name in rmem:
+        drift = {k for k in set(rmem[name]) | set(lmem[name]) if rmem[name].get(k) != lmem[name].get(k)}
+        assert drift <= CLUSTER_MEMBER_KEYS, f"{name}: {drift - CLUSTER_MEMBER_KEYS} differ"
+        assert 0 < rmem[name]["num_gpus"] < 1  # members share the GPU pods' GPUs
+    from serve_app import AppArgs
+    AppArgs.model_validate(rargs | {"members": rmem})
+    env = [e["name"] for c in (service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"])
+           for e in c.get("env", [])]
+    assert "SKINRAY_API_KEY" in env  # the proxy is on the pod network: the API key is required
 
 
 def test_serve_config_matches_the_builder():
@@ -48,38 +91,83 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_local_head(state: Path, num_cpus: int = 3) -> tuple[str, dict]:
+    """cluster/local.sh start, as the demo runs it, on free ports; the session's token is the head's."""
+    state.mkdir(parents=True, exist_ok=True)
+    token = state / "ray_token"
+    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], token)
+    dash = _free_port()
+    env = dict(os.environ, RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(dash), RAY_CLIENT_PORT=str(_free_port()),
+               RAY_NUM_CPUS=str(num_cpus), PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "start", str(state)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr + (state / "ray-head.log").read_text()[-3000:]
+    return f"http://127.0.0.1:{dash}", dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+
+
+def _stop_local_head(state: Path, env: dict) -> None:
+    subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "stop", str(state)], env=env, cwd=ROOT,
+                   capture_output=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A real Ray head on 127.0.0.1 with free ports and its own temp dir; stopped by PID."""
-    tmp_path = tmp_path_factory.mktemp("head")
-    gcs, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    log = open(tmp_path / "head.log", "w")
-    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                             "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=3",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    """The local head of cluster/local.sh (token auth on, 127.0.0.1, its own temp dir); stopped by PID."""
+    state = tmp_path_factory.mktemp("head") / "state"
+    url, env = _start_local_head(state)
     try:
-        for _ in range(120):
-            try:
-                if requests.get(url + "/api/version", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, (tmp_path / "head.log").read_text()
-            time.sleep(1)
         yield url, env
     finally:
-        proc.terminate()
+        _stop_local_head(state, env)
+
+
+def test_jobs_api_refuses_a_client_without_the_token(head):
+    url, env = head
+    assert requests.get(url + "/api/jobs/", timeout=10).status_code == 401
+    wrong = requests.get(url + "/api/jobs/", headers={"Authorization": "Bearer " + "0" * 64}, timeout=10)
+    assert wrong.status_code in (401, 403)
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert requests.get(url + "/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    no_token = dict(env, RAY_AUTH_TOKEN_PATH="", HOME=str(Path(env["RAY_AUTH_TOKEN_PATH"]).parent / "home"))
+    r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", url], env=no_token,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+
+
+def test_serve_run_works_after_the_local_head_is_stopped(random_bundle, tmp_path):
+    """The README's `serve run` after `make demo-stop`: the stopped head left nothing in /tmp/ray
+    naming it, so `serve run` starts its own Ray instead of retrying a dead GCS forever."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    before = marker.stat().st_mtime if marker.exists() else None
+    state = tmp_path / "state"
+    url, env = _start_local_head(state, num_cpus=1)
+    _stop_local_head(state, env)
+    assert (marker.stat().st_mtime if marker.exists() else None) == before
+    assert not (state / "ray-temp-dir").exists() and not (state / "ray-head.pid").exists()
+    port = _free_port()
+    cfg = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["bundle"] = str(random_bundle)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    run_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "serve_run.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(tmp_path / "serve.yaml")],
+                            env=run_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, ok = time.time() + 180, False
+        while time.time() < deadline and proc.poll() is None and not ok:
+            try:
+                ok = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                time.sleep(1)
+        assert ok, (tmp_path / "serve_run.log").read_text()[-3000:]
+    finally:
+        import signal
         try:
+            os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _submit(client, entrypoint: str) -> str:
@@ -108,7 +196,7 @@ def _wait(client, job_id, timeout=600):
 def test_submit_train_job_then_deploy_and_predict(head, scanned, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     url, env = head
-    client = JobSubmissionClient(url)
+    client = JobSubmissionClient(url)  # the token comes from RAY_AUTH_TOKEN_PATH, as for `ray job submit`
     out = tmp_path / "train"
     job_id = _submit(client, f"python jobs/train.py --data {scanned} --out {out} --smoke --name cluster")
     status = _wait(client, job_id)

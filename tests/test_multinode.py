@@ -1,0 +1,145 @@
+"""Scale-out on a real multi-node Ray cluster on this machine (tests/simcluster.py): DDP across
+nodes with whole-split validation, a node killed mid-run, and resource plans that fit the node
+shapes of the shipped cluster configs. Each cluster runs in a child process (this session's
+own Ray is already initialised)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from skin.plan import Group, NodeType, PlanError, nodes_from_file, plan_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+
+
+# --------------------------------------------------------------------------- the plan, pure
+def test_the_old_default_that_never_scheduled_now_fits_the_rayjob_pods():
+    """RayJob: 4-CPU head + three 8-CPU/1-GPU pods; 3 members x 1 GPU worker. The old default
+    (free CPUs / workers = 9.3 CPUs + 1 GPU) fit no pod; the plan gives each worker one pod."""
+    nodes = nodes_from_file(CLUSTER / "kuberay" / "rayjob-train.yaml")
+    plan = plan_workers(nodes, [Group(m, 1, None, 1.0) for m in ("a", "b", "c")])
+    assert [g.cpus for g in plan.groups] == [8.0, 8.0, 8.0]
+    assert sorted(w for ws in plan.placement.values() for w in ws) == ["gpu#0", "gpu#1", "gpu#2"]
+    assert not plan.queued and not plan.new_nodes
+    with pytest.raises(PlanError, match=r"asks for 9.3 CPU \+ 1 GPU, more than any node has \(head: 1 x \(4 CPU\); "
+                                        r"gpu: 3 x \(8 CPU \+ 1 GPU\)\)"):
+        plan_workers(nodes, [Group("a", 1, 9.3, 1.0)])
+
+
+def test_cpu_share_lets_every_worker_start_at_once():
+    nodes = [NodeType("head", 0, 0, 1), NodeType("w", 1, 0, 2)]
+    plan = plan_workers(nodes, [Group(m, 1, None, 0.0) for m in "abc"])
+    assert [g.cpus for g in plan.groups] == [0.5, 0.5, 0.5]  # 0.6 each would leave one waiting
+    assert not plan.queued
+    two = plan_workers(nodes, [Group("a", 2, None, 0.0)])
+    assert two.groups[0].cpus == 1.0 and sorted(two.placement["a"]) == ["w#0", "w#1"]
+
+
+def test_autoscaler_node_types_are_places_to_run_not_refusals():
+    nodes = nodes_from_file(CLUSTER / "cluster.yaml")  # gpu_worker: min 0, max 4
+    plan = plan_workers(nodes, [Group(m, 1, None, 1.0) for m in ("a", "b", "c")])
+    assert plan.new_nodes == {"gpu_worker": 3} and not plan.queued
+    assert plan.bundles() == [{"CPU": 4.0, "GPU": 1.0}] * 3
+    with pytest.raises(PlanError, match="more than any node has"):
+        plan_workers(nodes, [Group("a", 1, None, 2.0)])
+
+
+def test_rayservice_members_fit_its_pods():
+    """The RayService's own serve config (members on fractional GPUs) fits its worker pods."""
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    nodes = nodes_from_file(CLUSTER / "kuberay" / "rayservice.yaml")
+    app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    groups = [Group(name, o.get("autoscaling", {}).get("min_replicas", o.get("replicas", 1)),
+                    o["num_cpus"], o.get("num_gpus", 0.0)) for name, o in app["members"].items()]
+    groups.append(Group("ingress", app.get("ingress_replicas", 1), app["ingress_cpus"], 0.0))
+    plan = plan_workers(nodes, groups)
+    assert not plan.queued and not plan.new_nodes, plan.describe()
+    assert all(g.gpus > 0 for g in groups[:-1])  # members on the GPU pods
+
+
+# --------------------------------------------------------------------------- on simulated clusters
+def _sim(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "tests.simcluster", *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def _entrypoint_args(manifest: Path, script: str) -> list[str]:
+    entry = yaml.safe_load(manifest.read_text())["spec"]["entrypoint"]
+    cmd = entry.split("&&")
+    part = next(c for c in cmd if script in c)
+    return part.split(script, 1)[1].replace('"', "").split()
+
+
+def test_rayjob_entrypoint_plan_fits_a_cluster_of_its_shape():
+    """A real cluster of the RayJob's shape (4-CPU head, three 8-CPU nodes declaring 1 GPU each):
+    the manifest's own train.py arguments, --dry-run, exit 0 with 8 CPUs + 1 GPU per worker; a
+    worker too large for any node exits 2 naming the ask and the shapes."""
+    args = _entrypoint_args(CLUSTER / "kuberay" / "rayjob-train.yaml", "jobs/train.py")
+    r = _sim("plan", "--head-cpus", "4", "--node", "8:1", "--node", "8:1", "--node", "8:1", "--", *args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("1 worker(s) x 8 CPU + 1 GPU") == 3, r.stdout
+    bad = _sim("plan", "--head-cpus", "4", "--node", "8:1", "--", *args, "--cpus-per-worker", "12")
+    assert bad.returncode == 2
+    err = bad.stderr.strip().splitlines()[-1]
+    assert "asks for 12 CPU + 1 GPU" in err and "8 CPU + 1 GPU" in err and "Traceback" not in bad.stderr
+
+
+def test_autoscaling_cluster_plan_requests_nodes_on_dry_run():
+    """cluster.yaml starts with no GPU node (min_workers 0): the plan counts the node types the
+    autoscaler can start, instead of refusing."""
+    r = _sim("plan", "--head-cpus", "8", "--", "--data", "/nonexistent", "--out", "/tmp/x", "--gpus-per-worker", "1",
+             "--node-types", str(CLUSTER / "cluster.yaml"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "the autoscaler must start: 3 x gpu_worker (autoscaler)" in r.stdout, r.stdout
+
+
+def test_ddp_across_two_nodes_survives_a_node_and_validates_every_row(scanned, tmp_path):
+    """One member, 2 DDP workers (1 CPU each) on a cluster of a 0-CPU head and three 1-CPU nodes.
+    The node of one worker is killed after the first checkpoint: Train restarts the group on the
+    two nodes left, resumes from the checkpoint and finishes with a bundle. Validation covered
+    every val row once: the best checkpoint's val probabilities and metrics equal one process
+    evaluating that checkpoint."""
+    import torch
+    from torch.utils.data import DataLoader
+    from skin.bundle import Bundle
+    from skin.cache import ManifestDataset, cache_side, skip_none_collate
+    from skin.checkpoint import load_member, load_tensors
+    from skin.data import load_classes, load_manifest
+    from skin.presets import eval_preset
+    from skin.train import evaluate_loader
+
+    out = tmp_path / "train"
+    r = _sim("drill", "--data", str(scanned), "--out", str(out), "--epochs", "5", "--json", str(tmp_path / "r.json"),
+             timeout=600)
+    report = json.loads((tmp_path / "r.json").read_text()) if (tmp_path / "r.json").is_file() else {}
+    assert r.returncode == 0, (report.get("log_tail") or r.stdout[-3000:]) + r.stderr[-2000:]
+    assert report["worker_nodes_before"] == 2 and report["worker_nodes_after"] == 2  # one worker per node
+    assert report["resumed"], report["log_tail"]
+    assert len(report["rank_nodes"][str(0)] + report["rank_nodes"][str(1)]) >= 4  # two groups of two ranks
+    print(f"node killed {report['killed']['at_s']:.1f}s into the run; training resumed "
+          f"{report['kill_to_resumed_s']:.1f}s later")
+    Bundle.load(out / "bundle")
+
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = Path(summary["mobilenetv2"]["checkpoint"])
+    member, meta = load_member(ckpt)
+    stored = load_tensors(ckpt / "val_probs.safetensors")
+    classes = load_classes(scanned)
+    val = load_manifest(scanned, "val", classes)
+    ds = ManifestDataset(val, eval_preset(member.data_config), str(scanned), "val",
+                         cache_side(member.data_config.input_size))
+    torch.set_num_threads(2)
+    metrics, probs, labels = evaluate_loader(member, DataLoader(ds, 32, collate_fn=skip_none_collate),
+                                             torch.device("cpu"), classes, amp=False)
+    assert len(stored["labels"]) == len(val)  # every row once: no shard, no padding
+    np.testing.assert_array_equal(stored["labels"].numpy(), labels)
+    np.testing.assert_allclose(stored["probs"].numpy(), probs, atol=1e-5)
+    for k, v in metrics.items():
+        assert abs(meta["metrics"][k] - v) < 1e-5, k
