@@ -57,6 +57,8 @@ class MemberOptions(BaseModel):
                                                "(replaces `replicas`)")
     num_cpus: float = Field(DEFAULT_MEMBER_CPUS, gt=0, description="CPUs per replica (torch threads follow)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractional lets members share a GPU")
+    resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica, to "
+                                        "place it on nodes that declare them (e.g. {member_node: 0.01})")
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: the CPU share, at least 1); "
                                    "more than the share trades throughput under load for latency when idle")
     max_batch_size: int = Field(8, ge=1)
@@ -73,6 +75,8 @@ class AppArgs(BaseModel):
     members: Dict[str, MemberOptions] = Field(default_factory=dict, description="per-member overrides by name")
     ingress_cpus: float = Field(0.25, gt=0)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the "
+                                                "ingress, to pin it (e.g. to the head: {head: 0.01})")
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(64_000_000, gt=0)
     min_side: int = Field(32, ge=1)
@@ -389,6 +393,8 @@ def build_app(args: AppArgs):
         opts: Dict[str, Any] = {"num_cpus": o.num_cpus}
         if o.num_gpus:
             opts["num_gpus"] = o.num_gpus
+        if o.resources:
+            opts["resources"] = dict(o.resources)
         scale: Dict[str, Any] = ({"autoscaling_config": o.autoscaling.model_dump()} if o.autoscaling
                                  else {"num_replicas": o.replicas})
         handles[name] = MemberModel.options(
@@ -396,8 +402,11 @@ def build_app(args: AppArgs):
             user_config={"fault_drill": o.fault_drill},
         ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s, o.threads,
                                                     o.amp)
+    ingress_opts: Dict[str, Any] = {"num_cpus": args.ingress_cpus}
+    if args.ingress_resources:
+        ingress_opts["resources"] = dict(args.ingress_resources)
     return Ensemble.options(num_replicas=args.ingress_replicas,
-                            ray_actor_options={"num_cpus": args.ingress_cpus}).bind(args.model_dump(), handles)
+                            ray_actor_options=ingress_opts).bind(args.model_dump(), handles)
 
 
 app = build_app  # `serve run serve_app:app bundle=...`

@@ -2,7 +2,9 @@
 
     python benchmarks/serve_multinode.py [--size 64] [--concurrency 8]
 
-The head holds the ingress only (1 CPU, taken by the ingress); two worker nodes hold the members.
+The head holds the ingress (and Serve's controller and proxy); two 2-CPU worker nodes hold the
+members (custom resources `head` / `member_node` pin them: AppArgs `ingress_resources` and each
+member's `resources`).
 ResNet50 (the slowest member) has Serve autoscaling (min 1, max 3, target 2 ongoing requests).
 
 1. Scale: idle p50/p99 at concurrency 1, then load at --concurrency: ResNet50's replicas over
@@ -80,11 +82,16 @@ def replicas(app="skinray") -> dict:
     return {name: sum(d.replica_states.values()) for name, d in st.items()}
 
 
-def node_member_replicas(worker_ids) -> dict:
-    from ray._private.state import available_resources_per_node, total_resources_per_node
-    free, total = available_resources_per_node(), total_resources_per_node()
-    return {nid[:8]: round((total.get(nid, {}).get("CPU", 0) - free.get(nid, {}).get("CPU", 0)) / 0.5)
-            for nid in worker_ids if nid in total}
+def placement() -> dict:
+    """deployment -> {node id prefix: live replicas} (Ray's state API)."""
+    from ray.util.state import list_actors
+    out: dict = {}
+    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        if a.class_name.startswith("ServeReplica:skinray:"):
+            dep = a.class_name.rsplit(":", 1)[1]
+            out.setdefault(dep, {}).setdefault(a.node_id[:8], 0)
+            out[dep][a.node_id[:8]] += 1
+    return out
 
 
 def main(argv=None) -> int:
@@ -93,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--load-s", type=float, default=60, help="seconds of load in the scale phase")
     p.add_argument("--idle-s", type=float, default=90, help="longest wait for the scale-down")
+    p.add_argument("--json", help="also write the figures here")
     a = p.parse_args(argv)
     os.environ.update(token_env())
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
@@ -102,12 +110,14 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="skinray-serve-mn-"))
     bundle = random_bundle(tmp / "bundle", a.size)
     out: dict = {}
-    with simulated_cluster([{"num_cpus": 2}, {"num_cpus": 2}], head_cpus=1) as (cluster, workers):
+    nodes = [{"num_cpus": 2, "resources": {"member_node": 100}}] * 2
+    with simulated_cluster(nodes, head_cpus=1, dashboard=True, head_resources={"head": 1}) as (cluster, workers):
         ray.init(address=cluster.address, log_to_driver=False)
         port = 18000 + os.getpid() % 1000
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        member = {"num_cpus": 0.5, "threads": 1}
-        args = AppArgs(bundle=str(bundle), ingress_cpus=1.0, member_timeout_s=10, members={
+        member = {"num_cpus": 0.5, "threads": 1, "resources": {"member_node": 0.01}}  # members on the worker nodes
+        args = AppArgs(bundle=str(bundle), ingress_cpus=1.0, ingress_resources={"head": 0.01}, member_timeout_s=10,
+                       members={
             "mobilenetv2": member, "efficientnet_b1": member,
             "resnet50": {**member, "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
                                                    "upscale_delay_s": 2, "downscale_delay_s": 10}}})
@@ -121,8 +131,9 @@ def main(argv=None) -> int:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        print(f"app up in {time.time() - t_deploy:.1f}s; replicas {replicas()}; member replicas per worker node "
-              f"{node_member_replicas(workers)}", flush=True)
+        head_id = next(n["NodeID"] for n in ray.nodes() if n["NodeID"] not in workers)
+        print(f"app up in {time.time() - t_deploy:.1f}s; head {head_id[:8]}, workers {[w[:8] for w in workers]}; "
+              f"replicas by node {placement()}", flush=True)
 
         # ---- 1. idle, load, scale-up, idle, scale-down
         idle = [time.time()]
@@ -136,9 +147,9 @@ def main(argv=None) -> int:
         t_load, timeline = time.time(), []
         while time.time() - t_load < a.load_s:
             time.sleep(5)
-            timeline.append((round(time.time() - t_load), replicas()["resnet50"], node_member_replicas(workers)))
-            print(f"  t={timeline[-1][0]:>3}s under load: resnet50 replicas {timeline[-1][1]}, member replicas per "
-                  f"node {timeline[-1][2]}", flush=True)
+            timeline.append((round(time.time() - t_load), replicas()["resnet50"], placement().get("resnet50", {})))
+            print(f"  t={timeline[-1][0]:>3}s under load: resnet50 replicas {timeline[-1][1]} by node {timeline[-1][2]}",
+                  flush=True)
         load.close()
         recs = load.records
         grown = next((t for t, n, _ in timeline if n > 1), None)
@@ -155,8 +166,9 @@ def main(argv=None) -> int:
         print(json.dumps(out, indent=1), flush=True)
 
         # ---- 2. kill the node holding the most member replicas, under load
-        per_node = node_member_replicas(workers)
-        victim = max(workers, key=lambda nid: per_node.get(nid[:8], 0))
+        where = placement()
+        per_node = {nid[:8]: sum(v.get(nid[:8], 0) for d, v in where.items() if d != "Ensemble") for nid in workers}
+        victim = max(workers, key=lambda nid: per_node[nid[:8]])
         load = Load(url, data, a.concurrency, timeout_s=60)
         time.sleep(5)
         t_kill = time.time()
@@ -165,7 +177,7 @@ def main(argv=None) -> int:
         load.close()
         after = sorted((r for r in load.records if r[0] + r[1] > t_kill))
         bad = [(s, d, st) for s, d, st in after if st != 200]
-        first_ok = next((s + d for s, d, st in after if st == 200 and s > t_kill), None)
+        first_ok = next((s for s, d, st in after if st == 200 and s > t_kill), None)
         last_bad_end = max((s + d for s, d, st in bad), default=t_kill)
         # whole again: the start of the first request after which every request answered 200
         whole = next((s for k, (s, d, st) in enumerate(after) if all(x[2] == 200 for x in after[k:])), None)
@@ -175,11 +187,14 @@ def main(argv=None) -> int:
                             "first_200_started_after_kill_s": (first_ok - t_kill) if first_ok else None,
                             "last_failure_ended_after_kill_s": last_bad_end - t_kill,
                             "whole_again_after_kill_s": (whole - t_kill) if whole else None,
-                            "replicas_after": replicas(), "member_replicas_per_node_after": node_member_replicas(workers)}
+                            "replicas_after": replicas(), "replicas_by_node_before": where,
+                            "replicas_by_node_after": placement()}
         print(json.dumps(out["node_loss"], indent=1), flush=True)
         serve.shutdown()
         ray.shutdown()
     (tmp / "serve_multinode.json").write_text(json.dumps(out, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
     print(f"raw: {tmp / 'serve_multinode.json'}")
     return 0
 

@@ -47,13 +47,19 @@ def parse_node(text: str) -> dict:
 
 
 @contextmanager
-def simulated_cluster(nodes: list[dict], head_cpus: int = 0):
+def simulated_cluster(nodes: list[dict], head_cpus: int = 0, dashboard: bool = False,
+                      head_resources: dict | None = None):
     """Start the head and the worker nodes; yields (cluster, {node_id: Node}). The caller's
-    environment must already hold the auth settings (see token_env)."""
+    environment must already hold the auth settings (see token_env). `dashboard`: the head also
+    runs the dashboard (Ray's state API: which node holds which actor) on a free port."""
+    import socket
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": head_cpus,
-                                      "include_dashboard": False})
+    head = {"num_cpus": head_cpus, "include_dashboard": dashboard, "resources": head_resources or {}}
+    if dashboard:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            head |= {"dashboard_host": "127.0.0.1", "dashboard_port": s.getsockname()[1]}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     workers = {}
     try:
         for spec in nodes:

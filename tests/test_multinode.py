@@ -27,6 +27,9 @@ def test_the_old_default_that_never_scheduled_now_fits_the_rayjob_pods():
     assert [g.cpus for g in plan.groups] == [8.0, 8.0, 8.0]
     assert sorted(w for ws in plan.placement.values() for w in ws) == ["gpu#0", "gpu#1", "gpu#2"]
     assert not plan.queued and not plan.new_nodes
+    # the same RayJob's evaluate.py step: one scorer actor, 1 CPU (default) + 1 GPU (--gpus-per-actor 1)
+    assert "--gpus-per-actor" in _entrypoint_args(CLUSTER / "kuberay" / "rayjob-train.yaml", "jobs/evaluate.py")
+    assert plan_workers(nodes, [Group("scorer", 1, 1.0, 1.0)]).placement["scorer"] == ["gpu#0"]
     with pytest.raises(PlanError, match=r"asks for 9.3 CPU \+ 1 GPU, more than any node has \(head: 1 x \(4 CPU\); "
                                         r"gpu: 3 x \(8 CPU \+ 1 GPU\)\)"):
         plan_workers(nodes, [Group("a", 1, 9.3, 1.0)])
@@ -143,3 +146,24 @@ def test_ddp_across_two_nodes_survives_a_node_and_validates_every_row(scanned, t
     np.testing.assert_allclose(stored["probs"].numpy(), probs, atol=1e-5)
     for k, v in metrics.items():
         assert abs(meta["metrics"][k] - v) < 1e-5, k
+
+
+@pytest.mark.slow
+def test_serving_scales_out_and_survives_a_node(tmp_path):
+    """benchmarks/serve_multinode.py, short: ResNet50's replicas grow under load with no request
+    lost and spread over the worker nodes, shrink when idle; the node holding the most member
+    replicas is killed under load: failures are 503s, none hangs past the member timeout, and
+    answers are whole again within 30 s."""
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_multinode.py"), "--load-s", "40",
+                        "--idle-s", "60", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    f = json.loads(out.read_text())
+    assert f["scale"]["errors"] == 0 and f["scale"]["scaled_up_at_s"] is not None, f["scale"]
+    assert max(n for _, n, _ in f["scale"]["timeline"]) >= 2
+    assert f["scale"]["shrunk_after_idle_s"] is not None
+    loss = f["node_loss"]
+    assert set(loss["statuses"]) <= {503}, loss
+    assert loss["slowest_s"] < 10 + 5  # member_timeout_s + the answer's own time
+    assert loss["whole_again_after_kill_s"] is not None and loss["whole_again_after_kill_s"] <= 30, loss
