@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/weight_search.py
 	$(PY) benchmarks/serve_latency.py
 	$(PY) benchmarks/load_faults.py
+	$(PY) benchmarks/multinode.py
+	$(PY) benchmarks/serve_multinode.py
 	@if [ -f $(DEMO_DIR)/train/bundle/bundle.json ]; then \
 	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle --data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth; \
 	else echo "gradcam_faithfulness.py needs the demo bundle: run make demo first"; fi

@@ -204,7 +204,10 @@ def cmd_dropout(a) -> int:
             run_config=tune.RunConfig(name=f"tune-dropout-{member}", storage_path=str(out / "ray_results"), verbose=1))
         grid = tuner.fit()
         best = grid.get_best_result(metric=SCORE, mode="max", scope="all")
-        df = grid.get_dataframe(filter_metric=SCORE, filter_mode="max")
+        df = grid.get_dataframe(filter_metric=SCORE, filter_mode="max")  # each trial's best row
+        # the epochs each trial ran (its last report), not the epoch of its best score: ASHA's stops
+        last = {r.metrics.get("trial_id"): r.metrics.get("epoch") for r in grid if r.metrics}
+        df["epochs_run"] = df["trial_id"].map(last)
         df["member"] = member
         tables.append(df)
         best_configs[member] = {"dropout": [round(best.config[f"dropout_{i}"], 4) for i in range(n_drop)],
@@ -213,7 +216,7 @@ def cmd_dropout(a) -> int:
     import pandas as pd
     table = pd.concat(tables, ignore_index=True)
     keep = [c for c in table.columns if c.startswith(("config/dropout_", "config/lr")) or c in
-            ("member", "trial_id", "epoch", SCORE, "val_loss", "val_accuracy")]
+            ("member", "trial_id", "epoch", "epochs_run", SCORE, "val_loss", "val_accuracy")]
     table[keep].to_csv(out / "results.csv", index=False)
     _plot_dropout(table, out / "results.png")
     (out / "best_config.yaml").write_text(yaml.safe_dump(
@@ -230,7 +233,7 @@ def _plot_dropout(table, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for member, df in table.groupby("member"):
         mean_drop = df[[c for c in df.columns if c.startswith("config/dropout_")]].mean(1)
-        ax.scatter(mean_drop, df[SCORE], label=member, s=30 + 10 * df.get("epoch", 1))
+        ax.scatter(mean_drop, df[SCORE], label=member, s=30 + 10 * df["epochs_run"])
     ax.set_xlabel("mean head dropout")
     ax.set_ylabel("best val macro-F1 (marker size: epochs reached)")
     ax.legend()
