@@ -102,8 +102,7 @@ def resolve(a: argparse.Namespace) -> dict:
             cfg[k] = getattr(a, k)
     unknown = set(cfg["train"]) - set(TrainConfig.__dataclass_fields__)
     if unknown:
-        raise SystemExit(f"train.py: unknown setting(s) {sorted(unknown)}; valid: "
-                         f"{sorted(TrainConfig.__dataclass_fields__)}")
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; valid: {sorted(TrainConfig.__dataclass_fields__)}")
     return cfg
 
 
@@ -131,7 +130,12 @@ def check_resume(storage: str, run: str, classes) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    cfg = resolve(a)
+    try:
+        cfg = resolve(a)
+    except (OSError, yaml.YAMLError, ValueError, AttributeError) as e:
+        print(f"train.py: --config {a.config}: {str(e).splitlines()[0]}" if a.config else f"train.py: {e}",
+              file=sys.stderr)
+        return 2
     data_dir, out = str(Path(a.data).resolve()), Path(a.out).resolve()
     try:
         if not a.dry_run:  # a dry run plans resources only: its --data may live on the cluster's storage

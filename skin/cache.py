@@ -123,7 +123,8 @@ def skip_none_collate(batch):
 def add_cache_parser(data_sub) -> None:
     s = data_sub.add_parser("cache", help="write the resized-image cache training reads (once per manifest)")
     s.add_argument("dir", help="a `skin data scan` output folder")
-    s.add_argument("--image-size", type=int, default=224, help="member input size (cache side = 1.15 x this)")
+    from .cli import at_least
+    s.add_argument("--image-size", type=at_least(16), default=224, help="member input size (cache side = 1.15 x this)")
     s.add_argument("--splits", nargs="+", default=["train_balanced", "train", "val"],
                    help="manifests to cache (missing ones are skipped)")
     s.set_defaults(fn=_cmd_cache)

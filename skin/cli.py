@@ -27,10 +27,31 @@ def _split_arg(text: str) -> tuple[float, float, float]:
     return tuple(p / total for p in parts)  # type: ignore[return-value]
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def at_least(low: int):
+    """argparse type: an integer >= low, with a message that says so."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if low != 1 else
+                                             f"must be a positive integer, got {text}")
+        return v
+    return parse
+
+
+_positive = at_least(1)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return v
 
 
@@ -144,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="synthesise, scan, balance datasets").add_subparsers(dest="data_cmd", required=True)
     s = data.add_parser("synth", help="write the built-in synthetic lesion dataset (layout a + masks)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--per-class", type=_positive, default=200, help="images per class, all splits (default 200)")
-    s.add_argument("--size", type=_positive, default=256, help="image side in pixels (default 256)")
+    s.add_argument("--per-class", type=at_least(3), default=200, help="images per class, all splits (default 200; "
+                   "at least 3: one image per split)")
+    s.add_argument("--size", type=at_least(32), default=256, help="image side in pixels (default 256; at least 32)")
     s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same pixels")
     s.add_argument("--workers", type=_positive, default=1, help="processes (default 1)")
     s.add_argument("--quiet", action="store_true", help="no progress line")
@@ -156,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="writes train.csv val.csv test.csv classes.json rejects.csv leaks.csv report.md")
     s.add_argument("--split", type=_split_arg, default=(0.70, 0.15, 0.15), help="TRAIN/VAL/TEST fractions when the source has no split (default 70/15/15)")
     s.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    s.add_argument("--near-dup-bits", type=int, default=6, help="dHash Hamming distance counted as a near-duplicate (default 6; 0 = exact only)")
+    s.add_argument("--near-dup-bits", type=at_least(0), default=6, help="dHash Hamming distance counted as a near-duplicate (default 6; 0 = exact only)")
     s.add_argument("--keep-leaks", action="store_true", help="report cross-split duplicates but keep them in val/test")
-    s.add_argument("--workers", type=int, default=0, help="validation processes (default: one per core)")
+    s.add_argument("--workers", type=at_least(0), default=0, help="validation processes (default: one per core)")
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(fn=cmd_scan)
 
@@ -180,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .registry import DEFAULT_MEMBERS, list_backbones
     s = bundle.add_parser("random", help="a bundle of random weights, marked untrained (tests, demos)")
     s.add_argument("--out", required=True)
-    s.add_argument("--image-size", type=_positive, default=None, help="input size of every member (default: the weights' own, 224)")
+    s.add_argument("--image-size", type=at_least(16), default=None, help="input size of every member (default: the weights' own, 224)")
     s.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=list_backbones())
     s.add_argument("--classes", help="classes.json to use (default: the six default classes)")
     s.add_argument("--per-image-norm", action="store_true", help="standardise each image by its own statistics")
@@ -195,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--bundle", required=True)
     s.add_argument("--json", action="store_true", help="print the HTTP API's JSON shape")
-    s.add_argument("--uncertain-below", type=float, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
+    s.add_argument("--uncertain-below", type=fraction, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
     from .gradcam import add_amp_argument, add_explain_parser
     add_amp_argument(s)
     s.set_defaults(fn=cmd_predict)

@@ -247,7 +247,8 @@ def add_explain_parser(sub) -> None:
     s.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
     s.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     s.add_argument("--members", action="store_true", help="also write OUT-<member>.png for each member")
-    s.add_argument("--alpha", type=float, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
+    from .cli import fraction
+    s.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
     add_amp_argument(s)
     s.set_defaults(fn=_cmd_explain)
 

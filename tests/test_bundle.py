@@ -142,3 +142,26 @@ def test_amp_bf16_predict_and_explain_agree(random_bundle, monkeypatch, native):
         assert np.allclose(bf16[n], fp32[n], atol=0.05)
     # (a random EfficientNet-B1's features are ~1e-5, too small for bf16 to move its probabilities)
     assert any(not np.array_equal(bf16[n], fp32[n]) for n in members) is native
+
+
+def test_uncertain_flag_names_each_reason():
+    """Low confidence and member disagreement each raise the flag with their own reason; a
+    confident, unanimous answer does not."""
+    import numpy as np
+    from skin.ensemble import combine, describe
+    classes = ["a", "b", "c"]
+    w = {"m1": 0.5, "m2": 0.5}
+
+    def answer(p1, p2, below=0.5):
+        mp = {"m1": np.array(p1), "m2": np.array(p2)}
+        return describe(combine(mp, w), mp, w, classes, below)
+
+    sure = answer([0.9, 0.05, 0.05], [0.8, 0.1, 0.1])
+    assert not sure["uncertain"] and sure["uncertain_reasons"] == []
+    low = answer([0.46, 0.3, 0.24], [0.4, 0.35, 0.25])  # agree on "a", ensemble confidence 0.43
+    assert low["uncertain"] and low["uncertain_reasons"] == ["confidence 0.43 is below 0.50"]
+    split = answer([0.9, 0.1, 0.0], [0.3, 0.7, 0.0])  # ensemble 0.6 for "a", members disagree
+    assert split["uncertain"] and split["uncertain_reasons"] == ["members disagree on the top class: m1=a, m2=b"]
+    both = answer([0.5, 0.4, 0.1], [0.2, 0.3, 0.5], below=0.4)  # "a" at 0.35 < 0.4, and a vs c
+    assert len(both["uncertain_reasons"]) == 2
+    assert not answer([0.46, 0.3, 0.24], [0.4, 0.35, 0.25], below=0.4)["uncertain"]  # the threshold is used

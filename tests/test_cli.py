@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from skin.cli import main
 
 
@@ -31,3 +33,41 @@ def test_models_table(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "788,742" in out and "658,950" in out and "2,629,126" in out
+
+
+BAD_ARGS = [
+    ["data", "synth", "--out", "{t}/s", "--per-class", "1"],
+    ["data", "synth", "--out", "{t}/s", "--size", "8"],
+    ["data", "scan", "{t}/none", "--out", "{t}/m"],
+    ["data", "scan", "{t}", "--out", "{t}/m", "--split", "70/30"],
+    ["data", "scan", "{t}", "--out", "{t}/m", "--near-dup-bits", "-3"],
+    ["data", "scan", "{t}", "--out", "{t}/m", "--workers", "-2"],
+    ["data", "balance", "{t}", "--per-class", "0"],
+    ["data", "balance", "{t}", "--per-class", "3"],
+    ["data", "cache", "{t}", "--image-size", "0"],
+    ["data", "cache", "{t}/none"],
+    ["bundle", "random", "--out", "{t}/b", "--image-size", "3"],
+    ["bundle", "random", "--out", "{t}/b", "--members", "vgg16"],
+    ["bundle", "inspect", "{t}/none"],
+    ["predict", "{t}/x.jpg", "--bundle", "{t}/none"],
+    ["predict", "{t}/x.jpg", "--bundle", "{t}", "--uncertain-below", "7"],
+    ["explain", "{t}/x.jpg", "--bundle", "{t}", "--alpha", "2"],
+    ["models", "--num-classes", "0"],
+    ["nonsense"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGS, ids=lambda a: " ".join(a[:2]) + " " + " ".join(a[-2:]))
+def test_bad_arguments_answer_one_line_and_exit_2(argv, tmp_path, capsys):
+    """Every subcommand answers a bad argument with exit 2 and a last line that says what is
+    wrong (argparse's usage line may stand above it), never a traceback."""
+    argv = [a.format(t=tmp_path) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and "error" in lines[-1] and "Traceback" not in err
+    assert sum("error" in line for line in lines) == 1, err  # argparse's usage lines, then one error line

@@ -210,3 +210,21 @@ def test_class_map_change_refused_on_resume(trained, scanned, tmp_path, capsys):
     args = ["--data", str(data), "--out", str(trained), "--smoke", "--name", "t"]
     assert job.main(args) == 2
     assert "class map" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--config", "/nonexistent.yaml"], "No such file"),
+    (["--epochs", "0"], "epochs and batch_size must be at least 1"),
+    (["--weights", "1", "2"], "2 weights for 3 members"),
+    (["--output-stride", "12"], "invalid choice"),
+])
+def test_train_job_answers_bad_arguments_with_one_line(scanned, tmp_path, capsys, extra, says):
+    """Before Ray starts: exit 2 and one line that says what is wrong, never a traceback."""
+    import jobs.train as job
+    try:
+        rc = job.main(["--data", str(scanned), "--out", str(tmp_path / "o"), "--smoke", *extra])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and says in err[-1] and not any("Traceback" in line for line in err), err
+    assert not (tmp_path / "o").exists()  # nothing half-written
