@@ -6,7 +6,11 @@
     <member>.safetensors  one per member
 
 Loading checks the schema, every file hash, identical class maps, and weights that are
-non-negative and sum to 1; anything else is refused with a message naming the problem.
+non-negative and sum to 1; anything else is refused with a message naming the problem. The id
+is a hash of everything that decides an answer (class map, every member entry with its weights'
+sha256, the ensemble weights) and is recomputed on load: a bundle.json edited by hand (say a
+member's output_stride or temperature) is refused instead of answering under the old id.
+Metrics and provenance are descriptive and not part of the id.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .registry import (DEFAULT_WEIGHTS, OUTPUT_STRIDES, DataConfig, HeadConfig, 
                        member_from_metadata)
 
 FORMAT = "skinray-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the id covers every member entry and the class map (1: names, hashes, weights, T)
 
 
 class BundleError(CheckpointError):
@@ -74,6 +78,7 @@ class Bundle:
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     untrained: bool = False
+    version: int = FORMAT_VERSION
 
     @property
     def member_names(self) -> list[str]:
@@ -101,7 +106,7 @@ class Bundle:
         return {name: self.load_member(name) for name in self.member_names}
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "id": self.id,
+        return {"format": FORMAT, "format_version": self.version, "id": self.id,
                 "classes": list(self.classes), "members": [m.to_json() for m in self.members],
                 "weights": {m.name: w for m, w in zip(self.members, self.weights)},
                 "metrics": self.metrics, "provenance": self.provenance, "untrained": self.untrained}
@@ -123,6 +128,11 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
+        expected = _bundle_id(self.classes, self.members, self.weights, self.version)
+        if self.id != expected:
+            raise BundleError(f"{self.root}/bundle.json was edited after the bundle was written: its id is "
+                              f"{self.id!r} but its classes, members and weights hash to {expected!r}; restore it, "
+                              "or write a new bundle (jobs/tune.py weights, skin.bundle.derive_bundle)")
         for m in self.members:
             f = self.root / m.weights_file
             if not f.is_file():
@@ -137,9 +147,9 @@ class Bundle:
 def _from_json(root: Path, d: dict) -> Bundle:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise BundleError(f"{root}/bundle.json is not a skinray bundle (format != {FORMAT!r})")
-    if d.get("format_version") != FORMAT_VERSION:
+    if d.get("format_version") not in (1, FORMAT_VERSION):
         raise BundleError(f"bundle format version {d.get('format_version')!r} is not supported "
-                          f"(this skinray reads version {FORMAT_VERSION})")
+                          f"(this skinray reads versions 1 and {FORMAT_VERSION})")
     try:
         classes = ClassMap(tuple(d["classes"]))
         members = tuple(MemberEntry.from_json(m) for m in d["members"])
@@ -166,7 +176,7 @@ def _from_json(root: Path, d: dict) -> Bundle:
     weights = tuple(float(weights_map[n]) for n in names)
     check_weights(weights)
     return Bundle(root, str(d.get("id", "")), classes, members, weights, d.get("metrics", {}) or {},
-                  d.get("provenance", {}) or {}, bool(d.get("untrained", False)))
+                  d.get("provenance", {}) or {}, bool(d.get("untrained", False)), int(d["format_version"]))
 
 
 def check_weights(weights: Sequence[float]) -> None:
@@ -185,10 +195,16 @@ def code_version() -> str:
     return f"{__version__}+{rev}" if rev else __version__
 
 
-def _bundle_id(members: Sequence[MemberEntry], weights: Sequence[float]) -> str:
+def _bundle_id(classes: ClassMap, members: Sequence[MemberEntry], weights: Sequence[float],
+               version: int = FORMAT_VERSION) -> str:
+    """The content hash that names a bundle (version 1 bundles keep their narrower id)."""
     h = hashlib.sha256()
-    for m, w in zip(members, weights):
-        h.update(f"{m.name}:{m.sha256}:{w:.6f}:{m.temperature:.6f};".encode())
+    if version == 1:
+        for m, w in zip(members, weights):
+            h.update(f"{m.name}:{m.sha256}:{w:.6f}:{m.temperature:.6f};".encode())
+    else:
+        h.update(json.dumps({"classes": list(classes), "members": [m.to_json() for m in members],
+                             "weights": [f"{w:.6f}" for w in weights]}, sort_keys=True).encode())
     return "sk-" + h.hexdigest()[:12]
 
 
@@ -209,7 +225,7 @@ def _write(root: Path, classes: ClassMap, entries: list[MemberEntry], weights: S
         for e in entries:
             digest = files[e.name](tmp / e.weights_file)
             final.append(replace(e, sha256=digest))
-        bundle = Bundle(root, _bundle_id(final, weights), classes, tuple(final), weights,
+        bundle = Bundle(root, _bundle_id(classes, final, weights), classes, tuple(final), weights,
                         metrics, provenance, untrained)
         atomic_write_json(tmp / "bundle.json", bundle.to_json())
         replace_dir(tmp, root)

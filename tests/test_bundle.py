@@ -165,3 +165,43 @@ def test_uncertain_flag_names_each_reason():
     both = answer([0.5, 0.4, 0.1], [0.2, 0.3, 0.5], below=0.4)  # "a" at 0.35 < 0.4, and a vs c
     assert len(both["uncertain_reasons"]) == 2
     assert not answer([0.46, 0.3, 0.24], [0.4, 0.35, 0.25], below=0.4)["uncertain"]  # the threshold is used
+
+
+@pytest.mark.parametrize("edit", ["output_stride", "temperature", "mean", "weights", "classes"])
+def test_a_hand_edited_bundle_json_is_refused(random_bundle, tmp_path, edit):
+    """The id is recomputed from the content on load: an entry edited by hand (stride 32 -> 8,
+    a temperature, the normalisation, the weights, the class names) no longer answers under the
+    old id. Metrics (descriptive) may change without changing the id."""
+    root = tmp_path / "b"
+    shutil.copytree(random_bundle, root)
+    original = Bundle.load(root).id
+    meta = json.loads((root / "bundle.json").read_text())
+    m = meta["members"][2]
+    if edit == "output_stride":
+        m["output_stride"] = 8
+    elif edit == "temperature":
+        m["temperature"] = 2.0
+    elif edit == "mean":
+        m["data_config"]["mean"] = [0.5, 0.5, 0.5]
+    elif edit == "weights":
+        meta["weights"] = {"mobilenetv2": 0.2, "efficientnet_b1": 0.2, "resnet50": 0.6}
+    else:
+        meta["classes"][0] = "Infection"
+        for e in meta["members"]:
+            e["classes"][0] = "Infection"
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=f"edited after the bundle was written: its id is '{original}'"):
+        Bundle.load(root)
+
+
+def test_metrics_do_not_change_the_id_and_version_1_bundles_still_load(random_bundle, tmp_path):
+    from skin.bundle import _bundle_id, update_metrics
+    root = tmp_path / "b"
+    shutil.copytree(random_bundle, root)
+    before = Bundle.load(root)
+    assert update_metrics(root, {"test": {"accuracy": 0.5}}).id == before.id == Bundle.load(root).id
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["format_version"] = 1  # an older bundle: its narrower id (names, hashes, weights, temperatures)
+    meta["id"] = _bundle_id(before.classes, before.members, before.weights, version=1)
+    (root / "bundle.json").write_text(json.dumps(meta))
+    assert Bundle.load(root).id == meta["id"]
