@@ -12,9 +12,9 @@ loopback HTTP):
     python benchmarks/serve_latency.py [--requests 40] [--config cluster/serve_config.yaml]
 
 The app runs with the member options of --config (the shipped Serve config; its bundle is
-replaced by the random-weight one). The floor is the issue's: fp32 forwards. When a member is
-served in bf16 (`amp: bf16`), the ratios are also printed against forwards in that precision,
-which isolates the serving overhead from the precision gain.
+replaced by the random-weight one). The floor is the members' forwards at the precision the app
+serves them (`amp: bf16` members in bf16 where the CPU has it natively), so the ratios measure the
+serving overhead, not the precision gain; the ratios against fp32 forwards are printed beside them.
 """
 from __future__ import annotations
 
@@ -157,13 +157,16 @@ def main() -> None:
           f"it {breakdown['members'] - slowest:.1f} ms, decode + Grad-CAM + response "
           f"{breakdown['decode'] + breakdown['gradcam_and_response']:.1f} ms, outside the ingress (client, HTTP, "
           f"proxy) {rows[1][0] - breakdown['total']:.1f} ms")
-    print(f"p50 / floor at concurrency 1: {rows[1][0] / floor_ms:.2f} (target <= 1.25, Grad-CAM on)")
-    print(f"throughput at 16 / in-process batch 8: {rows[16][2] / batch8:.2f} (target >= 0.8)")
-    if mixed:  # the same ratios against forwards in the precision the app serves: serving overhead alone
-        same_ms, same8 = (same_before[0] + same_after[0]) / 2, (same_before[1] + same_after[1]) / 2
-        print(f"in-process floor at the served precision ({', '.join(f'{n} {v}' for n, v in amp.items() if v != 'off')}): "
-              f"{same_ms:.1f} ms at batch 1; batch-8 {same8:.1f} images/s -> p50 / floor {rows[1][0] / same_ms:.2f}, "
-              f"throughput at 16 / batch 8 {rows[16][2] / same8:.2f}")
+    # Headline ratios against forwards at the precision the app serves (a bf16 member against an fp32
+    # floor would pass the precision gain off as low serving overhead); the fp32 ones beside them.
+    same_ms, same8 = (same_before[0] + same_after[0]) / 2, (same_before[1] + same_after[1]) / 2
+    if mixed:
+        print(f"in-process floor at the served precision ({', '.join(f'{n} {v}' for n, v in amp.items() if v != 'off')}"
+              f"; fp32 where the CPU has no native bf16): {same_ms:.1f} ms at batch 1; batch-8 {same8:.1f} images/s")
+    print(f"p50 / floor at concurrency 1: {rows[1][0] / same_ms:.2f} (target <= 1.25, Grad-CAM on)"
+          + (f"; against the fp32 floor {rows[1][0] / floor_ms:.2f}" if mixed else ""))
+    print(f"throughput at 16 / in-process batch 8: {rows[16][2] / same8:.2f} (target >= 0.8)"
+          + (f"; against the fp32 floor {rows[16][2] / batch8:.2f}" if mixed else ""))
     print(f"cold start to first 200: {cold:.1f} s (target <= 20)")
     print(f"memory of the app's processes (PSS): {mem:.2f} GB (target <= 3.6)")
 
