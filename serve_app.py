@@ -215,6 +215,8 @@ class PredictResponse(BaseModel):
     gradcam: Optional[GradcamView] = None
     bundle: str
     timings_ms: Dict[str, float]
+    batch_sizes: Dict[str, int] = Field(default_factory=dict, description="per member: how many requests it "
+                                        "computed together with this one (@serve.batch)")
 
 
 class ErrorBody(BaseModel):
@@ -319,6 +321,7 @@ class Ensemble:
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
         answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)
         t_end = time.perf_counter()
+        answer["batch_sizes"] = {n: int(r["batch"]) for n, r in results.items()}
         answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
                                 "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3,
                                 **{f"{n}_compute": r["compute_ms"] for n, r in results.items()}}

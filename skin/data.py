@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pandas as pd
 
 from .classes import DEFAULT_CLASSES, ClassMap, ClassMapError, _NUMBERED, display_name
 from .images import DATASET_LIMITS, ImageError, difference_hash, hamming, load_image
+from .parallel import map_progress
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -119,24 +118,9 @@ def _check_one(path: str) -> dict:
 def validate_files(paths: list[str], workers: int = 0, progress: bool = True) -> pd.DataFrame:
     """Decode and hash every file in parallel; one row per path, `error` empty when valid."""
     workers = workers or (os.cpu_count() or 1)
-    t0, out = time.perf_counter(), []
-    if workers > 1 and len(paths) > 64:
-        with ProcessPoolExecutor(workers) as pool:
-            for n, r in enumerate(pool.map(_check_one, paths, chunksize=32), 1):
-                out.append(r)
-                _progress(progress, n, len(paths), t0)
-    else:
-        for n, p in enumerate(paths, 1):
-            out.append(_check_one(p))
-            _progress(progress, n, len(paths), t0)
-    return pd.DataFrame(out)
-
-
-def _progress(on: bool, n: int, total: int, t0: float) -> None:
-    if on and (n == total or n % 500 == 0):
-        rate = n / max(time.perf_counter() - t0, 1e-9)
-        print(f"\rscan: {n}/{total} files validated ({rate:.0f}/s)", end="\n" if n == total else "",
-              flush=True)
+    parallel = workers if workers > 1 and len(paths) > 64 else 1
+    return pd.DataFrame(map_progress(_check_one, paths, parallel, "scan", "files validated", 500, progress,
+                                     chunksize=32))
 
 
 # --------------------------------------------------------------------------- split

@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import DEFAULT_CLASSES
+from .parallel import map_progress
 
 SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 # Shared lesion palette (RGB): pink-red through brown to dark brown, for every class.
@@ -267,29 +266,12 @@ def write_dataset(out: str | Path, per_class: int = 200, size: int = 256, seed: 
             (out / "masks" / split / f"{k + 1}. {name}").mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), k, name, i, per_class, size, seed)
             for k, name in enumerate(DEFAULT_CLASSES) for i in range(per_class)]
-    rows, t0 = [], time.perf_counter()
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            it = pool.map(_write_one, jobs, chunksize=16)
-            for n, row in enumerate(it, 1):
-                rows.append(row)
-                _progress(progress, n, len(jobs), t0)
-    else:
-        for n, job in enumerate(jobs, 1):
-            rows.append(_write_one(job))
-            _progress(progress, n, len(jobs), t0)
+    rows = map_progress(_write_one, jobs, workers, "synth", "images", 200, progress)
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "split", "mask"])
         w.writeheader()
         w.writerows(rows)
     return out
-
-
-def _progress(on: bool, n: int, total: int, t0: float) -> None:
-    if on and (n == total or n % 200 == 0):
-        rate = n / max(time.perf_counter() - t0, 1e-9)
-        print(f"\rsynth: {n}/{total} images ({rate:.0f}/s)", end="\n" if n == total else "",
-              flush=True)
 
 
 def default_workers() -> int:

@@ -103,11 +103,18 @@ def test_errors(api, case, status, code):
     assert post(api, _jpeg()).status_code == 200  # and the server still answers
 
 
-def test_twenty_concurrent_requests(api):
+def test_twenty_concurrent_requests_are_batched_by_the_members(api):
+    """Through the live app: 20 requests at once all answer, and each member computed some of
+    them together (its @serve.batch formed batches > 1 while a batch ran)."""
     payloads = [_jpeg(i % 6, i) for i in range(20)]
     with ThreadPoolExecutor(20) as pool:
-        codes = list(pool.map(lambda d: post(api, d).status_code, payloads))
-    assert codes == [200] * 20
+        answers = list(pool.map(lambda d: post(api, d, params={"cam": "false"}), payloads))
+    assert [r.status_code for r in answers] == [200] * 20
+    sizes = {n: [r.json()["batch_sizes"][n] for r in answers] for n in answers[0].json()["batch_sizes"]}
+    assert set(sizes) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
+    for n, got in sizes.items():
+        assert all(1 <= b <= 8 for b in got), (n, got)  # max_batch_size 8
+        assert max(got) > 1, f"{n} computed every request alone: {got}"
 
 
 def test_api_key_and_member_failure(api, random_bundle):
