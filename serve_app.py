@@ -232,17 +232,45 @@ class ErrorResponse(BaseModel):
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 503)}
 
 
+def prepare_inputs(data_configs: Dict[str, Any], image) -> Dict[str, np.ndarray]:
+    """What the ingress sends each member: the resize half of its eval preset (uint8 CHW), once per
+    distinct data config; the member applies the other half (skin.presets.eval_pixels)."""
+    from skin.presets import eval_geometry
+    prepared: Dict[Any, np.ndarray] = {}
+    for cfg in data_configs.values():
+        if cfg not in prepared:
+            prepared[cfg] = eval_geometry(cfg)(image).numpy()
+    return {name: prepared[cfg] for name, cfg in data_configs.items()}
+
+
+@api.middleware("http")
+async def _request_context(request: Request, call_next):
+    """Request id, API key (every route but /healthz) and one log line per request (never image bytes)."""
+    rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
+    request.state.request_id = rid
+    t0 = time.perf_counter()
+    ensemble = getattr(api.state, "ensemble", None)
+    if ensemble is not None and ensemble.api_key and request.url.path != "/healthz":
+        if not ensemble._authorized(request):
+            return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
+                          "header (or Authorization: Bearer <key>)", rid)
+    response = await call_next(request)
+    logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
+                response.status_code, (time.perf_counter() - t0) * 1000)
+    return response
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Ensemble:
-    def __init__(self, args: Dict[str, Any], members: Dict[str, DeploymentHandle]) -> None:
+    def __init__(self, args: AppArgs, members: Dict[str, DeploymentHandle]) -> None:
         import torch
         from skin.bundle import Bundle
         from skin.images import ImageLimits
         torch.set_num_threads(1)
-        self.args = AppArgs.model_validate(args)
+        self.args = args  # validated once, by build_app
         self.bundle = Bundle.load(self.args.bundle)
-        self.handles = {n: h for n, h in members.items()}
+        self.handles = dict(members)
         self.weights = {n: self.bundle.weight_of(n) for n in self.bundle.member_names}
         self.limits = ImageLimits(max_bytes=self.args.max_upload_bytes, max_pixels=self.args.max_pixels,
                                   min_side=self.args.min_side)
@@ -250,20 +278,7 @@ class Ensemble:
         self.data_configs = {e.name: e.data_config for e in self.bundle.members}
         side = max(c.input_size for c in self.data_configs.values())
         self.map_work = (side, side)  # ensemble map built at the members' input size, resized once
-
-        @api.middleware("http")
-        async def _request_context(request: Request, call_next):
-            rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
-            request.state.request_id = rid
-            t0 = time.perf_counter()
-            if self.api_key and request.url.path != "/healthz":
-                if not self._authorized(request):
-                    return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
-                                  "header (or Authorization: Bearer <key>)", rid)
-            response = await call_next(request)
-            logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
-                        response.status_code, (time.perf_counter() - t0) * 1000)  # never image bytes
-            return response
+        api.state.ensemble = self  # the request middleware (module level) reads the key from here
 
     def _authorized(self, request: Request) -> bool:
         given = request.headers.get("X-API-Key", "")
@@ -295,7 +310,6 @@ class Ensemble:
                       all_classes: bool = Query(False, description="include every class's raw map"),
                       class_name: Optional[str] = Query(None, alias="class", description="explain this class instead")):
         from skin.images import ImageError, load_image
-        from skin.presets import eval_geometry
         t0 = time.perf_counter()
         if class_name is not None and class_name not in self.bundle.classes.names:
             raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
@@ -309,13 +323,7 @@ class Ensemble:
         except ImageError as e:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
-        prepared: Dict[Any, np.ndarray] = {}  # members sharing a data config share one array
-        inputs = {}
-        for name, cfg in self.data_configs.items():
-            if cfg not in prepared:
-                # the resize half of the member's eval preset; the member normalises (skin.presets)
-                prepared[cfg] = await asyncio.to_thread(lambda c=cfg: eval_geometry(c)(image).numpy())
-            inputs[name] = prepared[cfg]
+        inputs = await asyncio.to_thread(prepare_inputs, self.data_configs, image)
         results, missing = await self._fan_out(inputs)
         t_members = time.perf_counter()
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
@@ -403,13 +411,13 @@ def build_app(args: AppArgs):
         handles[name] = MemberModel.options(
             name=name, ray_actor_options=opts, **scale,
             user_config={"fault_drill": o.fault_drill},
-        ).bind(str(bundle.root.resolve()), name, o.num_cpus, o.max_batch_size, o.batch_wait_timeout_s, o.threads,
-                                                    o.amp)
+        ).bind(bundle_dir=str(bundle.root.resolve()), name=name, num_cpus=o.num_cpus, max_batch_size=o.max_batch_size,
+               batch_wait_timeout_s=o.batch_wait_timeout_s, threads=o.threads, amp=o.amp)
     ingress_opts: Dict[str, Any] = {"num_cpus": args.ingress_cpus}
     if args.ingress_resources:
         ingress_opts["resources"] = dict(args.ingress_resources)
     return Ensemble.options(num_replicas=args.ingress_replicas,
-                            ray_actor_options=ingress_opts).bind(args.model_dump(), handles)
+                            ray_actor_options=ingress_opts).bind(args=args, members=handles)
 
 
 app = build_app  # `serve run serve_app:app bundle=...`

@@ -96,3 +96,22 @@ def test_loader_ships_uint8_to_a_gpu_and_floats_on_a_cpu(scanned, tmp_path):
         assert x.dtype == dtype
         assert (augment is not None) == (device == "cuda")
 
+
+
+def test_the_served_tensor_equals_the_eval_preset(random_bundle):
+    """The Serve path splits the eval preset: the ingress resizes (serve_app.prepare_inputs, uint8)
+    and the member normalises (eval_pixels, as MemberModel runs it on a batch). Together they
+    give the eval preset's tensor for every member."""
+    import torch
+    from PIL import Image
+    from serve_app import prepare_inputs
+    from skin.bundle import Bundle
+    from skin.presets import eval_pixels, eval_preset
+    b = Bundle.load(random_bundle)
+    cfgs = {e.name: e.data_config for e in b.members}
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8))
+    sent = prepare_inputs(cfgs, img)
+    for name, cfg in cfgs.items():
+        assert sent[name].dtype == np.uint8
+        served = eval_pixels(cfg)(torch.from_numpy(np.stack([sent[name]])))
+        torch.testing.assert_close(served, eval_preset(cfg)(img)[None], atol=1e-6, rtol=0)
