@@ -29,7 +29,7 @@ import yaml
 from skin.bundle import write_bundle
 from skin.checkpoint import atomic_write_json, load_member, load_tensors, save_tensors
 from skin.data import DatasetError, load_classes, load_manifest, training_split
-from skin.registry import DEFAULT_MEMBERS, DEFAULT_WEIGHTS, list_backbones
+from skin.registry import DEFAULT_MEMBERS, DEFAULT_WEIGHTS, OUTPUT_STRIDES, list_backbones
 from skin.train import SCORE, TrainConfig
 
 SMOKE = {"epochs": 2, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 3,
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="head peak learning rate (default: each backbone's own)")
     p.add_argument("--image-size", type=int, help="input size of every member (default: the weights' own, 224)")
     p.add_argument("--pretrained", help="imagenet (default), a weights file/folder, or none (random init)")
-    p.add_argument("--output-stride", type=int, choices=(8, 16, 32),
+    p.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES,
                    help="feature-map stride of every member (default 32); 16 or 8 give finer Grad-CAM maps at more compute")
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
     p.add_argument("--freeze-epochs", type=int, help="train only the head for the first N epochs")

@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
-from .registry import (DEFAULT_WEIGHTS, OUTPUT_STRIDES, DataConfig, HeadConfig, Member, get_spec,
+from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, check_output_stride, get_spec,
                        member_from_metadata)
 
 FORMAT = "skinray-bundle"
@@ -167,8 +167,10 @@ def _from_json(root: Path, d: dict) -> Bundle:
         if m.num_classes != len(classes):
             raise ClassMapError(f"member {m.name} has {m.num_classes} outputs, bundle has "
                                 f"{len(classes)} classes")
-        if m.output_stride not in OUTPUT_STRIDES:
-            raise BundleError(f"member {m.name}: output_stride must be one of {OUTPUT_STRIDES}, got {m.output_stride}")
+        try:
+            check_output_stride(m.output_stride)
+        except ValueError as e:
+            raise BundleError(f"member {m.name}: {e}") from None
         if not (m.temperature > 0 and math.isfinite(m.temperature)):
             raise BundleError(f"member {m.name}: temperature must be a positive number, got {m.temperature}")
     if not isinstance(weights_map, dict) or set(weights_map) != set(names):

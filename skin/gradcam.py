@@ -254,7 +254,8 @@ def add_explain_parser(sub) -> None:
 
 
 def add_amp_argument(parser) -> None:
-    parser.add_argument("--amp", choices=("off", "auto", "bf16"), default="off",
+    from .device import AMP_CHOICES
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
                         help="backbone precision: off = fp32 (default); auto = bf16 on a GPU; bf16 = also on "
                         "a CPU with native bf16 (AVX512-BF16/AMX), as a server member with amp: bf16 runs")
 

@@ -265,17 +265,26 @@ def _weights_file(spec: BackboneSpec, source: Path) -> Path:
 OUTPUT_STRIDES = (8, 16, 32)
 
 
-def _check_output_stride(output_stride: int) -> int:
+def check_output_stride(output_stride: int) -> int:
+    """The one check of an output stride (training config, model build, bundle load)."""
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     return int(output_stride)
 
 
+RANDOM_INIT = (False, None, "none", "random")
+
+
+def is_random_init(pretrained: str | Path | bool | None) -> bool:
+    """`--pretrained none` (or random/False/None): random weights, no ImageNet start."""
+    return pretrained in RANDOM_INIT
+
+
 def _create_backbone(spec: BackboneSpec, pretrained: str | Path | bool, output_stride: int = 32) -> nn.Module:
     kwargs = dict(num_classes=0, drop_rate=0.0)
-    if _check_output_stride(output_stride) != 32:
+    if check_output_stride(output_stride) != 32:
         kwargs["output_stride"] = output_stride
-    if pretrained in (False, None, "none", "random"):
+    if is_random_init(pretrained):
         backbone = timm.create_model(spec.timm_id, pretrained=False, **kwargs)
         zero_init_residual_bn(backbone)
         return backbone
@@ -321,7 +330,7 @@ def create_model(
     small inputs, where stride 32 leaves a 2x2 map at 64 px.
     """
     spec = get_spec(name)
-    random_init = pretrained in (False, None, "none", "random")
+    random_init = is_random_init(pretrained)
     normalize = normalize or "mean_std"
     if normalize == "per_image" and not random_init:
         raise ValueError("per-image normalisation is for random init only: pretrained weights "
@@ -365,5 +374,5 @@ def models_table(num_classes: int = 6) -> list[dict]:
 __all__ = [
     "BackboneSpec", "DataConfig", "HeadConfig", "Member", "create_model", "get_spec",
     "list_backbones", "member_from_metadata", "models_table", "DEFAULT_MEMBERS", "DEFAULT_WEIGHTS",
-    "UnknownBackboneError", "PretrainedWeightsError", "OUTPUT_STRIDES",
+    "UnknownBackboneError", "PretrainedWeightsError", "OUTPUT_STRIDES", "check_output_stride", "is_random_init",
 ]

@@ -33,7 +33,7 @@ from .data import DatasetError, load_classes, load_manifest, training_split
 from .metrics import compute_metrics
 from .device import check_amp, configure_device
 from .presets import eval_preset, train_preset
-from .registry import OUTPUT_STRIDES, Member, create_model, get_spec
+from .registry import Member, check_output_stride, create_model, get_spec, is_random_init
 
 # Score that selects the best checkpoint of a member.
 SCORE = "val_f1_macro"
@@ -76,8 +76,7 @@ class TrainConfig:
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be less than epochs ({self.epochs})")
         check_amp(self.amp)
-        if self.output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
+        check_output_stride(self.output_stride)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -298,7 +297,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
     torch.set_num_threads(threads)  # Ray sets 1 thread in fractional-CPU workers
     torch.manual_seed(cfg.seed + runtime.rank)
     classes = load_classes(cfg.data_dir)
-    random_init = cfg.pretrained in ("none", "random")
+    random_init = is_random_init(cfg.pretrained)
     member = create_model(cfg.backbone, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
                           input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None,
                           output_stride=cfg.output_stride)

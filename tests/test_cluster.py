@@ -78,6 +78,11 @@ def test_serve_config_matches_the_builder():
     app = cfg["applications"][0]
     assert app["import_path"] == "serve_app:app"
     AppArgs.model_validate(app["args"])  # every key is a known builder argument
+    import typing
+    from serve_app import MemberOptions
+    from skin.device import AMP_CHOICES
+    # serve_app stays torch-free at import (the proxy imports it), so it spells the choices out: keep them equal
+    assert set(typing.get_args(MemberOptions.model_fields["amp"].annotation)) == set(AMP_CHOICES)
 
 
 def test_rayjob_is_a_kuberay_rayjob():

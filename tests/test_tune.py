@@ -108,3 +108,42 @@ def test_dropout_search_with_asha(ray_local, scanned, tmp_path):
     top = table.loc[table["val_f1_macro"].idxmax()]
     assert best["lr"] == pytest.approx(top["config/lr"])
     assert (tmp_path / "results.png").is_file()
+
+
+def _planted_train_out(root, bundle, probs: dict, labels):
+    """A jobs/train.py --out folder with planted validation probabilities."""
+    import shutil
+    import torch
+    from skin.checkpoint import save_tensors
+    root.mkdir(parents=True)
+    shutil.copytree(bundle, root / "bundle")
+    tensors = {f"{n}.probs": torch.from_numpy(p.astype(np.float32)) for n, p in probs.items()}
+    save_tensors(root / "val_probs.safetensors", tensors | {"labels": torch.from_numpy(labels)})
+    return root
+
+
+@pytest.mark.parametrize("planted,accepted", [("one_member_far_better", True), ("three_alike", False)])
+def test_weights_job_keeps_the_search_only_when_it_wins_out_of_fold(ray_local, random_bundle, tmp_path,
+                                                                    planted, accepted):
+    """Planted validation sets where the answer is known: one member far better than the others
+    (the searched weights win on held-out rows: kept) and three members alike on a small set
+    (no held-out gain: the source weights 0.30/0.30/0.40 stay)."""
+    import jobs.tune as job
+    rng = np.random.default_rng(5)
+    names = ["mobilenetv2", "efficientnet_b1", "resnet50"]
+    if planted == "one_member_far_better":
+        y = rng.integers(0, 6, 900)
+        probs = dict(zip(names, [_probs(y, 0.95, rng), _probs(y, 0.35, rng), _probs(y, 0.35, rng)]))
+    else:
+        y = rng.integers(0, 6, 180)
+        probs = {n: _probs(y, 0.8, rng) for n in names}
+    src = _planted_train_out(tmp_path / "train", random_bundle, probs, y)
+    assert job.main(["weights", "--train-out", str(src), "--out", str(tmp_path / "tuned"), "--candidates", "250",
+                     "--no-temperature"]) == 0
+    new = Bundle.load(tmp_path / "tuned")
+    check = new.provenance["weight_search"]
+    assert check["accepted"] is accepted, check["out_of_fold_gain"]
+    if accepted:
+        assert new.weights[0] > 0.6 and tuple(new.weights) == pytest.approx(tuple(check["searched_weights"]))
+    else:
+        assert tuple(new.weights) == pytest.approx((0.30, 0.30, 0.40))
