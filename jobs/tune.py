@@ -166,9 +166,20 @@ def dropout_trial(config: dict) -> None:
     trainer.fit()
 
 
+def asha(max_t: int, grace_period: int):
+    """The dropout search's early stopping: asynchronous successive halving on epochs (rungs at
+    grace_period, x2, ...); a trial continues past a rung only in the top half seen there."""
+    from ray.tune.schedulers import ASHAScheduler
+    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace_period, reduction_factor=2)
+
+
+def epochs_run(grid) -> dict:
+    """trial id -> the epoch of its last report (how far it ran), not the epoch of its best score."""
+    return {r.metrics.get("trial_id"): r.metrics.get("epoch") for r in grid if r.metrics}
+
+
 def cmd_dropout(a) -> int:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from skin.distributed import plan_or_exit
     from skin.plan import Group
     out = Path(a.out).resolve()
@@ -194,8 +205,7 @@ def cmd_dropout(a) -> int:
         space |= {"lr": tune.loguniform(spec.lr / 4, spec.lr * 4), "n_dropout": n_drop,
                   "base": dataclasses.asdict(cfg), "cpus": a.cpus_per_trial, "name": f"dropout-{member}",
                   "storage": str(out / "ray_results")}
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base["epochs"], grace_period=a.grace_period,
-                                  reduction_factor=2)
+        scheduler = asha(base["epochs"], a.grace_period)
         tuner = tune.Tuner(
             tune.with_resources(dropout_trial, {"CPU": 0.1}),  # the trainer's own worker holds the real CPUs
             param_space=space,
@@ -205,9 +215,7 @@ def cmd_dropout(a) -> int:
         grid = tuner.fit()
         best = grid.get_best_result(metric=SCORE, mode="max", scope="all")
         df = grid.get_dataframe(filter_metric=SCORE, filter_mode="max")  # each trial's best row
-        # the epochs each trial ran (its last report), not the epoch of its best score: ASHA's stops
-        last = {r.metrics.get("trial_id"): r.metrics.get("epoch") for r in grid if r.metrics}
-        df["epochs_run"] = df["trial_id"].map(last)
+        df["epochs_run"] = df["trial_id"].map(epochs_run(grid))
         df["member"] = member
         tables.append(df)
         best_configs[member] = {"dropout": [round(best.config[f"dropout_{i}"], 4) for i in range(n_drop)],

@@ -4,7 +4,7 @@ Real raylets (`ray.cluster_utils.Cluster`): a head with no CPUs (the driver and 
 controllers run there) and worker nodes with declared shapes, token auth on. Used by
 tests/test_multinode.py and benchmarks/multinode.py; run it directly to try a plan:
 
-    python -m tests.simcluster plan --node 8:1 --node 8:1 --node 8:1 -- --members ... --gpus-per-worker 1
+    python -m tests.simcluster plan --node 8:1 --node 8:1 --node 8:1 --args "--data D --out O --gpus-per-worker 1"
     python -m tests.simcluster drill --data SCANNED --out OUT --json result.json
 
 `drill` trains one member with 2 DDP workers on two nodes, kills a node holding a worker after
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plan", help="jobs/train.py --dry-run on a simulated cluster of the given node shapes")
     pl.add_argument("--head-cpus", type=int, default=4)
     pl.add_argument("--node", action="append", default=[], help="CPUS[:GPUS], once per worker node")
-    pl.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then jobs/train.py arguments")
+    pl.add_argument("--args", action="append", required=True, help="jobs/train.py arguments, one quoted string "
+                    "per dry run (repeat for several runs on the same cluster)")
     d = sub.add_parser("drill", help="kill a node under 2-worker DDP training and report the resume")
     d.add_argument("--data", required=True)
     d.add_argument("--out", required=True)
@@ -195,12 +196,17 @@ def main(argv=None) -> int:
     d.add_argument("--json", help="write the report here")
     a = p.parse_args(argv)
     if a.cmd == "plan":
+        import shlex
         os.environ.update(token_env())
-        args = [x for x in a.train_args if x != "--"]
+        worst = 0
         with simulated_cluster([parse_node(n) for n in a.node], a.head_cpus) as (cluster, _):
             env = dict(os.environ, RAY_ADDRESS=cluster.address)
-            return subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--dry-run"],
-                                  env=env, cwd=ROOT).returncode
+            for k, args in enumerate(a.args):
+                r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *shlex.split(args), "--dry-run"],
+                                   env=env, cwd=ROOT, capture_output=True, text=True)
+                print(f"### run {k} rc={r.returncode}\n{r.stdout}### stderr\n{r.stderr}", flush=True)
+                worst = max(worst, r.returncode)
+        return worst
     report = drill(a.data, a.out, a.epochs, a.image_size, echo=True)
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))

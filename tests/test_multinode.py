@@ -80,27 +80,39 @@ def _entrypoint_args(manifest: Path, script: str) -> list[str]:
     return part.split(script, 1)[1].replace('"', "").split()
 
 
-def test_rayjob_entrypoint_plan_fits_a_cluster_of_its_shape():
-    """A real cluster of the RayJob's shape (4-CPU head, three 8-CPU nodes declaring 1 GPU each):
-    the manifest's own train.py arguments, --dry-run, exit 0 with 8 CPUs + 1 GPU per worker; a
-    worker too large for any node exits 2 naming the ask and the shapes."""
-    args = _entrypoint_args(CLUSTER / "kuberay" / "rayjob-train.yaml", "jobs/train.py")
-    r = _sim("plan", "--head-cpus", "4", "--node", "8:1", "--node", "8:1", "--node", "8:1", "--", *args)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stdout.count("1 worker(s) x 8 CPU + 1 GPU") == 3, r.stdout
-    bad = _sim("plan", "--head-cpus", "4", "--node", "8:1", "--", *args, "--cpus-per-worker", "12")
-    assert bad.returncode == 2
-    err = bad.stderr.strip().splitlines()[-1]
-    assert "asks for 12 CPU + 1 GPU" in err and "8 CPU + 1 GPU" in err and "Traceback" not in bad.stderr
+def _runs(stdout: str) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each dry run printed by `simcluster plan`."""
+    import re
+    out = []
+    for part in re.split(r"^### run \d+ ", stdout, flags=re.M)[1:]:
+        head, _, rest = part.partition("\n")
+        so, _, se = rest.partition("### stderr\n")
+        out.append((int(head.split("=")[1]), so, se))
+    return out
 
 
-def test_autoscaling_cluster_plan_requests_nodes_on_dry_run():
-    """cluster.yaml starts with no GPU node (min_workers 0): the plan counts the node types the
-    autoscaler can start, instead of refusing."""
-    r = _sim("plan", "--head-cpus", "8", "--", "--data", "/nonexistent", "--out", "/tmp/x", "--gpus-per-worker", "1",
-             "--node-types", str(CLUSTER / "cluster.yaml"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "the autoscaler must start: 3 x gpu_worker (autoscaler)" in r.stdout, r.stdout
+def test_shipped_entrypoints_plan_on_clusters_of_their_shape():
+    """Real clusters of the shipped shapes, the shipped entrypoints' own train.py arguments, --dry-run:
+    1. RayJob (4-CPU head + three 8-CPU nodes declaring 1 GPU): exit 0, 8 CPUs + 1 GPU per worker.
+    2. A worker too large for any node: exit 2, one line naming the ask and the shapes.
+    3. cluster.yaml's autoscaling node types on a cluster with one GPU node up: the plan counts the
+       gpu_worker nodes the autoscaler can start instead of refusing."""
+    import shlex
+    args = " ".join(shlex.quote(x) for x in _entrypoint_args(CLUSTER / "kuberay" / "rayjob-train.yaml", "jobs/train.py"))
+    r = _sim("plan", "--head-cpus", "4", "--node", "8:1", "--node", "8:1", "--node", "8:1", "--args", args,
+             "--args", args + " --cpus-per-worker 12",
+             "--args", f"--data /nonexistent --out /tmp/x --gpus-per-worker 1 --node-types {CLUSTER / 'cluster.yaml'} "
+                       "--members mobilenetv2 efficientnet_b1 resnet50 --workers 2")
+    runs = _runs(r.stdout)
+    assert len(runs) == 3, r.stdout[-2000:] + r.stderr[-3000:]
+    (rc0, out0, err0), (rc1, out1, err1), (rc2, out2, err2) = runs
+    assert rc0 == 0, out0 + err0[-2000:]
+    assert out0.count("1 worker(s) x 8 CPU + 1 GPU") == 3, out0
+    assert rc1 == 2
+    last = err1.strip().splitlines()[-1]
+    assert "asks for 12 CPU + 1 GPU" in last and "8 CPU + 1 GPU" in last and "Traceback" not in err1
+    assert rc2 == 0, out2 + err2[-2000:]  # 6 GPU workers: 3 nodes up, 3 more the autoscaler can start
+    assert "the autoscaler must start: 3 x gpu_worker (autoscaler)" in out2, out2
 
 
 def test_ddp_across_two_nodes_survives_a_node_and_validates_every_row(scanned, tmp_path):

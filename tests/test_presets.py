@@ -60,6 +60,7 @@ def test_neutral_factors_are_the_identity(images):
 
 @pytest.mark.parametrize("strength", ["standard", "light"])
 def test_split_preset_gives_normalised_float_batches(strength):
+    torch.manual_seed(0)  # the preset draws from torch's RNG (crop, flips, per-image factors)
     cfg = DataConfig(48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     preset = train_preset(cfg, strength)
     img = Image.fromarray((np.random.default_rng(0).random((60, 70, 3)) * 255).astype(np.uint8))
@@ -69,8 +70,8 @@ def test_split_preset_gives_normalised_float_batches(strength):
     assert out.dtype == torch.float32 and out.shape == (5, 3, 48, 48)
     if strength == "light":  # no per-pixel randomness: exactly scale + normalise
         torch.testing.assert_close(out, (u8.float() / 255 - 0.5) / 0.25)
-    else:  # per-image random factors: the five copies differ
-        assert len({round(float(v), 4) for v in out.mean(dim=(1, 2, 3))}) == 5
+    else:  # per-image random factors: no two of the five copies are equal
+        assert all(not torch.allclose(out[i], out[j]) for i in range(5) for j in range(i + 1, 5))
     assert preset(img).shape == (3, 48, 48)
 
 
