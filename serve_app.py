@@ -243,23 +243,6 @@ def prepare_inputs(data_configs: Dict[str, Any], image) -> Dict[str, np.ndarray]
     return {name: prepared[cfg] for name, cfg in data_configs.items()}
 
 
-@api.middleware("http")
-async def _request_context(request: Request, call_next):
-    """Request id, API key (every route but /healthz) and one log line per request (never image bytes)."""
-    rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
-    request.state.request_id = rid
-    t0 = time.perf_counter()
-    ensemble = getattr(api.state, "ensemble", None)
-    if ensemble is not None and ensemble.api_key and request.url.path != "/healthz":
-        if not ensemble._authorized(request):
-            return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
-                          "header (or Authorization: Bearer <key>)", rid)
-    response = await call_next(request)
-    logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
-                response.status_code, (time.perf_counter() - t0) * 1000)
-    return response
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Ensemble:
@@ -278,7 +261,23 @@ class Ensemble:
         self.data_configs = {e.name: e.data_config for e in self.bundle.members}
         side = max(c.input_size for c in self.data_configs.values())
         self.map_work = (side, side)  # ensemble map built at the members' input size, resized once
-        api.state.ensemble = self  # the request middleware (module level) reads the key from here
+
+        # Registered here, not at module level: Serve serves a frozen copy of `api` whose module-level
+        # functions are pickled by value, so a module-level middleware cannot see this replica's key
+        # (tried: the key was not enforced). A closure over `self` travels with the replica.
+        @api.middleware("http")
+        async def _request_context(request: Request, call_next):
+            rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
+            request.state.request_id = rid
+            t0 = time.perf_counter()
+            if self.api_key and request.url.path != "/healthz":
+                if not self._authorized(request):
+                    return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
+                                  "header (or Authorization: Bearer <key>)", rid)
+            response = await call_next(request)
+            logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
+                        response.status_code, (time.perf_counter() - t0) * 1000)  # never image bytes
+            return response
 
     def _authorized(self, request: Request) -> bool:
         given = request.headers.get("X-API-Key", "")
