@@ -53,7 +53,7 @@ demo-stop:
 	bash cluster/demo.sh --stop $(DEMO_DIR)
 
 test: $(STAMP) $(CHROMIUM_STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all: $(STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q tests
