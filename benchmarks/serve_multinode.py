@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -136,7 +135,6 @@ def main(argv=None) -> int:
               f"replicas by node {placement()}", flush=True)
 
         # ---- 1. idle, load, scale-up, idle, scale-down
-        idle = [time.time()]
         lat = []
         for _ in range(20):
             t0 = time.time()

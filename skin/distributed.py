@@ -238,7 +238,6 @@ def wait_for_nodes(plan, timeout_s: float, prog: str) -> None:
     """Ask the autoscaler for every worker's bundle and wait until the cluster can hold them."""
     import sys
     import time
-    import ray
     from ray.autoscaler.sdk import request_resources
     from .plan import PlanError, plan_workers
     request_resources(bundles=plan.bundles())
