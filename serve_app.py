@@ -31,6 +31,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from skin.images import ImageLimits  # torch-free: the one definition of the upload limits
+
+_LIMITS = ImageLimits()
+
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MEMBER_CPUS = 0.5  # Serve replicas default to 1 CPU: three of them never fit 2 cores
@@ -77,9 +81,9 @@ class AppArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the "
                                                 "ingress, to pin it (e.g. to the head: {head: 0.01})")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_pixels: int = Field(64_000_000, gt=0)
-    min_side: int = Field(32, ge=1)
+    max_upload_bytes: int = Field(_LIMITS.max_bytes, gt=0, description="default: skin.images.ImageLimits")
+    max_pixels: int = Field(_LIMITS.max_pixels, gt=0)
+    min_side: int = Field(_LIMITS.min_side, ge=1)
     api_key: Optional[str] = Field(None, description="require X-API-Key (or Bearer) on every route but /healthz; "
                                    "default: $SKINRAY_API_KEY when set")
     allow_degraded: bool = Field(False, description="answer from the remaining members when one fails")
@@ -99,19 +103,18 @@ class MemberModel:
                  amp: str = "off") -> None:
         import torch
         from skin.bundle import Bundle
-        from skin.device import configure_device
-        from skin.gradcam import Explainer
+        from skin.inference import MemberRunner
         from skin.presets import eval_pixels
         torch.set_num_threads(threads or max(1, int(round(num_cpus))))  # Ray sets 1 thread for fractional CPUs
         self.torch = torch
         bundle = Bundle.load(bundle_dir)
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.member = bundle.load_member(name).to(self.device)
-        self.pixels = eval_pixels(self.member.data_config)  # the ingress sends the resized uint8 image
-        if amp == "bf16" and not configure_device(self.device, amp):
+        member = bundle.load_member(name).to(self.device)
+        self.pixels = eval_pixels(member.data_config)  # the ingress sends the resized uint8 image
+        self.run = MemberRunner(member, bundle.entry(name).temperature, amp)  # the path `skin predict` runs
+        if amp == "bf16" and not self.run.bf16:
             logger.warning("member %s: amp=bf16 asked for, but this CPU has no native bf16: running fp32", name)
-        self.explainer = Explainer({name: self.member}, {name: bundle.entry(name).temperature}, amp)
         self.fault_drill = False
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -122,7 +125,7 @@ class MemberModel:
     def _run(self, batch: np.ndarray):
         t0 = time.perf_counter()
         x = self.pixels(self.torch.from_numpy(batch).to(self.device))
-        probs, maps = self.explainer.member_outputs(self.name, x)  # the same path as `skin explain`
+        probs, maps = self.run(x, cam=True)  # skin.inference: the same path as `skin predict` / `skin explain`
         return probs, maps.numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
@@ -249,7 +252,6 @@ class Ensemble:
     def __init__(self, args: AppArgs, members: Dict[str, DeploymentHandle]) -> None:
         import torch
         from skin.bundle import Bundle
-        from skin.images import ImageLimits
         torch.set_num_threads(1)
         self.args = args  # validated once, by build_app
         self.bundle = Bundle.load(self.args.bundle)
@@ -356,34 +358,25 @@ class Ensemble:
 
     def _answer(self, results, missing, image, cam, alpha, all_classes, class_name) -> Dict[str, Any]:
         import torch
-        from skin.ensemble import combine, describe
-        from skin.gradcam import ensemble_map, map_image, overlay, png_bytes
+        from skin.ensemble import assemble
         from skin.images import display_copy
+        from skin.render import map_image, overlay, png_bytes
 
         def b64(img) -> str:
             return base64.b64encode(png_bytes(img)).decode("ascii")
-        classes = self.bundle.classes.names
-        member_probs = {n: r["probs"] for n, r in results.items()}
-        weights = {n: self.weights[n] for n in results}
-        probs = combine(member_probs, weights)
-        out = describe(probs, member_probs, self.weights, classes, self.args.uncertain_below)
-        out |= {"degraded": bool(missing), "missing_members": missing, "bundle": self.bundle.id}
-        if missing:
-            out["uncertain"] = True
-            out["uncertain_reasons"].append(f"degraded: answered without {missing}")
+        disp = display_copy(image, self.args.overlay_max_side) if cam else None
+        out = assemble({n: r["probs"] for n, r in results.items()}, self.weights, self.bundle.classes.names,
+                       member_maps={n: torch.from_numpy(r["maps"]) for n, r in results.items()} if cam else None,
+                       size=(disp.size[1], disp.size[0]) if cam else None, work=self.map_work,
+                       class_name=class_name, all_classes=all_classes, missing=missing,
+                       uncertain_below=self.args.uncertain_below)
+        out["bundle"] = self.bundle.id
         if cam:
-            k = classes.index(class_name) if class_name else out["class_index"]
-            disp = display_copy(image, self.args.overlay_max_side)
-            size = (disp.size[1], disp.size[0])
-            cam_k = ensemble_map({n: torch.from_numpy(r["maps"][k]) for n, r in results.items()}, weights, size,
-                                 self.map_work)
-            g = {"class": classes[k], "overlay_png": b64(overlay(disp, cam_k, alpha)),
-                 "map_png": b64(map_image(cam_k))}
+            g = out["gradcam"]
+            out["gradcam"] = {"class": g["class"], "overlay_png": b64(overlay(disp, g["map"], alpha)),
+                              "map_png": b64(map_image(g["map"]))}
             if all_classes:
-                g["maps_png"] = {c: b64(map_image(ensemble_map(
-                    {n: torch.from_numpy(r["maps"][j]) for n, r in results.items()}, weights, size, self.map_work)))
-                    for j, c in enumerate(classes)}
-            out["gradcam"] = g
+                out["gradcam"]["maps_png"] = {c: b64(map_image(m)) for c, m in g["maps"].items()}
         return out
 
 

@@ -26,7 +26,7 @@ from skin.bundle import Bundle, write_bundle  # noqa: E402
 from skin.cache import build_cache, cache_side  # noqa: E402
 from skin.checkpoint import load_member  # noqa: E402
 from skin.data import ScanOptions, balance, load_classes, load_manifest, scan  # noqa: E402
-from skin.gradcam import explain_images  # noqa: E402
+from skin.ensemble import Predictor  # noqa: E402
 from skin.images import load_image  # noqa: E402
 from skin.metrics import compute_metrics  # noqa: E402
 from skin.synth import write_dataset  # noqa: E402
@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_macro_f1(bundle: Bundle, data: Path) -> float:
     df = load_manifest(data, "test")
-    probs = []
+    probs, predictor = [], Predictor(bundle)
     for start in range(0, len(df), 64):
         images = [load_image(p) for p in df.path.iloc[start:start + 64]]
-        probs += [r["probabilities"] for r in explain_images(bundle, images)]
+        probs += [r["probabilities"] for r in predictor.predict(images)]
     p = np.array([[d[c] for c in bundle.classes] for d in probs])
     return compute_metrics(df.label_index.to_numpy(), p, bundle.classes)["f1_macro"]
 

@@ -1,6 +1,6 @@
 """Grad-CAM faithfulness on the synthetic lesions, whose masks are known.
 
-For every test image: the ensemble map of the predicted class (skin.gradcam.explain_images, the
+For every test image: the ensemble map of the predicted class (skin.ensemble.Predictor, the
 same path as `skin explain` and the server); pointing game = its peak lies inside the lesion
 mask (target >= 0.80 of test images with the demo bundle); energy share = the map's mass inside
 the mask, reported per class.
@@ -19,8 +19,9 @@ from PIL import Image
 
 from skin.bundle import Bundle
 from skin.data import load_manifest
-from skin.gradcam import energy_inside, explain_images, pointing_hit
+from skin.ensemble import Predictor
 from skin.images import load_image
+from skin.metrics import energy_inside, pointing_hit
 
 
 def faithfulness(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "test",
@@ -32,12 +33,13 @@ def faithfulness(bundle: Bundle, data: str | Path, synth: str | Path, split: str
     df = load_manifest(data, split)
     hits, energy, area, correct = defaultdict(list), defaultdict(list), defaultdict(list), []
     rows = list(df.itertuples())
+    predictor = Predictor(bundle)
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         images = [load_image(r.path) for r in chunk]
-        for r, res in zip(chunk, explain_images(bundle, images)):
+        for r, res in zip(chunk, predictor.answers(images, cam=True)):
             mask = np.asarray(Image.open(masks[str(Path(r.path).resolve())])) > 127
-            cam = res["ensemble_map"]
+            cam = res["gradcam"]["map"]
             hits[r.label].append(pointing_hit(cam, mask))
             energy[r.label].append(energy_inside(cam, mask))
             area[r.label].append(float(mask.mean()))

@@ -31,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--actors", type=int, default=1, help="scorer actors (default 1; one per GPU on a cluster)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    from skin.device import AMP_CHOICES
+    p.add_argument("--amp", choices=AMP_CHOICES, default="off", help="backbone precision of the scorers, as "
+                   "`skin predict --amp` and a Serve member's amp (default off = fp32)")
     p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
     p.add_argument("--dry-run", action="store_true", help="print the resource plan of the scorer actors and exit "
                    "(0 when each fits a node or a node type the autoscaler can start, 2 when not)")
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     scored = ds.map_batches(
         BatchScorer, batch_size=a.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
-                               "threads": max(1, int(a.cpus_per_actor))},
+                               "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp},
         concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
     frame = _to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
     metrics = summarize(frame, bundle)

@@ -79,6 +79,9 @@ class Bundle:
     provenance: dict = field(default_factory=dict)
     untrained: bool = False
     version: int = FORMAT_VERSION
+    # the member entries exactly as bundle.json stores them: the id is checked against these, so a
+    # field this version no longer reads (e.g. crop_pct) keeps an older bundle's id valid
+    stored_members: tuple[dict, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def member_names(self) -> list[str]:
@@ -128,7 +131,7 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        expected = _bundle_id(self.classes, self.members, self.weights, self.version)
+        expected = _bundle_id(self.classes, self.stored_members or self.members, self.weights, self.version)
         if self.id != expected:
             raise BundleError(f"{self.root}/bundle.json was edited after the bundle was written: its id is "
                               f"{self.id!r} but its classes, members and weights hash to {expected!r}; restore it, "
@@ -178,7 +181,8 @@ def _from_json(root: Path, d: dict) -> Bundle:
     weights = tuple(float(weights_map[n]) for n in names)
     check_weights(weights)
     return Bundle(root, str(d.get("id", "")), classes, members, weights, d.get("metrics", {}) or {},
-                  d.get("provenance", {}) or {}, bool(d.get("untrained", False)), int(d["format_version"]))
+                  d.get("provenance", {}) or {}, bool(d.get("untrained", False)), int(d["format_version"]),
+                  tuple(d["members"]))
 
 
 def check_weights(weights: Sequence[float]) -> None:
@@ -197,15 +201,18 @@ def code_version() -> str:
     return f"{__version__}+{rev}" if rev else __version__
 
 
-def _bundle_id(classes: ClassMap, members: Sequence[MemberEntry], weights: Sequence[float],
+def _bundle_id(classes: ClassMap, members: Sequence[MemberEntry | dict], weights: Sequence[float],
                version: int = FORMAT_VERSION) -> str:
-    """The content hash that names a bundle (version 1 bundles keep their narrower id)."""
+    """The content hash that names a bundle (version 1 bundles keep their narrower id). `members`:
+    entries, or their JSON as stored."""
     h = hashlib.sha256()
     if version == 1:
         for m, w in zip(members, weights):
+            m = m if isinstance(m, MemberEntry) else MemberEntry.from_json(m)
             h.update(f"{m.name}:{m.sha256}:{w:.6f}:{m.temperature:.6f};".encode())
     else:
-        h.update(json.dumps({"classes": list(classes), "members": [m.to_json() for m in members],
+        h.update(json.dumps({"classes": list(classes),
+                             "members": [m.to_json() if isinstance(m, MemberEntry) else m for m in members],
                              "weights": [f"{w:.6f}" for w in weights]}, sort_keys=True).encode())
     return "sk-" + h.hexdigest()[:12]
 

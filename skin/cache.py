@@ -1,7 +1,8 @@
 """Training input: manifest datasets and the resized-image cache.
 
 Decoding full-size photographs every epoch starves a GPU. `skin data cache` decodes each image
-once, resizes it to a square of side round(1.15 x input size) (the train crop's head-room) and
+once, resizes it to a square of side round(1.15 x input size) (the train crop's head-room) with
+the member's own interpolation (its DataConfig, as the eval preset resizes), and
 stores all of them as one uint8 array, keyed by the manifest's content hash; training reads the
 cache when it matches. A file that became unreadable since the scan is skipped and counted.
 """
@@ -35,15 +36,26 @@ def manifest_key(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_paths(data_dir: str | Path, split: str, df: pd.DataFrame, side: int) -> tuple[Path, Path]:
-    base = Path(data_dir) / "cache" / f"{split}-{manifest_key(df)}-{side}"
+def resampling(interpolation: str) -> Image.Resampling:
+    """Pillow's filter for a DataConfig interpolation name (timm's names: bicubic, bilinear, ...)."""
+    try:
+        return Image.Resampling[interpolation.upper()]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}; one of "
+                         f"{', '.join(r.name.lower() for r in Image.Resampling)}") from None
+
+
+def cache_paths(data_dir: str | Path, split: str, df: pd.DataFrame, side: int,
+                interpolation: str = "bicubic") -> tuple[Path, Path]:
+    base = Path(data_dir) / "cache" / f"{split}-{manifest_key(df)}-{side}-{interpolation}"
     return base.with_suffix(".npy"), base.with_suffix(".json")
 
 
 def build_cache(data_dir: str | Path, split: str, df: pd.DataFrame, side: int,
-                progress: bool = True) -> Path:
+                progress: bool = True, interpolation: str = "bicubic") -> Path:
     """Write the cache for one manifest (distinct paths only); returns the .npy path."""
-    npy, meta = cache_paths(data_dir, split, df, side)
+    resample = resampling(interpolation)
+    npy, meta = cache_paths(data_dir, split, df, side, interpolation)
     if npy.is_file() and meta.is_file():
         return npy
     npy.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +67,7 @@ def build_cache(data_dir: str | Path, split: str, df: pd.DataFrame, side: int,
     for i, p in enumerate(paths):
         try:
             img = load_image(p, DATASET_LIMITS)
-            arr[i] = np.asarray(img.resize((side, side), Image.Resampling.BICUBIC))
+            arr[i] = np.asarray(img.resize((side, side), resample))
         except (ImageError, OSError):
             ok[i] = False
         if progress and ((i + 1) % 500 == 0 or i + 1 == len(paths)):
@@ -73,13 +85,13 @@ class ManifestDataset(Dataset):
     An unreadable image yields None, which `skip_none_collate` drops and counts."""
 
     def __init__(self, df: pd.DataFrame, transform: Callable, data_dir: str | Path | None = None,
-                 split: str | None = None, side: int | None = None) -> None:
+                 split: str | None = None, side: int | None = None, interpolation: str = "bicubic") -> None:
         self.paths = df["path"].tolist()
         self.labels = df["label_index"].astype(int).tolist()
         self.transform = transform
         self.cache = None
         if data_dir is not None and split is not None and side is not None:
-            npy, meta = cache_paths(data_dir, split, df, side)
+            npy, meta = cache_paths(data_dir, split, df, side, interpolation)
             if npy.is_file() and meta.is_file():
                 info = json.loads(meta.read_text())
                 index = {p: i for i, p in enumerate(info["paths"])}
@@ -125,6 +137,9 @@ def add_cache_parser(data_sub) -> None:
     s.add_argument("dir", help="a `skin data scan` output folder")
     from .cli import at_least
     s.add_argument("--image-size", type=at_least(16), default=224, help="member input size (cache side = 1.15 x this)")
+    from .registry import DEFAULT_MEMBERS, list_backbones
+    s.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=list_backbones(),
+                   help="members the cache is for: one cache per distinct interpolation of their weights")
     s.add_argument("--splits", nargs="+", default=["train_balanced", "train", "val"],
                    help="manifests to cache (missing ones are skipped)")
     s.set_defaults(fn=_cmd_cache)
@@ -132,11 +147,13 @@ def add_cache_parser(data_sub) -> None:
 
 def _cmd_cache(a) -> int:
     from .data import load_classes, load_manifest
+    from .registry import get_spec
     classes = load_classes(a.dir)
     for split in a.splits:
         if not (Path(a.dir) / f"{split}.csv").is_file():
             continue
         df = load_manifest(a.dir, split, classes)
-        npy = build_cache(a.dir, split, df, cache_side(a.image_size))
-        print(f"{split}: {npy} ({npy.stat().st_size / 1e6:.1f} MB)")
+        for interp in sorted({get_spec(m).data_config(a.image_size).interpolation for m in a.members}):
+            npy = build_cache(a.dir, split, df, cache_side(a.image_size), interpolation=interp)
+            print(f"{split}: {npy} ({npy.stat().st_size / 1e6:.1f} MB)")
     return 0

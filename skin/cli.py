@@ -55,6 +55,13 @@ def fraction(text: str) -> float:
     return v
 
 
+def add_amp_argument(parser: argparse.ArgumentParser) -> None:
+    from .device import AMP_CHOICES
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                        help="backbone precision: off = fp32 (default); auto = bf16 on a GPU; bf16 = also on "
+                        "a CPU with native bf16 (AVX512-BF16/AMX), as a server member with amp: bf16 runs")
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_synth(a) -> int:
     from .synth import write_dataset
@@ -133,27 +140,57 @@ def cmd_bundle_inspect(a) -> int:
 
 
 def cmd_predict(a) -> int:
+    """Images and folders (recursive) in-process, in batches, through skin.batch.BatchPredictor (the
+    unit of work of jobs/predict.py): one line per file, the API's JSON (--json) or the job's table (--out)."""
+    import pandas as pd
+    from .batch import BatchPredictor, answer_row, columns, error_row, list_inputs
+    from .images import ImageLimits
+    paths: list[str] = []
+    for item in a.images:
+        paths += list_inputs(item).paths if Path(item).is_dir() else [item]
+    scorer = BatchPredictor(a.bundle, uncertain_below=a.uncertain_below, amp=a.amp,
+                            limits=ImageLimits(formats=frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})))
+    rows, answers, failures = [], [], 0
+    for start in range(0, len(paths), a.batch_size):
+        for path, r, err in scorer.score(paths[start:start + a.batch_size]):
+            if r is None:
+                failures += 1
+                print(f"skin predict: {path}: {err}", file=sys.stderr)
+                rows.append(error_row(path, err, scorer.classes, scorer.members))
+                continue
+            rows.append(answer_row(path, r))
+            answers.append(r | {"file": str(path)})
+            if not a.json:
+                flag = "  [uncertain: " + "; ".join(r["uncertain_reasons"]) + "]" if r["uncertain"] else ""
+                print(f"{path}: {r['class']} ({r['confidence']:.1%}){flag}")
+    if a.out:
+        df = pd.DataFrame(rows, columns=columns(scorer.classes, scorer.members))
+        (df.to_parquet if a.out.endswith(".parquet") else df.to_csv)(a.out, index=False)
+        print(f"skin predict: {len(df)} rows ({failures} errors) -> {a.out}", file=sys.stderr)
+    if a.json:
+        single = len(a.images) == 1 and not Path(a.images[0]).is_dir()
+        print(json.dumps(answers if not single else (answers[0] if answers else []), indent=2))
+    return 1 if failures else 0
+
+def cmd_explain(a) -> int:
     from .bundle import Bundle
     from .ensemble import Predictor
-    from .images import ImageLimits, load_image
-    predictor = Predictor(Bundle.load(a.bundle), uncertain_below=a.uncertain_below, amp=a.amp)
-    failures = 0
-    results = []
-    for path in a.images:
-        try:
-            img = load_image(path, ImageLimits(formats=frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})))
-        except (ImageError, OSError) as e:
-            failures += 1
-            print(f"skin predict: {path}: {e}", file=sys.stderr)
-            continue
-        r = predictor.predict([img])[0] | {"file": str(path)}
-        results.append(r)
-        if not a.json:
-            flag = "  [uncertain: " + "; ".join(r["uncertain_reasons"]) + "]" if r["uncertain"] else ""
-            print(f"{path}: {r['class']} ({r['confidence']:.1%}){flag}")
-    if a.json:
-        print(json.dumps(results if len(a.images) > 1 else (results[0] if results else []), indent=2))
-    return 1 if failures else 0
+    from .images import load_image
+    from .render import overlay, png_bytes
+    bundle = Bundle.load(a.bundle)
+    if a.class_name:
+        bundle.classes.index(a.class_name)  # unknown names list the valid ones
+    img = load_image(a.image)
+    r = Predictor(bundle, amp=a.amp).answers([img], cam=True, class_name=a.class_name, each_member=a.members)[0]
+    g = r["gradcam"]
+    out = Path(a.out)
+    out.write_bytes(png_bytes(overlay(img, g["map"], a.alpha)))
+    print(f"{a.image}: {r['class']} ({r['confidence']:.1%}); Grad-CAM of {g['class']} -> {out}")
+    for n, m in g.get("members", {}).items():
+        p = out.with_name(f"{out.stem}-{n}{out.suffix}")
+        p.write_bytes(png_bytes(overlay(img, m, a.alpha)))
+        print(f"  {n}: {p}")
+    return 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -213,16 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bundle_inspect)
 
-    s = sub.add_parser("predict", help="classify images in-process with a bundle")
-    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s = sub.add_parser("predict", help="classify images (files or folders) in-process with a bundle",
+                       description="Classify images in-process, in batches. A folder is read recursively "
+                       "(.jpg .jpeg .png .webp). For a cluster, a manifest or a URI: jobs/predict.py.")
+    s.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     s.add_argument("--bundle", required=True)
     s.add_argument("--json", action="store_true", help="print the HTTP API's JSON shape")
+    s.add_argument("--out", help="also write jobs/predict.py's table (a row per file, errors included) to this "
+                   ".csv or .parquet file")
+    s.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
     s.add_argument("--uncertain-below", type=fraction, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
-    from .gradcam import add_amp_argument, add_explain_parser
     add_amp_argument(s)
     s.set_defaults(fn=cmd_predict)
 
-    add_explain_parser(sub)
+    s = sub.add_parser("explain", help="Grad-CAM overlay of the ensemble (and, with --members, each member)")
+    s.add_argument("image")
+    s.add_argument("--bundle", required=True)
+    s.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
+    s.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
+    s.add_argument("--members", action="store_true", help="also write OUT-<member>.png for each member")
+    s.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
+    add_amp_argument(s)
+    s.set_defaults(fn=cmd_explain)
     return p
 
 

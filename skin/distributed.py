@@ -7,7 +7,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .train import SCORE, TrainConfig, train_member
 
@@ -109,16 +109,18 @@ class Scaling:
 
 
 def make_trainer(cfg: TrainConfig, scaling: Scaling, name: str, storage_path: str,
-                 max_failures: int = 2, keep: int = 2):
-    """One TorchTrainer for one member: best checkpoints by val macro-F1, restarts on failure."""
+                 max_failures: int = 2, keep: int = 2, loop: Callable[[dict], None] = train_loop_per_worker,
+                 extra_config: dict | None = None):
+    """One TorchTrainer for one member: best checkpoints by val macro-F1, restarts on failure.
+    `loop` and `extra_config` let a caller wrap the worker function (tests inject faults this way)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.gpus_per_worker:
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(cfg),
+        loop,
+        train_loop_config=dataclasses.asdict(cfg) | (extra_config or {}),
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -1,5 +1,7 @@
-"""Ensemble inference in-process (no Ray): members' temperature-scaled softmax probabilities,
-averaged with the bundle's weights, in the JSON shape the HTTP API returns."""
+"""Ensemble inference in-process (no Ray): members' temperature-scaled probabilities (one path:
+skin.inference), averaged with the bundle's weights, and the answer in the JSON shape the HTTP
+API returns, with the ensemble Grad-CAM when asked. `assemble` builds that answer from members'
+outputs wherever they were computed: here, in a batch job, or in the Serve members."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -9,15 +11,12 @@ import torch
 from PIL import Image
 
 from .bundle import Bundle
-from .device import autocast, configure_device
+from .gradcam import ensemble_map, input_size, normalize, upsample
+from .inference import MemberRunner
 from .presets import to_batch
 from .registry import Member
 
 UNCERTAIN_BELOW = 0.5  # ensemble confidence under this is flagged for a second look
-
-
-def softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
 
 
 def combine(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -50,32 +49,73 @@ def describe(probs: np.ndarray, member_probs: Mapping[str, np.ndarray], weights:
     }
 
 
-class Predictor:
-    """Load a bundle once; answer lists of RGB images."""
+def assemble(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float], classes: Sequence[str], *,
+             member_maps: Mapping[str, torch.Tensor] | None = None, size: tuple[int, int] | None = None,
+             work: tuple[int, int] | None = None, class_name: str | None = None, all_classes: bool = False,
+             each_member: bool = False, missing: Sequence[str] = (),
+             uncertain_below: float = UNCERTAIN_BELOW) -> dict:
+    """One image's answer from its members' outputs: `member_probs` {name: (C,)}, and, for an
+    explanation, `member_maps` {name: (C, h, w)} with the image's `size` (H, W) and the maps' `work`
+    size (skin.gradcam.ensemble_map). Members in `missing` did not answer: the answer is then marked
+    degraded and uncertain. The explanation is under "gradcam": the class explained ("class", the
+    predicted one unless `class_name`), its ensemble map ("map", [0, 1] at `size`), every class's map
+    ("maps", with `all_classes`) and each member's own map ("members", with `each_member`)."""
+    classes = list(classes)
+    out = describe(combine(member_probs, weights), member_probs, weights, classes, uncertain_below)
+    out |= {"degraded": bool(missing), "missing_members": list(missing)}
+    if missing:
+        out["uncertain"] = True
+        out["uncertain_reasons"].append(f"degraded: answered without {list(missing)}")
+    if member_maps is not None:
+        if size is None:
+            raise ValueError("an explanation needs the image's size")
+        k = classes.index(class_name) if class_name else out["class_index"]
 
-    def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None,
-                 device: str = "cpu", uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off") -> None:
+        def ens(j: int) -> np.ndarray:
+            return ensemble_map({n: m[j] for n, m in member_maps.items()}, weights, size, work)
+        g = {"class": classes[k], "map": ens(k)}
+        if all_classes:
+            g["maps"] = {c: (g["map"] if j == k else ens(j)) for j, c in enumerate(classes)}
+        if each_member:
+            g["members"] = {n: normalize(upsample(m[k][None], size)[0]).numpy() for n, m in member_maps.items()}
+        out["gradcam"] = g
+    return out
+
+
+class Predictor:
+    """Load a bundle once; answer (and explain) lists of RGB images in-process."""
+
+    def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None, device: str = "cpu",
+                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off") -> None:
         self.bundle = bundle
         self.device = torch.device(device)
-        self.bf16 = configure_device(self.device, amp)  # skin.device's rule; "off" = fp32
-        self.members = {n: m.to(self.device).eval() for n, m in (members or bundle.load_members()).items()}
-        self.weights = {n: bundle.weight_of(n) for n in self.members}
+        loaded = members or bundle.load_members()
+        self.runners = {n: MemberRunner(m.to(self.device).eval(), bundle.entry(n).temperature, amp)
+                        for n, m in loaded.items()}
+        self.weights = {n: bundle.weight_of(n) for n in self.runners}
+        self.work = input_size({n: r.member for n, r in self.runners.items()})
         self.uncertain_below = uncertain_below
 
-    @torch.inference_mode()
-    def member_probs(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
-        out = {}
-        for name, m in self.members.items():
-            x = to_batch(images, m.data_config).to(self.device)
-            with autocast(self.device, self.bf16):  # the backbone; the head in fp32, as skin.gradcam runs it
-                feats = m.forward_features(x)
-            logits = m.forward_head(m.pool(feats.float()))
-            out[name] = softmax(logits, self.bundle.entry(name).temperature).cpu().numpy()
-        return out
+    def member_outputs(self, images: Sequence[Image.Image], cam: bool = False
+                       ) -> dict[str, tuple[np.ndarray, torch.Tensor | None]]:
+        """{member: (probabilities (B, C), all-class maps (B, C, h, w) or None)}."""
+        return {n: r(to_batch(list(images), r.member.data_config), cam=cam) for n, r in self.runners.items()}
 
-    def predict(self, images: list[Image.Image]) -> list[dict]:
-        mp = self.member_probs(images)
-        probs = combine(mp, self.weights)
-        return [describe(probs[i], {n: p[i] for n, p in mp.items()}, self.weights,
-                         self.bundle.classes.names, self.uncertain_below) | {"bundle": self.bundle.id}
-                for i in range(len(images))]
+    def member_probs(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        return {n: p for n, (p, _) in self.member_outputs(images).items()}
+
+    def answers(self, images: Sequence[Image.Image], cam: bool = False, class_name: str | None = None,
+                all_classes: bool = False, each_member: bool = False) -> list[dict]:
+        """One `assemble`d answer per image (with its Grad-CAM when `cam`), tagged with the bundle id."""
+        outs = self.member_outputs(images, cam)
+        results = []
+        for i, img in enumerate(images):
+            maps = {n: m[i] for n, (_, m) in outs.items()} if cam else None
+            results.append(assemble({n: p[i] for n, (p, _) in outs.items()}, self.weights, self.bundle.classes.names,
+                                    member_maps=maps, size=(img.size[1], img.size[0]), work=self.work,
+                                    class_name=class_name, all_classes=all_classes, each_member=each_member,
+                                    uncertain_below=self.uncertain_below) | {"bundle": self.bundle.id})
+        return results
+
+    def predict(self, images: Sequence[Image.Image]) -> list[dict]:
+        return self.answers(images)

@@ -18,23 +18,25 @@ from .bundle import Bundle, update_metrics
 from .classes import ClassMap
 from .ensemble import combine
 from .images import DATASET_LIMITS, ImageError, load_image
+from .inference import MemberRunner
 from .metrics import compute_metrics, confusion_figure, reliability_figure
-from .presets import eval_preset
+from .presets import to_batch
 
 
 class BatchScorer:
     """Callable on a batch {"path": [...], "label_index": [...]}: adds each member's temperature-
-    scaled probabilities as "<member>" columns and an "ok" flag (False: unreadable, skipped)."""
+    scaled probabilities as "<member>" columns (skin.inference, the path `skin predict` runs, at
+    the precision `amp` asks for) and an "ok" flag (False: unreadable, skipped)."""
 
-    def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None) -> None:
+    def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None,
+                 amp: str = "off") -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.members = {n: m.to(self.device) for n, m in self.bundle.load_members().items()}
-        self.presets = {n: eval_preset(m.data_config) for n, m in self.members.items()}
+        self.runners = {n: MemberRunner(m.to(self.device).eval(), self.bundle.entry(n).temperature, amp)
+                        for n, m in self.bundle.load_members().items()}
 
-    @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         paths = list(batch["path"])
         images, ok = [], []
@@ -47,18 +49,16 @@ class BatchScorer:
         out = {"path": np.array(paths, dtype=object), "label_index": np.asarray(batch["label_index"]),
                "ok": np.array(ok)}
         c = len(self.bundle.classes)
-        for name, m in self.members.items():
+        for name, run in self.runners.items():
             probs = np.full((len(paths), c), np.nan, dtype=np.float32)
             if images:
-                x = torch.stack([self.presets[name](im) for im in images]).to(self.device)
-                t = self.bundle.entry(name).temperature
-                probs[np.array(ok)] = torch.softmax(m(x).float() / t, -1).cpu().numpy()
+                probs[np.array(ok)] = run(to_batch(images, run.member.data_config))[0]
             out[name] = probs
         return out
 
 
-def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32) -> pd.DataFrame:
-    scorer = BatchScorer(bundle_dir)
+def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: str = "off") -> pd.DataFrame:
+    scorer = BatchScorer(bundle_dir, amp=amp)
     parts = []
     for start in range(0, len(df), batch_size):
         chunk = df.iloc[start:start + batch_size]

@@ -99,3 +99,16 @@ def reliability_figure(y: np.ndarray, probs: np.ndarray, title: str = "", bins: 
     ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- faithfulness of maps
+def pointing_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
+    """Pointing game (Zhang et al. 2016): is the map's peak inside the lesion mask?"""
+    i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return bool(mask[i, j])
+
+
+def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's total mass that lies inside the mask (energy-based pointing game)."""
+    total = float(cam.sum())
+    return float(cam[mask].sum()) / total if total > 0 else 0.0

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from .cache import ManifestDataset, cache_side, skip_none_collate
 from .checkpoint import atomic_write_json, load_tensors, save_member, save_tensors
 from .classes import ClassMap
 from .data import DatasetError, load_classes, load_manifest, training_split
+from .inference import calibrated, member_logits
 from .metrics import compute_metrics
 from .device import check_amp, configure_device
 from .presets import eval_preset, train_preset
@@ -66,8 +66,6 @@ class TrainConfig:
     # bf16 autocast: "auto" = on a GPU only; "bf16" = also on a CPU with native bf16 (avx512_bf16 /
     # AMX: ResNet50 trains 1.7x faster here, depthwise-conv members slower); "off" = fp32
     amp: str = "auto"
-    kill_after_epoch: int | None = None  # fault injection for tests: SIGKILL self once, in the next epoch
-    kill_marker: str | None = None
 
     def validate(self) -> None:
         get_spec(self.backbone)
@@ -194,13 +192,14 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
     # On a GPU the per-pixel half of the augmentation runs batched on the device (the loader
     # sends uint8); on a CPU the whole preset stays in the loader, beside the training process.
     on_device = runtime.device.type == "cuda"
-    train_ds = ManifestDataset(train_df, preset.sample if on_device else preset, data_dir, tr_split, side)
+    interp = member.data_config.interpolation  # the cache resizes as the member's presets do
+    train_ds = ManifestDataset(train_df, preset.sample if on_device else preset, data_dir, tr_split, side, interp)
     # Validation is split by rank into contiguous blocks without padding (Ray's prepare_data_loader
     # would pad the last shard with repeated rows) and concatenated back in `validate`: every val
     # row scored exactly once, in manifest order (unreadable rows dropped, as in one process).
     block = np.array_split(np.arange(len(val_df)), runtime.world_size)[runtime.rank]
     val_df = val_df.iloc[block]
-    val_ds = ManifestDataset(val_df, eval_preset(member.data_config), data_dir, "val", side)
+    val_ds = ManifestDataset(val_df, eval_preset(member.data_config), data_dir, "val", side, interp)
     # Worker processes only pay off beside a GPU or with CPUs to spare; a GPU eats far more images.
     cap = 8 if runtime.device.type == "cuda" else 4
     workers = cfg.num_workers if cfg.num_workers >= 0 else (0 if runtime.cpus <= 2 else min(cap, int(runtime.cpus) - 1))
@@ -214,19 +213,18 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
 
 
 @torch.no_grad()
-def score_loader(model: nn.Module, loader, device, amp: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities, labels and summed cross-entropy of every readable row of `loader`."""
-    model.eval()
+def score_loader(member: Member, loader, device, amp: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities (T = 1), labels and summed cross-entropy of every readable row of `loader`,
+    through skin.inference's member path (the one prediction and serving run)."""
+    member.eval()
     probs, ys, loss_sum = [], [], 0.0
     for x, y, _ in loader:
         if x is None:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        logits = logits.float()
+        logits = member_logits(member, x, amp)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        probs.append(calibrated(logits).cpu().numpy())
         ys.append(y.cpu().numpy())
     n = len(probs[0][0]) if probs else 0
     return (np.concatenate(probs) if probs else np.zeros((0, n), np.float32),
@@ -239,9 +237,9 @@ def val_metrics(probs: np.ndarray, labels: np.ndarray, loss_sum: float, classes:
             "val_balanced_accuracy": m["balanced_accuracy"], SCORE: m["f1_macro"]}
 
 
-def evaluate_loader(model: nn.Module, loader, device, classes: ClassMap, amp: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_loader(member: Member, loader, device, classes: ClassMap, amp: bool) -> tuple[dict, np.ndarray, np.ndarray]:
     """One process: metrics, probabilities and labels of a whole loader."""
-    p, y, loss = score_loader(model, loader, device, amp)
+    p, y, loss = score_loader(member, loader, device, amp)
     return val_metrics(p, y, loss, classes), p, y
 
 
@@ -254,19 +252,6 @@ def validate(member: Member, loader, runtime: Runtime, classes: ClassMap, amp: b
     probs = np.concatenate([p for p, _, _ in parts if len(p)] or [parts[0][0]])
     labels = np.concatenate([y for _, y, _ in parts])
     return val_metrics(probs, labels, sum(loss for _, _, loss in parts), classes), probs, labels
-
-
-def _maybe_kill(cfg: TrainConfig, epoch: int, log: Callable[[str], None]) -> None:
-    """Fault injection for tests: SIGKILL this worker once, mid-way through the epoch after
-    `kill_after_epoch` (after that epoch's checkpoint was reported and registered)."""
-    if cfg.kill_after_epoch is None or epoch != cfg.kill_after_epoch or not cfg.kill_marker:
-        return
-    if Path(cfg.kill_marker).exists():
-        return
-    time.sleep(2.0)  # let the controller collect the previous report before the crash
-    Path(cfg.kill_marker).write_text(str(os.getpid()))
-    log(f"fault injection: killing worker process {os.getpid()} during epoch {epoch + 1}")
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module, x: torch.Tensor,
@@ -289,10 +274,41 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Modul
     return loss.detach()
 
 
-def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> dict:
-    """Train one member; returns the last epoch's metrics."""
-    run_start = time.time()  # this worker's run began (before the model, data and first epoch)
-    cfg.validate()
+# A hook called after every optimisation step with (epoch, step within the epoch): progress bars,
+# profilers, or a test that kills the worker mid-epoch to rehearse a restart.
+StepHook = Callable[[int, int], None]
+
+
+@dataclass
+class _Run:
+    """What one worker trains with, built once by `_setup`."""
+    member: Member
+    model: nn.Module  # the member, wrapped by the runtime (DDP across workers)
+    opt: torch.optim.Optimizer
+    criterion: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    batch_augment: Callable[[torch.Tensor], torch.Tensor] | None
+    classes: ClassMap
+    amp: bool
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def make_optimizer(member: Member, cfg: TrainConfig, random_init: bool) -> torch.optim.AdamW:
+    """AdamW with the head at the peak LR and the backbone at `backbone_lr_mult` of it (1.0 from
+    scratch, 0.1 from pretrained weights); each group keeps its `base_lr` for the schedule."""
+    head_lr = cfg.lr or member.spec.lr
+    mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (1.0 if random_init else 0.1)
+    return torch.optim.AdamW([
+        {"params": list(member.backbone.parameters()), "lr": head_lr * mult, "base_lr": head_lr * mult},
+        {"params": list(member.head.parameters()), "lr": head_lr, "base_lr": head_lr},
+    ], weight_decay=cfg.weight_decay)
+
+
+def _setup(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None]) -> _Run:
+    """Threads, seed, model, loaders, precision and optimizer of one worker."""
     threads = cfg.threads or max(1, int(round(runtime.cpus)))
     torch.set_num_threads(threads)  # Ray sets 1 thread in fractional-CPU workers
     torch.manual_seed(cfg.seed + runtime.rank)
@@ -302,81 +318,101 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
                           input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None,
                           output_stride=cfg.output_stride)
     train_loader, val_loader, cached, batch_augment = _loaders(cfg, member, classes, runtime)
-    device = runtime.device
-    amp = configure_device(device, cfg.amp)
+    amp = configure_device(runtime.device, cfg.amp)
     if cfg.amp == "bf16" and not amp:
         log(f"[{cfg.backbone}] amp=bf16 asked for, but this CPU has no native bf16: training in fp32")
     if cfg.channels_last:
         member = member.to(memory_format=torch.channels_last)
     model = runtime.prepare_model(member)
-    spec = member.spec
-    head_lr = cfg.lr or spec.lr
-    mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (1.0 if random_init else 0.1)
-    opt = torch.optim.AdamW([
-        {"params": list(member.backbone.parameters()), "lr": head_lr * mult, "base_lr": head_lr * mult},
-        {"params": list(member.head.parameters()), "lr": head_lr, "base_lr": head_lr},
-    ], weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
-    total, warmup = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    start_epoch, resumed = 0, {}
-    ckpt = runtime.latest_checkpoint()
-    if ckpt:
-        state = json.loads(Path(ckpt, "state.json").read_text())
-        weights = load_tensors(Path(ckpt, "model.safetensors"))
-        member.load_state_dict(weights)
-        _load_optimizer(opt, load_tensors(Path(ckpt, "optimizer.safetensors")))
-        start_epoch = state["epoch"]
-        resumed = {"resumed_from_epoch": start_epoch, "resumed_weights_digest": state_digest(member.state_dict())}
-        log(f"[{spec.name}] resumed from epoch {start_epoch} ({ckpt})")
-
+    steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if runtime.world_size > 1:
-        log(f"[{spec.name}] rank {runtime.rank}/{runtime.world_size} on node {runtime.node}")
-    log(f"[{spec.name}] {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
-        f"{member.data_config.input_size}px, {threads} threads, device {device}{', bf16' if amp else ''}, "
+        log(f"[{member.spec.name}] rank {runtime.rank}/{runtime.world_size} on node {runtime.node}")
+    log(f"[{member.spec.name}] {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
+        f"{member.data_config.input_size}px, {threads} threads, device {runtime.device}{', bf16' if amp else ''}, "
         f"cache {'on' if cached else 'off'}")
+    return _Run(member, model, make_optimizer(member, cfg, random_init),
+                nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), train_loader, val_loader, batch_augment,
+                classes, amp, steps, steps * cfg.epochs, max(1, int(cfg.warmup_epochs * steps)))
+
+
+def restore(run: _Run, runtime: Runtime, log: Callable[[str], None]) -> tuple[int, dict]:
+    """Resume from the runtime's latest checkpoint (weights + optimizer): (first epoch to run, what
+    the reports carry to show the resume)."""
+    ckpt = runtime.latest_checkpoint()
+    if not ckpt:
+        return 0, {}
+    state = json.loads(Path(ckpt, "state.json").read_text())
+    run.member.load_state_dict(load_tensors(Path(ckpt, "model.safetensors")))
+    _load_optimizer(run.opt, load_tensors(Path(ckpt, "optimizer.safetensors")))
+    log(f"[{run.member.spec.name}] resumed from epoch {state['epoch']} ({ckpt})")
+    return state["epoch"], {"resumed_from_epoch": state["epoch"],
+                            "resumed_weights_digest": state_digest(run.member.state_dict())}
+
+
+def train_epoch(run: _Run, cfg: TrainConfig, epoch: int, on_step: StepHook | None = None) -> tuple[float, int, int]:
+    """One epoch of optimisation: (mean train loss, images seen, unreadable images skipped)."""
+    frozen = epoch < cfg.freeze_epochs
+    for p in run.member.backbone.parameters():
+        p.requires_grad_(not frozen)
+    run.model.train()
+    sampler = getattr(run.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    loss_sum, seen, skipped = torch.zeros((), device=next(run.member.parameters()).device), 0, 0
+    step = epoch * run.steps_per_epoch
+    for i, (x, y, n_skip) in enumerate(run.train_loader):
+        if i >= run.steps_per_epoch:
+            break
+        skipped += n_skip
+        if x is None:
+            continue
+        for g in run.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, run.total_steps, run.warmup_steps)
+        loss_sum += train_step(run.model, run.opt, run.criterion, x, y, run.amp, cfg.channels_last,
+                               run.batch_augment) * len(y)
+        if on_step is not None:
+            on_step(epoch, i)
+        seen += len(y)
+        step += 1
+    return loss_sum.item() / max(seen, 1), seen, skipped  # .item(): the one host sync of the epoch
+
+
+def save_checkpoint(run: _Run, cfg: TrainConfig, runtime: Runtime, epoch: int, val: dict, probs: np.ndarray,
+                    labels: np.ndarray, metrics: dict) -> None:
+    """Report the epoch's metrics with a checkpoint written by rank 0: weights + member metadata,
+    optimizer state, the val probabilities (for temperature and weight fitting) and the config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if runtime.rank == 0:
+            save_member(run.member, tmp, extra={"classes": list(run.classes), "epoch": epoch + 1, "metrics": dict(val)})
+            save_tensors(Path(tmp, "optimizer.safetensors"), _optimizer_tensors(run.opt))
+            save_tensors(Path(tmp, "val_probs.safetensors"),
+                         {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(labels)})
+            atomic_write_json(Path(tmp, "state.json"), {"epoch": epoch + 1, "config": asdict(cfg)})
+        runtime.report(metrics, tmp if runtime.rank == 0 else None)
+
+
+def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print,
+                 on_step: StepHook | None = None) -> dict:
+    """Train one member; returns the last epoch's metrics."""
+    run_start = time.time()  # this worker's run began (before the model, data and first epoch)
+    cfg.validate()
+    run = _setup(cfg, runtime, log)
+    start_epoch, resumed = restore(run, runtime, log)
+    name = run.member.spec.name
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        frozen = epoch < cfg.freeze_epochs
-        for p in member.backbone.parameters():
-            p.requires_grad_(not frozen)
-        model.train()
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        loss_sum, seen, skipped, step = torch.zeros((), device=device), 0, 0, epoch * steps_per_epoch
-        for i, (x, y, n_skip) in enumerate(train_loader):
-            if i >= steps_per_epoch:
-                break
-            skipped += n_skip
-            if x is None:
-                continue
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, total, warmup)
-            loss_sum += train_step(model, opt, criterion, x, y, amp, cfg.channels_last,
-                                   batch_augment) * len(y)
-            _maybe_kill(cfg, epoch, log)
-            seen += len(y)
-            step += 1
-        loss_sum = loss_sum.item()  # the one host sync of the training phase
+        train_loss, seen, skipped = train_epoch(run, cfg, epoch, on_step)
         train_s = time.time() - t0
-        val, probs, ys = validate(member, val_loader, runtime, classes, amp)
-        metrics = {"epoch": epoch + 1, "member": spec.name, "train_loss": loss_sum / max(seen, 1),
+        val, probs, labels = validate(run.member, run.val_loader, runtime, run.classes, run.amp)
+        metrics = {"epoch": epoch + 1, "member": name, "train_loss": train_loss,
                    **val, "skipped_images": skipped, "epoch_start": t0, "epoch_end": time.time(),
                    "epoch_s": time.time() - t0, "train_images_per_s": seen / max(train_s, 1e-9),
-                   "lr": opt.param_groups[1]["lr"], "frozen_backbone": frozen, "run_start": run_start, **resumed}
-        log(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
+                   "lr": run.opt.param_groups[1]["lr"], "frozen_backbone": epoch < cfg.freeze_epochs,
+                   "run_start": run_start, **resumed}
+        log(f"[{name}] epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} "
             f"val_loss {val['val_loss']:.4f} val_acc {val['val_accuracy']:.4f} "
             f"val_f1 {val[SCORE]:.4f} ({metrics['epoch_s']:.1f}s, {metrics['train_images_per_s']:.0f} img/s"
             f"{', skipped ' + str(skipped) if skipped else ''})")
-        with tempfile.TemporaryDirectory() as tmp:
-            if runtime.rank == 0:
-                save_member(member, tmp, extra={"classes": list(classes), "epoch": epoch + 1,
-                                                "metrics": {k: v for k, v in val.items()}})
-                save_tensors(Path(tmp, "optimizer.safetensors"), _optimizer_tensors(opt))
-                save_tensors(Path(tmp, "val_probs.safetensors"),
-                             {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(ys)})
-                atomic_write_json(Path(tmp, "state.json"), {"epoch": epoch + 1, "config": asdict(cfg)})
-            runtime.report(metrics, tmp if runtime.rank == 0 else None)
+        save_checkpoint(run, cfg, runtime, epoch, val, probs, labels, metrics)
     return metrics

@@ -121,12 +121,12 @@ def test_output_stride_travels_with_the_bundle(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_bf16_predict_and_explain_agree(random_bundle, monkeypatch, native):
-    """`skin predict --amp bf16` and the server's member path (Explainer, as `amp: bf16` runs it)
+    """`skin predict --amp bf16` and the server's member path (MemberRunner with cam, as `amp: bf16` runs it)
     give the same probabilities; bf16 only where the CPU has it natively, fp32 otherwise; the maps
     stay fp32."""
     import torch
     import skin.device
-    from skin.gradcam import Explainer
+    from skin.inference import MemberRunner
     from skin.presets import to_batch
     monkeypatch.setattr(skin.device, "cpu_has_native_bf16", lambda: native)
     b = Bundle.load(random_bundle)
@@ -134,9 +134,8 @@ def test_amp_bf16_predict_and_explain_agree(random_bundle, monkeypatch, native):
     fp32 = Predictor(b).member_probs(imgs)
     bf16 = Predictor(b, amp="bf16").member_probs(imgs)
     members = b.load_members()
-    ex = Explainer(members, {e.name: e.temperature for e in b.members}, amp="bf16")
     for n, m in members.items():
-        probs, maps = ex.member_outputs(n, to_batch(imgs, m.data_config))
+        probs, maps = MemberRunner(m.eval(), b.entry(n).temperature, amp="bf16")(to_batch(imgs, m.data_config), cam=True)
         assert maps.dtype == torch.float32
         assert np.allclose(probs, bf16[n], atol=1e-5)
         assert np.allclose(bf16[n], fp32[n], atol=0.05)

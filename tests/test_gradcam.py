@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from skin.gradcam import GradCAM, Explainer, ensemble_map, normalize, overlay, png_bytes, upsample
+from skin.gradcam import GradCAM, ensemble_map, normalize, upsample
+from skin.inference import MemberRunner
+from skin.render import overlay, png_bytes
 from skin.registry import DEFAULT_MEMBERS, create_model
 
 SIZE = 96
@@ -113,9 +115,8 @@ def test_general_path_on_another_layer():
 
 def test_maps_have_the_image_size_and_overlay():
     members = {n: _member(n)[0] for n in DEFAULT_MEMBERS}
-    ex = Explainer(members)
     x = torch.randn(1, 3, SIZE, SIZE)
-    maps = {n: ex.member_outputs(n, x)[1][0, 2] for n in members}
+    maps = {n: MemberRunner(m)(x, cam=True)[1][0, 2] for n, m in members.items()}
     img = Image.new("RGB", (150, 100), (200, 160, 140))
     cam = ensemble_map(maps, {"mobilenetv2": 0.3, "efficientnet_b1": 0.3, "resnet50": 0.4}, (100, 150))
     assert cam.shape == (100, 150) and 0 <= cam.min() and cam.max() <= 1

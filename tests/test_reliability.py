@@ -218,7 +218,7 @@ def test_full_size_load_and_fault_run():
                          text=True, timeout=3000).stdout
     load = re.search(r"load: .*?: (\d+) errors", out)
     growth = re.search(r"\(([+-][\d.]+)%; must stay", out)
-    recovery = re.search(r"every request succeeds again ([\d.]+) s.*?(\d+)/16 succeed", out)
+    recovery = re.search(r"every request started \+?([\d.]+) s after the kill or later succeeded.*?(\d+)/16 succeed", out)
     assert load and int(load.group(1)) == 0, out
     assert growth and float(growth.group(1)) < 10, out
     assert recovery and float(recovery.group(1)) <= 30 and recovery.group(2) == "16", out

@@ -155,11 +155,31 @@ def test_evaluate_job_with_ray_data(ray_local, trained, scanned, tmp_path):
     assert Bundle.load(tmp_path / "bundle").metrics["ensemble"]["accuracy"] == metrics["ensemble"]["accuracy"]
 
 
+def _loop_that_dies_once(config: dict) -> None:
+    """Ray Train's worker function with a fault: SIGKILL this worker once, mid-way through epoch 2
+    (after epoch 1's checkpoint was reported), then train as usual after Train restarts it."""
+    import os
+    import signal
+    import time
+    from skin.distributed import RayRuntime
+    marker = Path(config["_kill_marker"])
+
+    def kill(epoch: int, step: int) -> None:
+        if epoch == 1 and not marker.exists():
+            time.sleep(2.0)  # let the controller collect the previous report before the crash
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+    train_member(TrainConfig.from_dict(config), RayRuntime(), on_step=kill)
+
+
 def test_worker_killed_mid_run_resumes(ray_local, scanned, tmp_path):
+    import sys
+    import ray.cloudpickle
     from skin.distributed import Scaling, fit_concurrently, make_trainer
-    cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), **(TINY | {"epochs": 3}),
-                      kill_after_epoch=1, kill_marker=str(tmp_path / "killed"))
-    trainer = make_trainer(cfg, Scaling(1, 0.5), "kill", str(tmp_path / "storage"), max_failures=2, keep=None)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), **(TINY | {"epochs": 3}))
+    trainer = make_trainer(cfg, Scaling(1, 0.5), "kill", str(tmp_path / "storage"), max_failures=2, keep=None,
+                           loop=_loop_that_dies_once, extra_config={"_kill_marker": str(tmp_path / "killed")})
     result = fit_concurrently({"m": trainer})["m"]
     assert (tmp_path / "killed").is_file()  # the worker really was killed once
     assert result.metrics["epoch"] == 3

@@ -1,0 +1,125 @@
+"""Score unlabelled photographs with a bundle: Ray Data batch inference, streaming and resumable.
+
+    python jobs/predict.py --bundle OUT/bundle --input PHOTOS --out SCORES [--cam] [--workers 2]
+    ray job submit --working-dir . -- python jobs/predict.py --bundle ... --input ... --out ...
+
+--input is a folder (recursive; .jpg .jpeg .png .webp), a CSV/Parquet manifest with a `path`
+column (relative paths from the manifest's folder), or a URI pyarrow resolves (s3://bucket/prefix,
+gs://..., file:///...). Paths stream through `map_batches` over a pool of predictor actors (each
+loads the bundle once; members on GPUs when --gpus-per-worker is set, fractional allowed); each
+actor decodes, applies the eval preset and answers through the same path as `skin predict`.
+
+Writes OUT/predictions.csv and OUT/predictions.parquet: one row per input file in input order,
+with path, class, confidence, p_<class> for every class, top_<member>, uncertain and its reasons,
+and error (the HTTP API's message for a file that cannot be scored; such a file never stops the
+job). --cam also writes each overlay under OUT/cam/, mirroring the input tree.
+
+Re-running with the same OUT scores only the files not yet in it: a killed job loses at most the
+batches in flight. OUT is bound to one bundle (OUT/run.json): another bundle refuses to append.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from skin.cli import add_amp_argument, at_least, fraction
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, help="bundle folder (readable from every node)")
+    p.add_argument("--input", required=True, metavar="SRC", help="folder, CSV/Parquet manifest with a `path` column, or URI")
+    p.add_argument("--out", required=True, help="output folder (predictions.csv/.parquet, run.json, summary.json, cam/)")
+    p.add_argument("--cam", action="store_true", help="also write each Grad-CAM overlay PNG under OUT/cam/")
+    p.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity with --cam (default 0.4)")
+    p.add_argument("--workers", type=at_least(1), default=1, help="predictor actors (default 1; one per GPU on a cluster)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per actor, its torch threads follow (default: what the plan gives, up to the node)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (fractions share a GPU)")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="images per batch (default 16)")
+    p.add_argument("--uncertain-below", type=fraction, default=0.5, help="flag answers under this confidence")
+    add_amp_argument(p)
+    p.add_argument("--progress-every", type=at_least(1), default=500, help="a progress line every N files (default 500)")
+    p.add_argument("--dry-run", action="store_true", help="list the inputs, print the resource plan and exit")
+    p.add_argument("--node-types", metavar="FILE", help="autoscaling node types (`ray up` YAML or KubeRay manifest)")
+    p.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset")
+    return p.parse_args(argv)
+
+
+class Progress:
+    """A line every `every` files: done/total, images/s over this run, ETA."""
+
+    def __init__(self, total: int, every: int) -> None:
+        self.total, self.every, self.done, self.t0, self.next = total, every, 0, time.perf_counter(), every
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.done >= self.next or self.done == self.total:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"predict: {self.done}/{self.total} files, {rate:.1f} images/s, ETA {eta:.0f}s", flush=True)
+            while self.next <= self.done:
+                self.next += self.every
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from skin.batch import InputError, PredictionStore, format_summary, list_inputs, summary
+    from skin.bundle import Bundle
+    from skin.checkpoint import CheckpointError
+    try:
+        bundle = Bundle.load(a.bundle)
+        inputs = list_inputs(a.input)
+        if not inputs.paths:
+            raise InputError(f"no images in {a.input} (looked for {', '.join(('.jpg', '.jpeg', '.png', '.webp'))})")
+        store = PredictionStore(a.out, bundle)
+        done = store.open()
+    except (InputError, CheckpointError, FileNotFoundError) as e:
+        print(f"predict.py: {e}", file=sys.stderr)
+        return 2
+    todo = [p for p in inputs.paths if p not in done]
+    print(f"predict: bundle {bundle.id}; {len(inputs.paths)} files in {a.input}, {len(done)} already scored in "
+          f"{a.out}, {len(todo)} to score", flush=True)
+    t0 = time.time()
+    if todo:
+        import ray
+        from skin.batch import BatchPredictor
+        from skin.distributed import init_ray, plan_or_exit
+        from skin.plan import Group
+        init_ray(a.num_cpus)
+        try:
+            plan = plan_or_exit("predict.py", [Group("predictor", a.workers, a.cpus_per_worker, a.gpus_per_worker)],
+                                a.node_types, a.dry_run, a.scale_timeout)
+        except SystemExit as e:
+            return int(e.code or 0)
+        cpus = a.cpus_per_worker or plan.groups[0].cpus
+        ds = ray.data.from_items([{"path": p} for p in todo],
+                                 override_num_blocks=max(1, min(len(todo) // a.batch_size, 1000)))
+        scored = ds.map_batches(
+            BatchPredictor, batch_size=a.batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"bundle_dir": str(bundle.root.resolve()), "threads": max(1, int(cpus)),
+                                   "amp": a.amp, "uncertain_below": a.uncertain_below, "alpha": a.alpha,
+                                   "cam_dir": str(Path(a.out, "cam").resolve()) if a.cam else None,
+                                   "cam_root": inputs.root},
+            concurrency=a.workers, num_cpus=cpus, num_gpus=a.gpus_per_worker or None)
+        progress = Progress(len(todo), a.progress_every)
+        for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
+            store.append(batch)  # flushed: a killed job loses at most the batches in flight
+            progress.add(len(batch))
+    elif a.dry_run:
+        print("predict: nothing to score")
+        return 0
+    df = store.finish(inputs.paths)
+    s = summary(df, time.time() - t0, len(todo))
+    Path(a.out, "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+    print(f"predict: {format_summary(s)}\npredict: {store.csv} and {Path(a.out, 'predictions.parquet')}"
+          + (f"; overlays under {Path(a.out, 'cam')}" if a.cam else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The one member-inference path: a prepared batch -> a member's logits, its temperature-scaled
+probabilities and, on request, every class's Grad-CAM map.
+
+Prediction (`skin.ensemble.Predictor`), explanation, evaluation (`skin.evaluation.BatchScorer`),
+batch inference (`skin.batch`), training's validation (`skin.train.score_loader`, T = 1) and the
+Serve member all call it, so a member answers the same wherever it runs. The backbone runs in
+bf16 where the member's `amp` says so (`skin.device`); the pooled features, the head and the
+maps always run in fp32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .device import autocast, configure_device
+from .gradcam import GradCAM
+from .registry import Member
+
+
+def member_logits(member: Member, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Logits (fp32) of a prepared batch: the backbone under bf16 autocast when asked, the head in fp32."""
+    with autocast(x.device, bf16):
+        feats = member.forward_features(x)
+    return member.forward_head(member.pool(feats.float()))
+
+
+def calibrated(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Temperature-scaled softmax (Guo et al. 2017): the member's probabilities as the bundle serves them."""
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+class MemberRunner:
+    """One member ready to answer: in eval mode on its device, with its temperature and precision.
+
+        run = MemberRunner(member, temperature=1.3, amp="off")
+        probs, maps = run(x, cam=True)      # (B, C) numpy, (B, C, h, w) tensor on the CPU
+    """
+
+    def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off") -> None:
+        if member.training:
+            raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
+        self.member = member
+        self.temperature = float(temperature)
+        self.device = next(member.parameters()).device
+        self.bf16 = configure_device(self.device, amp)  # False where the device lacks native bf16
+
+    def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
+        x = x.to(self.device)
+        if cam:  # one forward pass + the head's Jacobian: all classes' maps (skin.gradcam)
+            with GradCAM(self.member) as g, autocast(x.device, self.bf16):
+                logits, maps = g(x)
+            maps = maps.cpu()
+        else:
+            with torch.inference_mode():
+                logits, maps = member_logits(self.member, x, self.bf16), None
+        return calibrated(logits, self.temperature).cpu().numpy(), maps

@@ -1,0 +1,79 @@
+"""One member-inference path (skin.inference): prediction, explanation, evaluation, batch
+inference and training's validation give the same probabilities for the same images, and
+`assemble` builds the same answer for the CLI, the batch job and the server."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from skin.bundle import Bundle, derive_bundle
+from skin.ensemble import Predictor, assemble
+from skin.inference import MemberRunner, calibrated
+from skin.synth import make_sample
+
+
+@pytest.fixture(scope="module")
+def warm_bundle(random_bundle, tmp_path_factory):
+    """The random bundle with temperatures that are not 1, so a path that forgets them shows."""
+    b = Bundle.load(random_bundle)
+    return derive_bundle(b, tmp_path_factory.mktemp("t") / "b",
+                         temperatures={n: t for n, t in zip(b.member_names, (0.5, 2.0, 0.25))})
+
+
+def test_every_consumer_gives_the_member_path_probabilities(warm_bundle, tmp_path):
+    from skin.batch import BatchPredictor
+    from skin.cache import ManifestDataset, skip_none_collate
+    from skin.evaluation import BatchScorer
+    from skin.presets import eval_preset, to_batch
+    from skin.train import score_loader
+    b = Bundle.load(warm_bundle.root)
+    images = [make_sample(k, 3, k, 80).image for k in range(4)]
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        im.save(paths[-1])
+    members = b.load_members()
+    want = {n: calibrated(m.eval()(to_batch(images, m.data_config)), b.entry(n).temperature).detach().numpy()
+            for n, m in members.items()}  # the definition: softmax(member(x) / T)
+
+    pred = Predictor(b).member_outputs(images, cam=True)
+    scored = BatchScorer(str(b.root))({"path": np.array(paths), "label_index": np.zeros(4, int)})
+    rows = pd.DataFrame(BatchPredictor(str(b.root)).rows(paths))
+    ens = sum(b.weight_of(n) * want[n] for n in members) / sum(b.weights)
+    for n, m in members.items():
+        np.testing.assert_allclose(pred[n][0], want[n], atol=1e-5, err_msg=f"Predictor/explain {n}")
+        np.testing.assert_allclose(scored[n], want[n], atol=1e-5, err_msg=f"evaluation {n}")
+        ds = ManifestDataset(pd.DataFrame({"path": paths, "label_index": [0] * 4}), eval_preset(m.data_config))
+        p, _, _ = score_loader(m, DataLoader(ds, 2, collate_fn=skip_none_collate), torch.device("cpu"), False)
+        t = b.entry(n).temperature  # validation scores at T = 1: undo the temperature to compare
+        np.testing.assert_allclose(p, calibrated(torch.log(torch.from_numpy(want[n])) * t).numpy(), atol=1e-5,
+                                   err_msg=f"training validation {n}")
+    np.testing.assert_allclose(rows[[f"p_{c}" for c in b.classes.names]].to_numpy(float), ens, atol=1e-5)
+
+
+def test_member_runner_refuses_training_mode(random_bundle):
+    m = Bundle.load(random_bundle).load_member("resnet50").train()
+    with pytest.raises(RuntimeError, match="eval"):
+        MemberRunner(m)
+
+
+def test_assemble_marks_degraded_answers_and_explains_the_asked_class():
+    classes = ["a", "b", "c"]
+    probs = {"m1": np.array([0.7, 0.2, 0.1]), "m2": np.array([0.6, 0.3, 0.1])}
+    maps = {"m1": torch.rand(3, 2, 2), "m2": torch.rand(3, 2, 2)}
+    w = {"m1": 0.5, "m2": 0.5, "m3": 1.0}
+    r = assemble(probs, w, classes, member_maps=maps, size=(8, 6), work=(4, 4), class_name="c", all_classes=True,
+                 each_member=True, missing=["m3"])
+    assert r["class"] == "a" and r["degraded"] and r["missing_members"] == ["m3"]
+    assert r["uncertain"] and any("m3" in x for x in r["uncertain_reasons"])
+    g = r["gradcam"]
+    assert g["class"] == "c" and g["map"].shape == (8, 6) and set(g["maps"]) == set(classes)
+    np.testing.assert_array_equal(g["maps"]["c"], g["map"])
+    assert not np.allclose(g["maps"]["a"], g["map"])
+    assert set(g["members"]) == {"m1", "m2"} and g["members"]["m1"].shape == (8, 6)
+    assert np.isclose(r["confidence"], 0.65)  # weights renormalised over the members that answered
+    with pytest.raises(ValueError, match="size"):
+        assemble(probs, w, classes, member_maps=maps)
