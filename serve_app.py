@@ -106,14 +106,13 @@ class MemberModel:
         from skin.inference import MemberRunner
         from skin.presets import eval_pixels
         torch.set_num_threads(threads or max(1, int(round(num_cpus))))  # Ray sets 1 thread for fractional CPUs
-        self.torch = torch
+        self.torch, self.amp = torch, amp
         bundle = Bundle.load(bundle_dir)
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        member = bundle.load_member(name).to(self.device)
-        self.pixels = eval_pixels(member.data_config)  # the ingress sends the resized uint8 image
-        self.run = MemberRunner(member, bundle.entry(name).temperature, amp)  # the path `skin predict` runs
-        if amp == "bf16" and not self.run.bf16:
+        self.runs = {None: MemberRunner.from_bundle(bundle, name, self.device, amp)}  # the path `skin predict` runs
+        self.pixels = eval_pixels(self.runs[None].member.data_config)  # the ingress sends the resized uint8 image
+        if amp == "bf16" and not self.runs[None].bf16:
             logger.warning("member %s: amp=bf16 asked for, but this CPU has no native bf16: running fp32", name)
         self.fault_drill = False
         self.predict.set_max_batch_size(max_batch_size)
@@ -122,14 +121,24 @@ class MemberModel:
     def reconfigure(self, config: Dict[str, Any]) -> None:
         self.fault_drill = bool((config or {}).get("fault_drill", False))
 
-    def _run(self, batch: np.ndarray):
+    def _runner(self, cam_stride: Optional[int]):
+        """The member with its maps at `cam_stride` (None: the bundle's explanation stride); built once
+        per stride asked for, sharing the member's weights (the answer never depends on it)."""
+        if cam_stride not in self.runs:
+            from skin.inference import MemberRunner
+            base = self.runs[None]
+            self.runs[cam_stride] = MemberRunner(base.member, base.temperature, self.amp, cam_stride)
+        return self.runs[cam_stride]
+
+    def _run(self, batch: np.ndarray, cam_stride: Optional[int] = None):
         t0 = time.perf_counter()
         x = self.pixels(self.torch.from_numpy(batch).to(self.device))
-        probs, maps = self.run(x, cam=True)  # skin.inference: the same path as `skin predict` / `skin explain`
+        probs, maps = self._runner(cam_stride)(x, cam=True)  # skin.inference: as `skin predict` / `skin explain`
         return probs, maps.numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def predict(self, inputs: List[np.ndarray]) -> List[Dict[str, np.ndarray]]:
+    async def predict(self, inputs: List[Any]) -> List[Dict[str, np.ndarray]]:
+        """Each input: the resized uint8 image, or (image, cam_stride) to ask for maps at another stride."""
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
         # Computed on this replica's user-code event loop, not in a worker thread: Serve forms the next
@@ -137,9 +146,14 @@ class MemberModel:
         # of one (measured: batch 1 at 16 concurrent requests). Holding the loop until the batch is done
         # makes the next batch everything that arrived meanwhile (6-8 under load; no added wait when idle).
         # Serve's own loop (health checks, routing) runs in another thread and stays responsive.
-        probs, maps, ms = self._run(np.stack(inputs))
-        return [{"probs": probs[i], "maps": maps[i], "compute_ms": ms, "batch": len(inputs)}
-                for i in range(len(inputs))]
+        items = [x if isinstance(x, tuple) else (x, None) for x in inputs]
+        out: List[Any] = [None] * len(items)
+        for stride in dict.fromkeys(s for _, s in items):  # one forward per stride asked for in this batch
+            idx = [i for i, (_, s) in enumerate(items) if s == stride]
+            probs, maps, ms = self._run(np.stack([items[i][0] for i in idx]), stride)
+            for j, i in enumerate(idx):
+                out[i] = {"probs": probs[j], "maps": maps[j], "compute_ms": ms, "batch": len(inputs)}
+        return out
 
 
 # --------------------------------------------------------------------------- ingress
@@ -297,19 +311,24 @@ class Ensemble:
         b = self.bundle
         return {"bundle": b.id, "classes": list(b.classes), "untrained": b.untrained,
                 "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
-                             "input_size": e.data_config.input_size} for e, w in zip(b.members, b.weights)],
-                "weights": self.weights, "metrics": b.metrics, "provenance": b.provenance,
+                             "input_size": e.data_config.input_size, "output_stride": e.output_stride,
+                             "cam_stride": e.cam_stride or e.output_stride} for e, w in zip(b.members, b.weights)],
+                "weights": self.weights, "ensemble_temperature": b.ensemble_temperature, "metrics": b.metrics, "provenance": b.provenance,
                 "limits": {"max_upload_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,
                            "min_side": self.limits.min_side, "formats": sorted(self.limits.formats)},
                 "allow_degraded": self.args.allow_degraded, "uncertain_below": self.args.uncertain_below}
 
     @api.post("/v1/predict", response_model=PredictResponse, response_model_by_alias=True,
               responses={s: ERRORS[s] for s in ERRORS})
-    async def predict(self, request: Request, file: UploadFile = File(..., description="JPEG, PNG or WebP photograph"),
+    async def predict(self, request: Request, file: UploadFile = File(..., description="JPEG, PNG, WebP or HEIC/HEIF photograph"),
                       cam: bool = Query(True, description="include the Grad-CAM overlay"),
                       alpha: float = Query(0.4, ge=0.0, le=1.0, description="overlay opacity"),
                       all_classes: bool = Query(False, description="include every class's raw map"),
-                      class_name: Optional[str] = Query(None, alias="class", description="explain this class instead")):
+                      class_name: Optional[str] = Query(None, alias="class", description="explain this class instead"),
+                      cam_stride: Optional[Literal[8, 16, 32]] = Query(None, description="resolution of the Grad-CAM "
+                                                                       "maps: 8, 16 or 32 px of the member's input per "
+                                                                       "map cell (default: the bundle's per member); "
+                                                                       "the answer does not change")):
         from skin.images import ImageError, load_image
         t0 = time.perf_counter()
         if class_name is not None and class_name not in self.bundle.classes.names:
@@ -325,7 +344,8 @@ class Ensemble:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
         inputs = await asyncio.to_thread(prepare_inputs, self.data_configs, image)
-        results, missing = await self._fan_out(inputs)
+        results, missing = await self._fan_out(inputs if cam_stride is None else
+                                               {n: (x, cam_stride) for n, x in inputs.items()})
         t_members = time.perf_counter()
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
         answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)
@@ -369,7 +389,8 @@ class Ensemble:
                        member_maps={n: torch.from_numpy(r["maps"]) for n, r in results.items()} if cam else None,
                        size=(disp.size[1], disp.size[0]) if cam else None, work=self.map_work,
                        class_name=class_name, all_classes=all_classes, missing=missing,
-                       uncertain_below=self.args.uncertain_below)
+                       uncertain_below=self.args.uncertain_below,
+                       ensemble_temperature=self.bundle.ensemble_temperature)
         out["bundle"] = self.bundle.id
         if cam:
             g = out["gradcam"]

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradcam_faithfulness import faithfulness  # noqa: E402
+from gradcam_faithfulness import measure  # noqa: E402
 
 from skin.bundle import Bundle, write_bundle  # noqa: E402
 from skin.cache import build_cache, cache_side  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
             train_s = time.time() - t0
             bundle = write_bundle(root / f"bundle-{size}-{stride}", classes, members)
             f1 = test_macro_f1(bundle, data)
-            r = faithfulness(bundle, data, synth)
+            r = measure(bundle, data, synth)
             side = size // stride
             print(f"{v:<10}{f'{side}x{side}':>6}{train_s:>9.0f}{f1:>9.3f}{r['pointing']:>10.3f}{r['energy']:>8.3f}  {val}",
                   flush=True)

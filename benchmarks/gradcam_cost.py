@@ -1,10 +1,19 @@
-"""Cost of all-class Grad-CAM against a plain forward pass, and against pytorch-grad-cam.
+"""Cost of all-class Grad-CAM against a plain forward pass, against our own general path and
+against pytorch-grad-cam.
 
-For each member (random weights, 224 px, 2 torch threads or --device cuda) at batch 1 and 8:
-  ours / forward     all six classes' maps from one pass  (target <= 1.15)
+For each member (random weights, 224 px, 2 torch threads or --device cuda) at batch 1 and 8, the
+three paths run interleaved (forward, one-pass CAM, general CAM, forward, ...) --repeats times,
+so drift of the machine hits them alike; each ratio is the median of the per-round ratios, with
+its min-max spread:
+  ours / forward     all six classes' maps from one pass (inference-mode forward + the head's
+                     Jacobian; must be >= 1: it is strictly more work) (target <= 1.15)
+  @16, @8 / forward  the same with maps at a finer explanation stride (--cam-strides): the trained
+                     stride's pass for the answer and the gradient, plus a pass of the same weights
+                     with dilated last stages for the map (skin.registry.restride)
+  general / ours     skin.gradcam's general path: one forward with autograd, six backwards
   pgc(6) / ours      pytorch-grad-cam's GradCAM, one forward + backward per class, six classes
 
-    python benchmarks/gradcam_cost.py [--size 224] [--repeats 5]
+    python benchmarks/gradcam_cost.py [--size 224] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -15,34 +24,45 @@ import time
 import torch
 
 from skin.gradcam import GradCAM
-from skin.registry import DEFAULT_MEMBERS, create_model
+from skin.registry import DEFAULT_MEMBERS, create_model, restride
 
 
-def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
-    def run():
+def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each function per round, the functions run one after another in every round."""
+    def run(fn) -> float:
+        t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    run()  # warm-up
-    samples = []
+        return time.perf_counter() - t0
+    for fn in fns.values():  # warm-up
+        run(fn)
+    out = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for k, fn in fns.items():
+            out[k].append(run(fn))
+    return out
+
+
+def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios a/b."""
+    r = [x / y for x, y in zip(a, b)]
+    return statistics.median(r), min(r), max(r)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--cam-strides", type=int, nargs="*", default=[16, 8], help="finer explanation strides to time")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    print(f"{'member':<16}{'batch':>6}{'forward ms':>12}{'ours ms':>10}{'ours/fwd':>10}{'pgc(6) ms':>11}{'pgc/ours':>10}")
+    print(f"{'member':<16}{'batch':>6}{'forward ms':>11}{'ours ms':>9}{'ours/fwd (min-max)':>22}"
+          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'general/ours':>13}{'pgc(6)/ours':>12}")
     for name in DEFAULT_MEMBERS:
         torch.manual_seed(0)
         m = create_model(name, 6, pretrained="none", input_size=a.size).eval().to(device)
@@ -54,11 +74,19 @@ def main() -> None:
                     m(x)
 
             def ours():
-                with GradCAM(m) as cam:
+                with GradCAM(m, fast=True) as cam:
                     cam(x)
 
-            t_fwd, t_ours = timed(forward, a.repeats, device), timed(ours, a.repeats, device)
-            t_ref = float("nan")
+            def general():
+                with GradCAM(m, fast=False) as cam:
+                    cam(x)
+            fns = {"forward": forward, "ours": ours, "general": general}
+            for stride in a.cam_strides:
+                def dense_cam(d=restride(m, stride)):
+                    with GradCAM(m, dense=d) as cam:
+                        cam(x)
+                fns[f"@{stride}"] = dense_cam
+            ref = None
             if not a.no_reference:
                 from pytorch_grad_cam import GradCAM as Reference
                 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -67,11 +95,16 @@ def main() -> None:
                 def reference():
                     for k in range(6):
                         ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * batch)
-
-                t_ref = timed(reference, max(1, a.repeats // 2), device)
+                fns["pgc"] = reference
+            t = interleaved(fns, a.repeats, device)
+            if ref is not None:
                 ref.activations_and_grads.release()
-            print(f"{name:<16}{batch:>6}{t_fwd * 1e3:>12.1f}{t_ours * 1e3:>10.1f}{t_ours / t_fwd:>10.2f}"
-                  f"{t_ref * 1e3:>11.1f}{t_ref / t_ours:>10.1f}")
+            med, lo, hi = ratio(t["ours"], t["forward"])
+            pgc = f"{ratio(t['pgc'], t['ours'])[0]:>12.1f}" if "pgc" in t else f"{'-':>12}"
+            print(f"{name:<16}{batch:>6}{statistics.median(t['forward']) * 1e3:>11.1f}"
+                  f"{statistics.median(t['ours']) * 1e3:>9.1f}{f'{med:.2f} ({lo:.2f}-{hi:.2f})':>22}"
+                  + "".join(f"{ratio(t[f'@{s}'], t['forward'])[0]:>9.2f}" for s in a.cam_strides) +
+                  f"{ratio(t['general'], t['ours'])[0]:>13.1f}{pgc}", flush=True)
 
 
 if __name__ == "__main__":

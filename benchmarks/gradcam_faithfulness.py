@@ -1,54 +1,38 @@
 """Grad-CAM faithfulness on the synthetic lesions, whose masks are known.
 
-For every test image: the ensemble map of the predicted class (skin.ensemble.Predictor, the
-same path as `skin explain` and the server); pointing game = its peak lies inside the lesion
-mask (target >= 0.80 of test images with the demo bundle); energy share = the map's mass inside
-the mask, reported per class.
+For every test image: the ensemble map of the predicted class (skin.evaluation.BatchScorer, the
+scorer jobs/evaluate.py --masks runs; maps through skin.ensemble.assemble, as `skin explain` and
+the server build them); pointing game = its peak lies inside the lesion mask (target >= 0.80 of
+test images with the demo bundle); energy share = the map's mass inside the mask, per class.
 
     python benchmarks/gradcam_faithfulness.py --bundle demo/train/bundle --data demo/data --synth demo/synth
 """
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from PIL import Image
 
 from skin.bundle import Bundle
 from skin.data import load_manifest
-from skin.ensemble import Predictor
-from skin.images import load_image
-from skin.metrics import energy_inside, pointing_hit
+from skin.ensemble import combine
+from skin.evaluation import attach_masks, faithfulness, score_locally
 
 
-def faithfulness(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "test",
-                 batch: int = 16) -> dict:
-    """Per class and overall: pointing game, energy in the mask, mask area; plus accuracy."""
-    synth = Path(synth).resolve()
-    masks = {str((synth / p).resolve()): synth / m for p, m in
-             pd.read_csv(synth / "manifest.csv")[["path", "mask"]].itertuples(index=False)}
-    df = load_manifest(data, split)
-    hits, energy, area, correct = defaultdict(list), defaultdict(list), defaultdict(list), []
-    rows = list(df.itertuples())
-    predictor = Predictor(bundle)
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        images = [load_image(r.path) for r in chunk]
-        for r, res in zip(chunk, predictor.answers(images, cam=True)):
-            mask = np.asarray(Image.open(masks[str(Path(r.path).resolve())])) > 127
-            cam = res["gradcam"]["map"]
-            hits[r.label].append(pointing_hit(cam, mask))
-            energy[r.label].append(energy_inside(cam, mask))
-            area[r.label].append(float(mask.mean()))
-            correct.append(res["class"] == r.label)
-    per_class = {c: {"pointing": float(np.mean(hits[c])), "energy": float(np.mean(energy[c])),
-                     "mask_area": float(np.mean(area[c]))} for c in bundle.classes if c in hits}
-    return {"per_class": per_class, "images": len(correct), "accuracy": float(np.mean(correct)),
-            "pointing": float(np.mean([h for v in hits.values() for h in v])),
-            "energy": float(np.mean([e for v in energy.values() for e in v]))}
+def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "test", batch: int = 16,
+            cam_stride: int | None = None) -> dict:
+    """Per class, per member and overall: pointing game and energy in the mask; plus accuracy and time."""
+    import time
+    df = attach_masks(load_manifest(data, split), Path(synth) / "manifest.csv")
+    t0 = time.perf_counter()
+    scored = score_locally(str(bundle.root), df, batch, cam_stride=cam_stride)
+    seconds = time.perf_counter() - t0
+    good = scored[scored["ok"].astype(bool)]
+    probs = combine({m: np.stack(good[m].to_list()) for m in bundle.member_names}, bundle.weights_map,
+                    bundle.ensemble_temperature)
+    return faithfulness(good, bundle, cam_stride) | {
+        "accuracy": float((probs.argmax(1) == good["label_index"].to_numpy()).mean()), "seconds": seconds}
 
 
 def main() -> None:
@@ -58,16 +42,21 @@ def main() -> None:
     ap.add_argument("--synth", default="demo/synth", help="the `skin data synth` folder (masks + manifest.csv)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cam-strides", type=int, nargs="+", default=[0], help="explanation strides to measure "
+                    "(0: the bundle's own); e.g. 32 16 8 to choose one per member")
     a = ap.parse_args()
     bundle = Bundle.load(a.bundle)
-    r = faithfulness(bundle, a.data, a.synth, a.split, a.batch)
     strides = sorted({e.output_stride for e in bundle.members})
-    print(f"bundle {bundle.id}{' (UNTRAINED)' if bundle.untrained else ''}, {r['images']} {a.split} images, "
-          f"output stride {'/'.join(map(str, strides))}, accuracy {r['accuracy']:.3f}")
-    print(f"{'class':<14}{'pointing game':>14}{'energy in mask':>16}{'mask area':>11}")
-    for c, v in r["per_class"].items():
-        print(f"{c:<14}{v['pointing']:>14.3f}{v['energy']:>16.3f}{v['mask_area']:>11.3f}")
-    print(f"{'all':<14}{r['pointing']:>14.3f}{r['energy']:>16.3f}   (pointing-game target >= 0.80)")
+    for cs in a.cam_strides:
+        r = measure(bundle, a.data, a.synth, a.split, a.batch, cs or None)
+        print(f"bundle {bundle.id}{' (UNTRAINED)' if bundle.untrained else ''}, {r['images']} {a.split} images, "
+              f"output stride {'/'.join(map(str, strides))}, maps at {r['cam_strides']}, accuracy {r['accuracy']:.3f}, "
+              f"{r['seconds']:.0f} s for every image's answer and maps")
+        print(f"{'class':<14}{'pointing game':>14}{'energy in mask':>16}")
+        for c, v in r["per_class"].items():
+            print(f"{c:<14}{v['pointing']:>14.3f}{v['energy']:>16.3f}")
+        print(f"{'all':<14}{r['pointing']:>14.3f}{r['energy']:>16.3f}   (pointing-game target >= 0.80)")
+        print("members' own maps: " + ", ".join(f"{m} {p:.3f}" for m, p in r["members_pointing"].items()), flush=True)
 
 
 if __name__ == "__main__":

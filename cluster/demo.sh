@@ -65,7 +65,7 @@ submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bu
 BUNDLE=$DIR/train/bundle-tuned
 
 step "6/9 evaluate on the test split with Ray Data: ray job submit jobs/evaluate.py"
-submit python jobs/evaluate.py --bundle "$BUNDLE" --data "$DIR/data" --out "$DIR/eval"
+submit python jobs/evaluate.py --bundle "$BUNDLE" --data "$DIR/data" --out "$DIR/eval" --masks "$DIR/synth/manifest.csv"
 
 step "7/9 deploy the service: serve deploy (cluster/serve_config.yaml, bundle -> $BUNDLE)"
 sed -e "s#bundle: .*#bundle: $BUNDLE#" -e "s#port: 8000#port: $API_PORT#" \

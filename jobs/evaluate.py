@@ -7,7 +7,9 @@ Images are read and scored by `map_batches` over a pool of scorer actors (each l
 once), so 35k images spread over the cluster's GPUs. Per member and for the ensemble: accuracy,
 balanced accuracy, P/R/F1 macro and weighted, per-class report, confusion matrix (counts and
 row-normalised, in the class map's order), one-vs-rest ROC AUC, reliability diagram with ECE.
-Writes metrics.json, PNG plots and report.md, and stores the metrics in the bundle.
+With --masks (lesion masks, e.g. the synthetic set's), also the Grad-CAM pointing game and energy
+in the mask, per class. Writes metrics.json, PNG plots and report.md, and stores the metrics in
+the bundle (where /v1/info and the page show them).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from skin.bundle import Bundle
 from skin.data import load_classes, load_manifest
-from skin.evaluation import BatchScorer, _to_frame, store_in_bundle, summarize, write_report
+from skin.evaluation import BatchScorer, _to_frame, attach_masks, store_in_bundle, summarize, write_report
 
 
 def parse_args(argv=None):
@@ -34,6 +36,10 @@ def parse_args(argv=None):
     from skin.device import AMP_CHOICES
     p.add_argument("--amp", choices=AMP_CHOICES, default="off", help="backbone precision of the scorers, as "
                    "`skin predict --amp` and a Serve member's amp (default off = fp32)")
+    p.add_argument("--masks", metavar="CSV", help="lesion masks (path,mask; the `skin data synth` manifest): also "
+                   "measure how well the ensemble's Grad-CAM points at the lesion, stored with the metrics")
+    from skin.cli import add_cam_stride_argument
+    add_cam_stride_argument(p)
     p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
     p.add_argument("--dry-run", action="store_true", help="print the resource plan of the scorer actors and exit "
                    "(0 when each fits a node or a node type the autoscaler can start, 2 when not)")
@@ -52,6 +58,10 @@ def main(argv=None) -> int:
         classes = load_classes(a.data)
         bundle.classes.check_same(classes, "class maps of the bundle and the dataset")
         df = load_manifest(a.data, a.split, classes)
+        if a.masks:
+            df = attach_masks(df, a.masks)
+            if not (df["mask"] != "").any():
+                raise ValueError(f"no image of the {a.split} split has a mask in {a.masks}")
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return 2
@@ -67,20 +77,25 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     t0 = time.time()
-    ds = ray.data.from_pandas(df[["path", "label_index"]])
+    ds = ray.data.from_pandas(df[["path", "label_index"] + (["mask"] if a.masks else [])])
     scored = ds.map_batches(
         BatchScorer, batch_size=a.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
-                               "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp},
+                               "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp,
+                               "cam_stride": a.cam_stride},
         concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
     frame = _to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
-    metrics = summarize(frame, bundle)
+    metrics = summarize(frame, bundle, a.cam_stride)
     report = write_report(metrics, bundle, frame, out, a.split)
     if not a.no_store:
         store_in_bundle(bundle, metrics, a.split)
     print(f"\n{'model':<16}{'accuracy':>10}{'bal acc':>10}{'macro-F1':>10}{'ECE':>8}")
     for name, m in [("ensemble", metrics["ensemble"])] + list(metrics["members"].items()):
         print(f"{name:<16}{m['accuracy']:>10.4f}{m['balanced_accuracy']:>10.4f}{m['f1_macro']:>10.4f}{m['ece']:>8.4f}")
+    f = metrics.get("faithfulness")
+    if f:
+        print(f"Grad-CAM of the ensemble: pointing game {f['pointing']:.3f}, energy in the mask {f['energy']:.3f} "
+              f"({f['images']} images with masks)")
     print(f"\n{len(frame)} images in {time.time() - t0:.0f}s ({metrics['n_skipped']} unreadable skipped); "
           f"report: {report}")
     return 0

@@ -3,7 +3,7 @@
     python jobs/predict.py --bundle OUT/bundle --input PHOTOS --out SCORES [--cam] [--workers 2]
     ray job submit --working-dir . -- python jobs/predict.py --bundle ... --input ... --out ...
 
---input is a folder (recursive; .jpg .jpeg .png .webp), a CSV/Parquet manifest with a `path`
+--input is a folder (recursive; .jpg .jpeg .png .webp .heic .heif), a CSV/Parquet manifest with a `path`
 column (relative paths from the manifest's folder), or a URI pyarrow resolves (s3://bucket/prefix,
 gs://..., file:///...). Paths stream through `map_batches` over a pool of predictor actors (each
 loads the bundle once; members on GPUs when --gpus-per-worker is set, fractional allowed); each
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from skin.cli import add_amp_argument, at_least, fraction
+from skin.cli import add_amp_argument, add_cam_stride_argument, at_least, fraction
 
 
 def parse_args(argv=None):
@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (predictions.csv/.parquet, run.json, summary.json, cam/)")
     p.add_argument("--cam", action="store_true", help="also write each Grad-CAM overlay PNG under OUT/cam/")
     p.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity with --cam (default 0.4)")
+    add_cam_stride_argument(p)
     p.add_argument("--workers", type=at_least(1), default=1, help="predictor actors (default 1; one per GPU on a cluster)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per actor, its torch threads follow (default: what the plan gives, up to the node)")
@@ -68,14 +69,14 @@ class Progress:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from skin.batch import InputError, PredictionStore, format_summary, list_inputs, summary
+    from skin.batch import IMAGE_SUFFIXES, InputError, PredictionStore, format_summary, list_inputs, summary
     from skin.bundle import Bundle
     from skin.checkpoint import CheckpointError
     try:
         bundle = Bundle.load(a.bundle)
         inputs = list_inputs(a.input)
         if not inputs.paths:
-            raise InputError(f"no images in {a.input} (looked for {', '.join(('.jpg', '.jpeg', '.png', '.webp'))})")
+            raise InputError(f"no images in {a.input} (looked for {' '.join(IMAGE_SUFFIXES)})")
         store = PredictionStore(a.out, bundle)
         done = store.open()
     except (InputError, CheckpointError, FileNotFoundError) as e:
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
             fn_constructor_kwargs={"bundle_dir": str(bundle.root.resolve()), "threads": max(1, int(cpus)),
                                    "amp": a.amp, "uncertain_below": a.uncertain_below, "alpha": a.alpha,
                                    "cam_dir": str(Path(a.out, "cam").resolve()) if a.cam else None,
-                                   "cam_root": inputs.root},
+                                   "cam_root": inputs.root, "cam_stride": a.cam_stride},
             concurrency=a.workers, num_cpus=cpus, num_gpus=a.gpus_per_worker or None)
         progress = Progress(len(todo), a.progress_every)
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):

@@ -7,10 +7,14 @@ weights: fits one temperature per member on the cached validation probabilities 
   searches weights on the probability simplex with Ray Tune (each trial scores a batch of
   candidates: a simplex grid or Dirichlet samples), objective macro-F1 (or balanced accuracy),
   log-loss breaking ties. Writes a NEW bundle (never overwrites) with the weights, the
-  temperatures and the search's provenance, plus weights_search.csv/.png; prints ECE before/after.
-dropout: for each member, Ray Tune trials that each build a TorchTrainer (Train V2 pattern: the
-  Tune function runs the trainer and reports through TuneReportCallback), ASHA stopping on val
-  macro-F1, trials concurrent as resources allow. Writes results.csv, a plot, and
+  temperatures and the search's provenance, plus weights_search.csv/.png; then fits the ensemble's
+  own temperature on the weighted average (averaging calibrated members makes it under-confident)
+  and prints NLL/ECE before/after for each member and the ensemble.
+dropout: for each member, Ray Tune trials that each train the member as one worker (the Tune
+  function runs skin.train's loop and reports each epoch with its checkpoint), ASHA stopping on
+  val macro-F1, trials concurrent as resources allow. (A TorchTrainer nested in each trial, Ray's
+  Train V2 + Tune pattern, leaks the CPUs of every ASHA-stopped trial until the driver exits:
+  ray-project/ray#54305.) Writes results.csv, a plot, and
   best_config.yaml ready for `jobs/train.py --config`.
 """
 from __future__ import annotations
@@ -25,11 +29,11 @@ import numpy as np
 import yaml
 
 from skin.bundle import Bundle, derive_bundle
-from skin.calibration import (apply_temperature, best_index, dirichlet_candidates, fit_temperature, nll,
-                              out_of_fold_gain, score_candidates, simplex_grid)
+from skin.calibration import (apply_temperature, best_index, dirichlet_candidates, out_of_fold_gain,
+                              score_candidates, simplex_grid, temperature_fit)
+from skin.ensemble import combine
 from skin.checkpoint import load_tensors
 from skin.distributed import init_ray
-from skin.metrics import expected_calibration_error
 from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
 from skin.train import SCORE, TrainConfig
 
@@ -88,17 +92,10 @@ def cmd_weights(a) -> int:
         print(f"tune.py: {train_out / 'val_probs.safetensors'} lacks members {missing}", file=sys.stderr)
         return 2
     raw = {n: vp[f"{n}.probs"].numpy().astype(np.float64) for n in names}
-    temps = {n: fit_temperature(raw[n], labels) if not a.no_temperature else 1.0 for n in names}
+    calib = {n: temperature_fit(raw[n], labels, not a.no_temperature)[1] for n in names}
+    temps = {n: calib[n]["temperature"] for n in names}
     cal = {n: apply_temperature(raw[n], temps[n]) for n in names}
-    print(f"{'member':<16}{'T':>7}{'NLL before':>12}{'NLL after':>11}{'ECE before':>12}{'ECE after':>11}")
-    calib = {}
-    for n in names:
-        calib[n] = {"temperature": temps[n], "nll_before": nll(raw[n], labels), "nll_after": nll(cal[n], labels),
-                    "ece_before": expected_calibration_error(labels, raw[n]),
-                    "ece_after": expected_calibration_error(labels, cal[n])}
-        c = calib[n]
-        print(f"{n:<16}{c['temperature']:>7.3f}{c['nll_before']:>12.4f}{c['nll_after']:>11.4f}"
-              f"{c['ece_before']:>12.4f}{c['ece_after']:>11.4f}")
+    _print_calibration(calib)
 
     init_ray(a.num_cpus)
     stacked = np.stack([cal[n] for n in names])
@@ -119,6 +116,8 @@ def cmd_weights(a) -> int:
     if not accepted:
         weights = np.array(src.weights, float)
     n_cands = int(df["candidates"].sum()) if "candidates" in df else None
+    # the ensemble's own temperature, fitted on the same val rows after the weights
+    t_ens, calib["ensemble"] = temperature_fit(combine(cal, dict(zip(names, weights))), labels, not a.no_temperature)
     out = Path(a.out) if a.out else train_out / f"bundle-tuned-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists():
         print(f"tune.py: {out} exists; bundles are never overwritten, choose a new --out", file=sys.stderr)
@@ -130,7 +129,7 @@ def cmd_weights(a) -> int:
                           "searched_weights": [float(w) for w in searched], "accepted": bool(accepted),
                           "out_of_fold_gain": oof,
                           "source_bundle": src.id, "val_rows": int(len(labels)), "seconds": time.time() - t0},
-        "calibration": calib})
+        "calibration": calib}, ensemble_temperature=round(t_ens, 6))
     df.to_csv(out.parent / f"{out.name}-weights_search.csv", index=False)
     print(f"\nsearched {n_cands} candidates in {time.time() - t0:.1f}s; {a.objective}: "
           f"{best['score']:.4f} (weights {dict(zip(names, searched.round(3).tolist()))}) vs {default['score'][0]:.4f} "
@@ -141,29 +140,32 @@ def cmd_weights(a) -> int:
           + ("searched weights kept" + (" (--force)" if a.force and oof["gain"] <= 0 else "") if accepted
              else f"no gain beyond the rows searched: the source weights {dict(zip(names, src.weights))} are kept "
                   "(temperatures still applied; --force keeps the searched weights)"))
+    print("\nensemble temperature (after the weights, on the same val rows):")
+    _print_calibration({"ensemble": calib["ensemble"]})
+    best_member = min(calib[n]["ece_after"] for n in names)
+    print(f"val ECE: ensemble {calib['ensemble']['ece_after']:.4f} vs best member {best_member:.4f}"
+          + ("" if len(labels) >= 300 else f" ({len(labels)} val rows: ECE over 15 bins is noisy below a few hundred)"))
     print(f"new bundle {new.id}: {out} (the source bundle {src.id} is unchanged)")
     return 0
 
 
+def _print_calibration(calib: dict) -> None:
+    print(f"{'':<16}{'T':>7}{'NLL before':>12}{'NLL after':>11}{'ECE before':>12}{'ECE after':>11}")
+    for n, c in calib.items():
+        print(f"{n:<16}{c['temperature']:>7.3f}{c['nll_before']:>12.4f}{c['nll_after']:>11.4f}"
+              f"{c['ece_before']:>12.4f}{c['ece_after']:>11.4f}")
+
+
 # --------------------------------------------------------------------------- dropout
 def dropout_trial(config: dict) -> None:
-    """Tune function: build and run a TorchTrainer for this trial; metrics reach Tune through
-    TuneReportCallback (the Ray 2.5x pattern; Tuner(TorchTrainer) no longer works)."""
-    import ray.train
-    from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-    from skin.distributed import train_loop_per_worker
-    trial = tune.get_context().get_trial_id()
-    loop = dict(config["base"])
-    loop["dropout"] = [config[f"dropout_{i}"] for i in range(config["n_dropout"])]
-    loop["lr"] = config["lr"]
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
-        run_config=ray.train.RunConfig(name=f"{config['name']}-{trial}", storage_path=config["storage"],
-                                       callbacks=[TuneReportCallback()]))
-    trainer.fit()
+    """Tune function: this trial is the member's single training worker (skin.train.train_member
+    with skin.distributed.TuneRuntime), so when ASHA stops it, its CPUs are freed with it."""
+    from skin.distributed import TuneRuntime
+    from skin.train import train_member
+    cfg = dict(config["base"])
+    cfg["dropout"] = [config[f"dropout_{i}"] for i in range(config["n_dropout"])]
+    cfg["lr"] = config["lr"]
+    train_member(TrainConfig.from_dict(cfg), TuneRuntime(cpus=config["cpus"]))
 
 
 def asha(max_t: int, grace_period: int):
@@ -203,11 +205,10 @@ def cmd_dropout(a) -> int:
         cfg.validate()
         space = {f"dropout_{i}": tune.uniform(0.0, 0.6) for i in range(n_drop)}
         space |= {"lr": tune.loguniform(spec.lr / 4, spec.lr * 4), "n_dropout": n_drop,
-                  "base": dataclasses.asdict(cfg), "cpus": a.cpus_per_trial, "name": f"dropout-{member}",
-                  "storage": str(out / "ray_results")}
+                  "base": dataclasses.asdict(cfg), "cpus": a.cpus_per_trial}
         scheduler = asha(base["epochs"], a.grace_period)
         tuner = tune.Tuner(
-            tune.with_resources(dropout_trial, {"CPU": 0.1}),  # the trainer's own worker holds the real CPUs
+            tune.with_resources(dropout_trial, {"CPU": a.cpus_per_trial}),  # the trial is the training worker
             param_space=space,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", num_samples=a.trials, scheduler=scheduler,
                                         max_concurrent_trials=a.concurrent),

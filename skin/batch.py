@@ -25,9 +25,9 @@ import torch
 
 from .bundle import Bundle
 from .ensemble import UNCERTAIN_BELOW, Predictor
-from .images import ImageError, ImageLimits, load_image
+from .images import SERVE_SUFFIXES, ImageError, ImageLimits, load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # the HTTP API's formats (skin.images.SERVE_FORMATS)
+IMAGE_SUFFIXES = SERVE_SUFFIXES  # the HTTP API's formats
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
 
@@ -175,12 +175,13 @@ class BatchPredictor:
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None, amp: str = "off",
                  uncertain_below: float = UNCERTAIN_BELOW, cam_dir: str | None = None, cam_root: str | None = None,
-                 alpha: float = 0.4, limits: ImageLimits = ImageLimits()) -> None:
+                 alpha: float = 0.4, limits: ImageLimits = ImageLimits(), cam_stride: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.predictor = Predictor(self.bundle, device=device, uncertain_below=uncertain_below, amp=amp)
+        self.predictor = Predictor(self.bundle, device=device, uncertain_below=uncertain_below, amp=amp,
+                                   cam_stride=cam_stride)
         self.classes, self.members = self.bundle.classes.names, self.bundle.member_names
         self.cam_dir, self.inputs, self.alpha, self.limits = cam_dir, Inputs([], cam_root), alpha, limits
 

@@ -52,20 +52,23 @@ class MemberEntry:
     classes: tuple[str, ...]
     temperature: float = 1.0
     output_stride: int = 32
+    cam_stride: int | None = None  # Grad-CAM maps at this stride (same weights, dilated); None: output_stride
 
     def to_json(self) -> dict:
         return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
                 "head": self.head.to_json(), "data_config": self.data_config.to_json(),
                 "output_stride": self.output_stride,
                 "weights_file": self.weights_file, "sha256": self.sha256,
-                "classes": list(self.classes), "temperature": self.temperature}
+                "classes": list(self.classes), "temperature": self.temperature} | (
+                    {"cam_stride": self.cam_stride} if self.cam_stride else {})
 
     @classmethod
     def from_json(cls, d: dict) -> "MemberEntry":
         return cls(str(d["name"]), str(d["backbone"]), int(d["num_classes"]),
                    HeadConfig.from_json(d["head"]), DataConfig.from_json(d["data_config"]),
                    str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
-                   float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)))
+                   float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)),
+                   int(d["cam_stride"]) if d.get("cam_stride") else None)
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,17 @@ class Bundle:
     # the member entries exactly as bundle.json stores them: the id is checked against these, so a
     # field this version no longer reads (e.g. crop_pct) keeps an older bundle's id valid
     stored_members: tuple[dict, ...] | None = field(default=None, repr=False, compare=False)
+    # temperature of the combined probabilities (fitted on val after the weights: averaging calibrated
+    # members makes an under-confident ensemble); 1.0 = none, and then absent from bundle.json and the id
+    ensemble_temperature: float = 1.0
 
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
+
+    @property
+    def weights_map(self) -> dict[str, float]:
+        return dict(zip(self.member_names, self.weights))
 
     def weight_of(self, name: str) -> float:
         return self.weights[self.member_names.index(name)]
@@ -112,7 +122,8 @@ class Bundle:
         return {"format": FORMAT, "format_version": self.version, "id": self.id,
                 "classes": list(self.classes), "members": [m.to_json() for m in self.members],
                 "weights": {m.name: w for m, w in zip(self.members, self.weights)},
-                "metrics": self.metrics, "provenance": self.provenance, "untrained": self.untrained}
+                "metrics": self.metrics, "provenance": self.provenance, "untrained": self.untrained} | (
+                    {"ensemble_temperature": self.ensemble_temperature} if self.ensemble_temperature != 1.0 else {})
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
@@ -131,7 +142,8 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        expected = _bundle_id(self.classes, self.stored_members or self.members, self.weights, self.version)
+        expected = _bundle_id(self.classes, self.stored_members or self.members, self.weights, self.version,
+                              self.ensemble_temperature)
         if self.id != expected:
             raise BundleError(f"{self.root}/bundle.json was edited after the bundle was written: its id is "
                               f"{self.id!r} but its classes, members and weights hash to {expected!r}; restore it, "
@@ -172,6 +184,8 @@ def _from_json(root: Path, d: dict) -> Bundle:
                                 f"{len(classes)} classes")
         try:
             check_output_stride(m.output_stride)
+            if m.cam_stride:
+                check_output_stride(m.cam_stride)
         except ValueError as e:
             raise BundleError(f"member {m.name}: {e}") from None
         if not (m.temperature > 0 and math.isfinite(m.temperature)):
@@ -180,9 +194,12 @@ def _from_json(root: Path, d: dict) -> Bundle:
         raise BundleError(f"ensemble weights must name exactly the members {names}, got {weights_map!r}")
     weights = tuple(float(weights_map[n]) for n in names)
     check_weights(weights)
+    t_ens = d.get("ensemble_temperature", 1.0)
+    if not (isinstance(t_ens, (int, float)) and t_ens > 0 and math.isfinite(t_ens)):
+        raise BundleError(f"ensemble_temperature must be a positive number, got {t_ens!r}")
     return Bundle(root, str(d.get("id", "")), classes, members, weights, d.get("metrics", {}) or {},
                   d.get("provenance", {}) or {}, bool(d.get("untrained", False)), int(d["format_version"]),
-                  tuple(d["members"]))
+                  tuple(d["members"]), float(t_ens))
 
 
 def check_weights(weights: Sequence[float]) -> None:
@@ -202,7 +219,7 @@ def code_version() -> str:
 
 
 def _bundle_id(classes: ClassMap, members: Sequence[MemberEntry | dict], weights: Sequence[float],
-               version: int = FORMAT_VERSION) -> str:
+               version: int = FORMAT_VERSION, ensemble_temperature: float = 1.0) -> str:
     """The content hash that names a bundle (version 1 bundles keep their narrower id). `members`:
     entries, or their JSON as stored."""
     h = hashlib.sha256()
@@ -213,13 +230,15 @@ def _bundle_id(classes: ClassMap, members: Sequence[MemberEntry | dict], weights
     else:
         h.update(json.dumps({"classes": list(classes),
                              "members": [m.to_json() if isinstance(m, MemberEntry) else m for m in members],
-                             "weights": [f"{w:.6f}" for w in weights]}, sort_keys=True).encode())
+                             "weights": [f"{w:.6f}" for w in weights]}
+                            | ({"ensemble_temperature": f"{ensemble_temperature:.6f}"} if ensemble_temperature != 1.0 else {}),
+                            sort_keys=True).encode())
     return "sk-" + h.hexdigest()[:12]
 
 
 def _write(root: Path, classes: ClassMap, entries: list[MemberEntry], weights: Sequence[float],
            files: Mapping[str, callable], metrics: dict, provenance: dict, untrained: bool,
-           overwrite: bool) -> Bundle:
+           overwrite: bool, ensemble_temperature: float = 1.0) -> Bundle:
     """Write into a hidden sibling folder, then rename it into place (all or nothing)."""
     weights = tuple(float(w) for w in weights)
     if len(weights) != len(entries):
@@ -234,8 +253,9 @@ def _write(root: Path, classes: ClassMap, entries: list[MemberEntry], weights: S
         for e in entries:
             digest = files[e.name](tmp / e.weights_file)
             final.append(replace(e, sha256=digest))
-        bundle = Bundle(root, _bundle_id(classes, final, weights), classes, tuple(final), weights,
-                        metrics, provenance, untrained)
+        bundle = Bundle(root, _bundle_id(classes, final, weights, FORMAT_VERSION, ensemble_temperature), classes,
+                        tuple(final), weights, metrics, provenance, untrained,
+                        ensemble_temperature=float(ensemble_temperature))
         atomic_write_json(tmp / "bundle.json", bundle.to_json())
         replace_dir(tmp, root)
     except BaseException:
@@ -266,17 +286,23 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
 
 def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None = None,
                   temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
-                  provenance: dict | None = None) -> Bundle:
-    """A new bundle version from an existing one (new weights / temperatures / metrics); the
-    member files are copied and re-hashed, the source bundle is left untouched."""
-    entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)))
-               for e in src.members]
+                  provenance: dict | None = None, ensemble_temperature: float | None = None,
+                  cam_strides: Mapping[str, int] | None = None) -> Bundle:
+    """A new bundle version from an existing one (new weights / temperatures / ensemble temperature /
+    metrics); the member files are copied and re-hashed, the source bundle is left untouched."""
+    unknown = set(cam_strides or {}) - set(src.member_names)
+    if unknown:
+        raise BundleError(f"members {sorted(unknown)} are not in the bundle; it has {src.member_names}")
+    strides = {n: check_output_stride(s) for n, s in (cam_strides or {}).items()}
+    entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)),
+                       cam_stride=strides.get(e.name, e.cam_stride)) for e in src.members]
     files = {e.name: (lambda path, e=e: _copy(src.root / e.weights_file, path)) for e in entries}
     prov = dict(src.provenance) | {"parent": src.id, "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (provenance or {})
     return _write(Path(root), src.classes, entries, weights if weights is not None else src.weights,
                   files, metrics if metrics is not None else dict(src.metrics), prov, src.untrained,
-                  overwrite=False)
+                  overwrite=False, ensemble_temperature=src.ensemble_temperature if ensemble_temperature is None
+                  else ensemble_temperature)
 
 
 def _copy(a: Path, b: Path) -> str:

@@ -19,10 +19,11 @@ EPS = 1e-12
 
 
 def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+    """softmax(log p / T) over the last axis (one distribution or a batch of them)."""
     logp = np.log(np.clip(probs, EPS, 1.0)) / t
-    logp -= logp.max(1, keepdims=True)
+    logp -= logp.max(-1, keepdims=True)
     e = np.exp(logp)
-    return e / e.sum(1, keepdims=True)
+    return e / e.sum(-1, keepdims=True)
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
@@ -36,6 +37,18 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray, bounds: tuple[float, float
                           bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
                           options={"xatol": 1e-4})
     return float(np.exp(res.x))
+
+
+def temperature_fit(probs: np.ndarray, y: np.ndarray, fit: bool = True) -> tuple[float, dict]:
+    """T (1.0 when not `fit`) and the validation NLL and ECE before and after it, for a member or for
+    the weighted ensemble (whose own temperature corrects the under-confidence that averaging
+    calibrated members brings)."""
+    from .metrics import expected_calibration_error
+    y = np.asarray(y, int)
+    t = fit_temperature(probs, y) if fit else 1.0
+    after = apply_temperature(probs, t)
+    return t, {"temperature": t, "nll_before": nll(probs, y), "nll_after": nll(after, y),
+               "ece_before": expected_calibration_error(y, probs), "ece_after": expected_calibration_error(y, after)}
 
 
 def simplex_grid(k: int, step: float) -> np.ndarray:

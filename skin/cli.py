@@ -62,6 +62,14 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
                         "a CPU with native bf16 (AVX512-BF16/AMX), as a server member with amp: bf16 runs")
 
 
+def add_cam_stride_argument(parser: argparse.ArgumentParser) -> None:
+    from .registry import OUTPUT_STRIDES
+    parser.add_argument("--cam-stride", type=int, choices=OUTPUT_STRIDES, default=None,
+                        help="Grad-CAM map resolution: input pixels per map cell (default: the bundle's per member, "
+                        "else the trained stride). Finer maps come from the same weights with dilated last stages; "
+                        "the answer does not change")
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_synth(a) -> int:
     from .synth import write_dataset
@@ -132,10 +140,31 @@ def cmd_bundle_inspect(a) -> int:
     print(f"classes: {', '.join(b.classes)}")
     for m, w in zip(b.members, b.weights):
         print(f"  {m.name:<16} weight {w:.3f}  T={m.temperature:.3f}  input {m.data_config.input_size}px "
+              f"stride {m.output_stride} (maps {m.cam_stride or m.output_stride})  "
               f"({m.data_config.normalize})  {m.weights_file} sha256 {m.sha256[:12]}  ok")
     ens = (b.metrics or {}).get("ensemble")
     if ens:
         print(f"test metrics (ensemble): accuracy {ens['accuracy']:.4f}, macro-F1 {ens['f1_macro']:.4f}")
+    return 0
+
+
+def cmd_bundle_cam_stride(a) -> int:
+    from .bundle import Bundle, BundleError, derive_bundle
+    from .registry import OUTPUT_STRIDES
+    src = Bundle.load(a.dir)
+    strides = {n: a.stride for n in src.member_names} if a.stride else {}
+    for item in a.member or []:
+        name, _, value = item.partition("=")
+        if not value.isdigit() or int(value) not in OUTPUT_STRIDES:
+            raise BundleError(f"--member takes NAME=STRIDE with STRIDE one of {OUTPUT_STRIDES}, such as resnet50=8; "
+                              f"got {item!r}")
+        strides[name] = int(value)
+    if not strides:
+        raise BundleError("give --stride S (every member) and/or --member NAME=S")
+    new = derive_bundle(src, a.out, cam_strides=strides, provenance={"cam_strides": strides})
+    print(f"wrote bundle {new.id} to {a.out}: Grad-CAM strides "
+          + ", ".join(f"{e.name} {e.cam_stride or e.output_stride}" for e in new.members)
+          + f" (answers unchanged; source {src.id} untouched)")
     return 0
 
 
@@ -144,12 +173,12 @@ def cmd_predict(a) -> int:
     unit of work of jobs/predict.py): one line per file, the API's JSON (--json) or the job's table (--out)."""
     import pandas as pd
     from .batch import BatchPredictor, answer_row, columns, error_row, list_inputs
-    from .images import ImageLimits
+    from .images import DATASET_FORMATS, ImageLimits
     paths: list[str] = []
     for item in a.images:
         paths += list_inputs(item).paths if Path(item).is_dir() else [item]
     scorer = BatchPredictor(a.bundle, uncertain_below=a.uncertain_below, amp=a.amp,
-                            limits=ImageLimits(formats=frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})))
+                            limits=ImageLimits(formats=DATASET_FORMATS))
     rows, answers, failures = [], [], 0
     for start in range(0, len(paths), a.batch_size):
         for path, r, err in scorer.score(paths[start:start + a.batch_size]):
@@ -181,7 +210,8 @@ def cmd_explain(a) -> int:
     if a.class_name:
         bundle.classes.index(a.class_name)  # unknown names list the valid ones
     img = load_image(a.image)
-    r = Predictor(bundle, amp=a.amp).answers([img], cam=True, class_name=a.class_name, each_member=a.members)[0]
+    r = Predictor(bundle, amp=a.amp, cam_stride=a.cam_stride).answers([img], cam=True, class_name=a.class_name,
+                                                                      each_member=a.members)[0]
     g = r["gradcam"]
     out = Path(a.out)
     out.write_bytes(png_bytes(overlay(img, g["map"], a.alpha)))
@@ -245,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-image-norm", action="store_true", help="standardise each image by its own statistics")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_bundle_random)
+    s = bundle.add_parser("cam-stride", help="a new bundle whose Grad-CAM maps use a finer stride (answers unchanged)")
+    s.add_argument("dir", help="source bundle (left untouched)")
+    s.add_argument("--out", required=True, help="the new bundle's folder (never overwritten)")
+    s.add_argument("--stride", type=int, choices=(8, 16, 32), help="for every member")
+    s.add_argument("--member", action="append", metavar="NAME=STRIDE", help="for one member (repeatable)")
+    s.set_defaults(fn=cmd_bundle_cam_stride)
     s = bundle.add_parser("inspect", help="validate a bundle (schema, hashes, class maps, weights); non-zero exit when invalid")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
@@ -252,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="classify images (files or folders) in-process with a bundle",
                        description="Classify images in-process, in batches. A folder is read recursively "
-                       "(.jpg .jpeg .png .webp). For a cluster, a manifest or a URI: jobs/predict.py.")
+                       "(.jpg .jpeg .png .webp .heic .heif). For a cluster, a manifest or a URI: jobs/predict.py.")
     s.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     s.add_argument("--bundle", required=True)
     s.add_argument("--json", action="store_true", help="print the HTTP API's JSON shape")
@@ -270,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     s.add_argument("--members", action="store_true", help="also write OUT-<member>.png for each member")
     s.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
+    add_cam_stride_argument(s)
     add_amp_argument(s)
     s.set_defaults(fn=cmd_explain)
     return p

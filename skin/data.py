@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 from .classes import DEFAULT_CLASSES, ClassMap, ClassMapError, _NUMBERED, display_name
-from .images import DATASET_LIMITS, ImageError, difference_hash, hamming, load_image
+from .images import DATASET_LIMITS, DATASET_SUFFIXES, ImageError, difference_hash, hamming, load_image
 from .parallel import map_progress
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = set(DATASET_SUFFIXES)
 MANIFEST_COLUMNS = ["path", "label", "label_index", "split", "group", "sha256", "dhash",
                     "width", "height"]
 

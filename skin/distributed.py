@@ -96,6 +96,45 @@ def init_ray(num_cpus: int | None = None) -> None:
         raise SystemExit(2) from None
 
 
+@dataclass
+class TuneRuntime:
+    """The loop's view of a Ray Tune function trial that is its own single worker: reports and
+    checkpoints go straight to Tune. A TorchTrainer nested in the trial is not used: when ASHA
+    stops such a trial, Train V2's placement group outlives it and keeps its CPUs until the driver
+    exits (ray-project/ray#54305); a one-worker trial needs no inner trainer."""
+
+    cpus: float = 1.0
+    world_size: int = 1
+    rank: int = 0
+    node: str = "tune-trial"
+
+    def __post_init__(self) -> None:
+        import ray
+        import torch
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model):
+        return model.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def sync_buffers(self, model):
+        pass
+
+    def gather(self, obj):
+        return [obj]
+
+    def report(self, metrics, checkpoint_dir):
+        from ray import tune
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def latest_checkpoint(self):
+        from ray import tune
+        ckpt = tune.get_checkpoint()
+        return ckpt.to_directory() if ckpt is not None else None
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: a plain dict config in, everything else in `skin.train`."""
     train_member(TrainConfig.from_dict(config), RayRuntime())

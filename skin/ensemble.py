@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .bundle import Bundle
+from .calibration import apply_temperature
 from .gradcam import ensemble_map, input_size, normalize, upsample
 from .inference import MemberRunner
 from .presets import to_batch
@@ -19,13 +20,16 @@ from .registry import Member
 UNCERTAIN_BELOW = 0.5  # ensemble confidence under this is flagged for a second look
 
 
-def combine(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Weighted average of member probabilities; weights are renormalised over the members given
-    (so a degraded answer from fewer members is still a distribution)."""
+def combine(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float],
+            temperature: float = 1.0) -> np.ndarray:
+    """Weighted average of member probabilities, then the ensemble's own temperature (the bundle's
+    `ensemble_temperature`: softmax(log p / T), fitted on val after the weights). Weights are
+    renormalised over the members given (a degraded answer from fewer members is still a distribution)."""
     total = sum(weights[n] for n in member_probs)
     if total <= 0:
         raise ValueError("the members given carry no ensemble weight")
-    return sum(weights[n] / total * np.asarray(p, dtype=np.float64) for n, p in member_probs.items())
+    avg = sum(weights[n] / total * np.asarray(p, dtype=np.float64) for n, p in member_probs.items())
+    return avg if temperature == 1.0 else apply_temperature(avg, temperature)
 
 
 def describe(probs: np.ndarray, member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float],
@@ -53,7 +57,7 @@ def assemble(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float
              member_maps: Mapping[str, torch.Tensor] | None = None, size: tuple[int, int] | None = None,
              work: tuple[int, int] | None = None, class_name: str | None = None, all_classes: bool = False,
              each_member: bool = False, missing: Sequence[str] = (),
-             uncertain_below: float = UNCERTAIN_BELOW) -> dict:
+             uncertain_below: float = UNCERTAIN_BELOW, ensemble_temperature: float = 1.0) -> dict:
     """One image's answer from its members' outputs: `member_probs` {name: (C,)}, and, for an
     explanation, `member_maps` {name: (C, h, w)} with the image's `size` (H, W) and the maps' `work`
     size (skin.gradcam.ensemble_map). Members in `missing` did not answer: the answer is then marked
@@ -61,7 +65,8 @@ def assemble(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float
     predicted one unless `class_name`), its ensemble map ("map", [0, 1] at `size`), every class's map
     ("maps", with `all_classes`) and each member's own map ("members", with `each_member`)."""
     classes = list(classes)
-    out = describe(combine(member_probs, weights), member_probs, weights, classes, uncertain_below)
+    out = describe(combine(member_probs, weights, ensemble_temperature), member_probs, weights, classes,
+                   uncertain_below)
     out |= {"degraded": bool(missing), "missing_members": list(missing)}
     if missing:
         out["uncertain"] = True
@@ -86,12 +91,17 @@ class Predictor:
     """Load a bundle once; answer (and explain) lists of RGB images in-process."""
 
     def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None, device: str = "cpu",
-                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off") -> None:
+                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off", cam_stride: int | None = None) -> None:
+        """`cam_stride`: the Grad-CAM maps' stride for every member (default: each member's stored
+        explanation stride, else its trained one); answers never depend on it."""
         self.bundle = bundle
         self.device = torch.device(device)
-        loaded = members or bundle.load_members()
-        self.runners = {n: MemberRunner(m.to(self.device).eval(), bundle.entry(n).temperature, amp)
-                        for n, m in loaded.items()}
+        if members is not None:
+            self.runners = {n: MemberRunner(m.to(self.device).eval(), bundle.entry(n).temperature, amp,
+                                            cam_stride or bundle.entry(n).cam_stride) for n, m in members.items()}
+        else:
+            self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, cam_stride)
+                            for n in bundle.member_names}
         self.weights = {n: bundle.weight_of(n) for n in self.runners}
         self.work = input_size({n: r.member for n, r in self.runners.items()})
         self.uncertain_below = uncertain_below
@@ -114,7 +124,8 @@ class Predictor:
             results.append(assemble({n: p[i] for n, (p, _) in outs.items()}, self.weights, self.bundle.classes.names,
                                     member_maps=maps, size=(img.size[1], img.size[0]), work=self.work,
                                     class_name=class_name, all_classes=all_classes, each_member=each_member,
-                                    uncertain_below=self.uncertain_below) | {"bundle": self.bundle.id})
+                                    uncertain_below=self.uncertain_below,
+                                    ensemble_temperature=self.bundle.ensemble_temperature) | {"bundle": self.bundle.id})
         return results
 
     def predict(self, images: Sequence[Image.Image]) -> list[dict]:

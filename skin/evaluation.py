@@ -16,29 +16,35 @@ import torch
 
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
-from .ensemble import combine
+from .ensemble import assemble, combine
+from .gradcam import input_size
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
-from .metrics import compute_metrics, confusion_figure, reliability_figure
+from .metrics import compute_metrics, confusion_figure, energy_inside, pointing_hit, reliability_figure
 from .presets import to_batch
 
 
 class BatchScorer:
-    """Callable on a batch {"path": [...], "label_index": [...]}: adds each member's temperature-
-    scaled probabilities as "<member>" columns (skin.inference, the path `skin predict` runs, at
-    the precision `amp` asks for) and an "ok" flag (False: unreadable, skipped)."""
+    """Callable on a batch {"path": [...], "label_index": [...]} (+ "mask": lesion-mask paths, "" for
+    none): adds each member's temperature-scaled probabilities as "<member>" columns (skin.inference,
+    the path `skin predict` runs, at the precision `amp` asks for) and an "ok" flag (False:
+    unreadable, skipped). With masks, also how well the ensemble's Grad-CAM of its predicted class
+    points at the lesion: "pointing" (the map's peak inside the mask) and "energy" (the map's mass
+    inside it), NaN where a row has no mask."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None,
-                 amp: str = "off") -> None:
+                 amp: str = "off", cam_stride: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.runners = {n: MemberRunner(m.to(self.device).eval(), self.bundle.entry(n).temperature, amp)
-                        for n, m in self.bundle.load_members().items()}
+        self.runners = {n: MemberRunner.from_bundle(self.bundle, n, self.device, amp, cam_stride)
+                        for n in self.bundle.member_names}
+        self.work = input_size({n: r.member for n, r in self.runners.items()})
 
     def __call__(self, batch: dict) -> dict:
         paths = list(batch["path"])
+        masks = [str(m) for m in batch["mask"]] if "mask" in batch else [""] * len(paths)
         images, ok = [], []
         for p in paths:
             try:
@@ -48,33 +54,68 @@ class BatchScorer:
                 ok.append(False)
         out = {"path": np.array(paths, dtype=object), "label_index": np.asarray(batch["label_index"]),
                "ok": np.array(ok)}
+        explain = any(m for m, good in zip(masks, ok) if good)
         c = len(self.bundle.classes)
+        maps = {}
         for name, run in self.runners.items():
             probs = np.full((len(paths), c), np.nan, dtype=np.float32)
             if images:
-                probs[np.array(ok)] = run(to_batch(images, run.member.data_config))[0]
+                probs[np.array(ok)], maps[name] = run(to_batch(images, run.member.data_config), cam=explain)
             out[name] = probs
+        for k in ["pointing", "energy"] + [f"pointing:{n}" for n in self.runners]:
+            out[k] = np.full(len(paths), np.nan)
+        if explain:
+            self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, np.nonzero(ok)[0])
         return out
 
+    def _faithfulness(self, out: dict, masks: list[str], images: list, maps: dict, rows: np.ndarray) -> None:
+        from PIL import Image
+        for i, (mask_path, img, row) in enumerate(zip(masks, images, rows)):
+            if not mask_path:
+                continue
+            answer = assemble({n: out[n][row] for n in self.runners}, self.bundle.weights_map,
+                              self.bundle.classes.names, member_maps={n: m[i] for n, m in maps.items()},
+                              size=(img.size[1], img.size[0]), work=self.work, each_member=True,
+                              ensemble_temperature=self.bundle.ensemble_temperature)
+            mask = Image.open(mask_path).convert("L")
+            if mask.size != img.size:
+                mask = mask.resize(img.size, Image.Resampling.NEAREST)
+            mask = np.asarray(mask) > 127
+            out["pointing"][row] = float(pointing_hit(answer["gradcam"]["map"], mask))
+            out["energy"][row] = energy_inside(answer["gradcam"]["map"], mask)
+            for n, m in answer["gradcam"]["members"].items():  # each member's map of the ensemble's class
+                out[f"pointing:{n}"][row] = float(pointing_hit(m, mask))
 
-def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: str = "off") -> pd.DataFrame:
-    scorer = BatchScorer(bundle_dir, amp=amp)
-    parts = []
-    for start in range(0, len(df), batch_size):
-        chunk = df.iloc[start:start + batch_size]
-        parts.append(scorer({"path": chunk["path"].tolist(), "label_index": chunk["label_index"].to_numpy()}))
+
+def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
+    """df with a "mask" column from a CSV of path,mask (the `skin data synth` manifest; relative
+    paths from the CSV's folder), matched on resolved image paths ("" where none)."""
+    root = Path(masks_csv).resolve().parent
+    table = pd.read_csv(masks_csv, dtype=str, keep_default_na=False)
+    if not {"path", "mask"} <= set(table.columns):
+        raise ValueError(f"{masks_csv} needs `path` and `mask` columns (the `skin data synth` manifest has them)")
+    lookup = {str((root / p).resolve()): str((root / m).resolve()) for p, m in zip(table["path"], table["mask"]) if m}
+    return df.assign(mask=[lookup.get(str(Path(p).resolve()), "") for p in df["path"]])
+
+
+def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: str = "off",
+                  cam_stride: int | None = None) -> pd.DataFrame:
+    scorer = BatchScorer(bundle_dir, amp=amp, cam_stride=cam_stride)
+    cols = [c for c in ("path", "label_index", "mask") if c in df.columns]
+    parts = [scorer({c: df[c].iloc[s:s + batch_size].to_numpy() for c in cols}) for s in range(0, len(df), batch_size)]
     return _to_frame(parts, scorer.bundle.member_names)
 
 
 def _to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
-    rows = {"path": [], "label_index": [], "ok": []} | {m: [] for m in members}
+    rows = ({"path": [], "label_index": [], "ok": [], "pointing": [], "energy": []} | {m: [] for m in members}
+            | {f"pointing:{m}": [] for m in members})
     for p in parts:
         for k in rows:
             rows[k].extend(list(p[k]))
     return pd.DataFrame(rows)
 
 
-def summarize(scored: pd.DataFrame, bundle: Bundle) -> dict:
+def summarize(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = None) -> dict:
     """Metrics of each member and of the ensemble over the readable rows."""
     good = scored[scored["ok"].astype(bool)]
     y = good["label_index"].to_numpy(int)
@@ -82,9 +123,32 @@ def summarize(scored: pd.DataFrame, bundle: Bundle) -> dict:
     weights = {m: bundle.weight_of(m) for m in bundle.member_names}
     out = {"n_skipped": int((~scored["ok"].astype(bool)).sum()), "bundle": bundle.id,
            "members": {m: compute_metrics(y, p, bundle.classes) for m, p in member_probs.items()},
-           "ensemble": compute_metrics(y, combine(member_probs, weights), bundle.classes),
-           "weights": weights}
+           "ensemble": compute_metrics(y, combine(member_probs, weights, bundle.ensemble_temperature), bundle.classes),
+           "weights": weights, "ensemble_temperature": bundle.ensemble_temperature}
+    faith = faithfulness(good, bundle, cam_stride)
+    if faith:
+        out["faithfulness"] = faith
+    if bundle.ensemble_temperature != 1.0:  # what the ensemble temperature bought, on these rows
+        out["ensemble_before_temperature"] = compute_metrics(y, combine(member_probs, weights), bundle.classes)
     return out
+
+
+def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = None) -> dict | None:
+    """Pointing game and energy in the mask of the ensemble's Grad-CAM, overall and per class, over
+    the rows that have a lesion mask (None when none has)."""
+    if "pointing" not in scored:
+        return None
+    rows = scored[scored["pointing"].notna()]
+    if rows.empty:
+        return None
+    per_class = {bundle.classes.name(int(k)): {"pointing": float(g["pointing"].mean()), "energy": float(g["energy"].mean()),
+                                               "images": int(len(g))}
+                 for k, g in rows.groupby("label_index")}
+    members = {m: float(rows[f"pointing:{m}"].mean()) for m in bundle.member_names if f"pointing:{m}" in rows}
+    strides = {e.name: cam_stride or e.cam_stride or e.output_stride for e in bundle.members}
+    return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
+            "per_class": per_class, "members_pointing": members, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
+            "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
 
 
 def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str | Path, split: str) -> Path:
@@ -96,7 +160,8 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
     good = scored[scored["ok"].astype(bool)]
     y = good["label_index"].to_numpy(int)
     weights = {m: bundle.weight_of(m) for m in bundle.member_names}
-    ens = combine({m: np.stack(good[m].to_list()) for m in bundle.member_names}, weights)
+    ens = combine({m: np.stack(good[m].to_list()) for m in bundle.member_names}, weights,
+                  bundle.ensemble_temperature)
     import matplotlib.pyplot as plt
     for normalize, suffix in ((False, "counts"), (True, "normalized")):
         fig = confusion_figure(np.array(metrics["ensemble"]["confusion_matrix"]), classes,
@@ -106,20 +171,33 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
     fig = reliability_figure(y, ens, f"ensemble reliability, {split}")
     fig.savefig(out / "reliability.png")
     plt.close(fig)
-    rows = [("ensemble", metrics["ensemble"])] + list(metrics["members"].items())
+    rows = [("ensemble", metrics["ensemble"])] + ([(f"ensemble before T={bundle.ensemble_temperature:.3f}",
+                                                     metrics["ensemble_before_temperature"])]
+                                                   if "ensemble_before_temperature" in metrics else [])
+    rows += list(metrics["members"].items())
     lines = [f"# Evaluation of bundle `{bundle.id}` on `{split}`", "",
              f"{len(y)} images scored, {metrics['n_skipped']} unreadable skipped. "
              f"Weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}."
              + (" **Untrained bundle (random weights).**" if bundle.untrained else ""), "",
-             "| model | accuracy | balanced acc | macro-F1 | weighted-F1 | macro-P | macro-R | ROC AUC (ovr) | ECE |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | accuracy | balanced acc | macro-F1 | weighted-F1 | macro-P | macro-R | ROC AUC (ovr) | ECE | NLL |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in rows:
         auc = f"{m['roc_auc_ovr']:.4f}" if m.get("roc_auc_ovr") is not None else "n/a"
         lines.append(f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['f1_macro']:.4f} | "
-                     f"{m['f1_weighted']:.4f} | {m['precision_macro']:.4f} | {m['recall_macro']:.4f} | {auc} | {m['ece']:.4f} |")
+                     f"{m['f1_weighted']:.4f} | {m['precision_macro']:.4f} | {m['recall_macro']:.4f} | {auc} | {m['ece']:.4f} | "
+                     f"{m.get('nll', float('nan')):.4f} |")
     lines += ["", "## Per class (ensemble)", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for c, r in metrics["ensemble"]["per_class"].items():
         lines.append(f"| {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |")
+    f = metrics.get("faithfulness")
+    if f:
+        lines += ["", f"## Grad-CAM faithfulness ({f['images']} images with lesion masks: {f['masks']})", "",
+                  f"Pointing game {f['pointing']:.3f} (share of maps whose peak lies in the lesion), energy in the "
+                  f"mask {f['energy']:.3f}. {f['note'].capitalize()}.", "",
+                  "| class | pointing game | energy in mask | images |", "|---|---:|---:|---:|"]
+        lines += [f"| {c} | {v['pointing']:.3f} | {v['energy']:.3f} | {v['images']} |" for c, v in f["per_class"].items()]
+        lines += ["", "Each member's own map (of the ensemble's class): " + ", ".join(
+            f"{m} {p:.3f} (stride {f['cam_strides'][m]})" for m, p in f["members_pointing"].items()) + "."]
     lines += ["", "![confusion](confusion_counts.png) ![normalized](confusion_normalized.png) "
               "![reliability](reliability.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -129,6 +207,8 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
 def store_in_bundle(bundle: Bundle, metrics: dict, split: str) -> None:
     slim = {"split": split, "ensemble": _slim(metrics["ensemble"]),
             "members": {m: _slim(v) for m, v in metrics["members"].items()}}
+    if metrics.get("faithfulness"):
+        slim["faithfulness"] = {k: v for k, v in metrics["faithfulness"].items()} | {"split": split}
     update_metrics(bundle.root, slim)
 
 

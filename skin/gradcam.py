@@ -32,14 +32,21 @@ class GradCAM:
             logits, maps = cam(x)          # (B, C), (B, C, h, w)
     """
 
-    def __init__(self, member: Member, layer: str | None = None, fast: bool | None = None) -> None:
+    def __init__(self, member: Member, layer: str | None = None, fast: bool | None = None,
+                 dense: Member | None = None) -> None:
         self.member = member
+        # `dense`: the same weights at a finer output stride (skin.registry.restride). The logits and
+        # the channel weights alpha (the head's Jacobian) stay the trained member's; eq. 2 is applied
+        # to the dense feature map: a higher-resolution view of the same decision.
+        self.dense = dense if dense is not None and dense is not member else None
         self.layer_name = layer or member.spec.cam_layer
         structure_allows = member.spec.cam_fast_path and self.layer_name == member.spec.cam_layer
         if fast and not structure_allows:
             raise ValueError(f"the one-pass path needs the layer feeding global average pooling "
                              f"({member.spec.cam_layer}); {self.layer_name} is not it")
         self.fast = structure_allows if fast is None else fast
+        if self.dense is not None and not self.fast:
+            raise ValueError("a dense explanation map needs the one-pass path (the layer feeding global average pooling)")
         self.layer = member.get_submodule(self.layer_name)  # fails loudly on a wrong path
         self._handles: list = []
         self._activation: torch.Tensor | None = None
@@ -69,6 +76,7 @@ class GradCAM:
     def _fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             feats = self.member.forward_features(x).float()  # bf16 maps are cast to float
+            cam_feats = feats if self.dense is None else self.dense.forward_features(x).float()
         h, w = feats.shape[-2:]
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # the small head in fp32
             z = self.member.pool(feats).detach().requires_grad_(True)
@@ -77,7 +85,7 @@ class GradCAM:
             eye = torch.eye(c, device=x.device, dtype=logits.dtype)[:, None, :].expand(c, *logits.shape)
             (jac,) = torch.autograd.grad(logits, z, grad_outputs=eye, is_grads_batched=True)  # (C, B, K)
             weights = jac.permute(1, 0, 2) / (h * w)  # (B, C, K): alpha of eq. 1
-            maps = torch.relu(torch.einsum("bck,bkhw->bchw", weights, feats))
+            maps = torch.relu(torch.einsum("bck,bkhw->bchw", weights, cam_feats))
         return logits.detach(), maps.detach()
 
     def _general(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,17 @@ from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
-SERVE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+# HEIC/HEIF (iPhones' default photo format) through libheif; the decoder applies the file's
+# rotation itself and resets the EXIF orientation, so exif_transpose below stays correct
+import pillow_heif  # noqa: E402
+
+pillow_heif.register_heif_opener()
+
+SERVE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "HEIF"})
 DATASET_FORMATS = SERVE_FORMATS | {"BMP", "TIFF"}
+# file names the folder readers list (batch inference: the API's formats; datasets: theirs)
+SERVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif")
+DATASET_SUFFIXES = SERVE_SUFFIXES + (".bmp", ".tif", ".tiff")
 
 
 class ImageError(ValueError):

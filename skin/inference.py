@@ -14,7 +14,7 @@ import torch
 
 from .device import autocast, configure_device
 from .gradcam import GradCAM
-from .registry import Member
+from .registry import Member, restride
 
 
 def member_logits(member: Member, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -32,22 +32,40 @@ def calibrated(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 class MemberRunner:
     """One member ready to answer: in eval mode on its device, with its temperature and precision.
 
-        run = MemberRunner(member, temperature=1.3, amp="off")
+        run = MemberRunner(member, temperature=1.3, amp="off", cam_stride=8)
         probs, maps = run(x, cam=True)      # (B, C) numpy, (B, C, h, w) tensor on the CPU
+
+    `cam_stride` (8/16/32; default: the member's trained stride) sets the resolution of the maps
+    only: they come from the same weights with dilated last stages (skin.registry.restride),
+    weighted by the trained member's gradients, while the probabilities stay the trained stride's.
     """
 
-    def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off") -> None:
+    def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
+                 cam_stride: int | None = None) -> None:
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
+        self.cam_member = restride(member, cam_stride) if cam_stride else member
         self.temperature = float(temperature)
         self.device = next(member.parameters()).device
         self.bf16 = configure_device(self.device, amp)  # False where the device lacks native bf16
 
+    @classmethod
+    def from_bundle(cls, bundle, name: str, device: str | torch.device = "cpu", amp: str = "off",
+                    cam_stride: int | None = None) -> "MemberRunner":
+        """A bundle's member with its temperature; maps at `cam_stride`, else at the bundle's stored
+        explanation stride for it, else at its trained stride."""
+        member = bundle.load_member(name).to(device)
+        return cls(member, bundle.entry(name).temperature, amp, cam_stride or bundle.entry(name).cam_stride)
+
+    @property
+    def cam_stride(self) -> int:
+        return self.cam_member.output_stride
+
     def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
         x = x.to(self.device)
-        if cam:  # one forward pass + the head's Jacobian: all classes' maps (skin.gradcam)
-            with GradCAM(self.member) as g, autocast(x.device, self.bf16):
+        if cam:  # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
+            with GradCAM(self.member, dense=self.cam_member) as g, autocast(x.device, self.bf16):
                 logits, maps = g(x)
             maps = maps.cpu()
         else:

@@ -204,3 +204,25 @@ def test_metrics_do_not_change_the_id_and_version_1_bundles_still_load(random_bu
     meta["id"] = _bundle_id(before.classes, before.members, before.weights, version=1)
     (root / "bundle.json").write_text(json.dumps(meta))
     assert Bundle.load(root).id == meta["id"]
+
+
+def test_cam_stride_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
+    from skin.bundle import derive_bundle
+    b = Bundle.load(random_bundle)
+    fine = derive_bundle(b, tmp_path / "fine", cam_strides={"resnet50": 8, "mobilenetv2": 16})
+    loaded = Bundle.load(fine.root)
+    assert {e.name: e.cam_stride for e in loaded.members} == {"mobilenetv2": 16, "efficientnet_b1": None,
+                                                                "resnet50": 8}
+    assert loaded.id != b.id and all(e.output_stride == 32 for e in loaded.members)
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
+    coarse = Predictor(b).member_outputs(imgs, cam=True)
+    dense = Predictor(loaded).member_outputs(imgs, cam=True)
+    for n in b.member_names:
+        np.testing.assert_array_equal(dense[n][0], coarse[n][0])
+    assert dense["resnet50"][1].shape[-2:] == (8, 8) and coarse["resnet50"][1].shape[-2:] == (2, 2)
+    assert dense["mobilenetv2"][1].shape[-2:] == (4, 4) and dense["efficientnet_b1"][1].shape[-2:] == (2, 2)
+    assert Predictor(b, cam_stride=8).member_outputs(imgs, cam=True)["efficientnet_b1"][1].shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        derive_bundle(b, tmp_path / "bad", cam_strides={"resnet50": 12})
+    with pytest.raises(BundleError, match="not in the bundle"):
+        derive_bundle(b, tmp_path / "bad2", cam_strides={"vgg": 8})

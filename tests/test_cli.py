@@ -18,6 +18,16 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
     assert main(["predict", str(img), "--bundle", str(random_bundle), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert abs(sum(out["probabilities"].values()) - 1) < 1e-6
+    # a folder, batched, into jobs/predict.py's table
+    assert main(["predict", str(tmp_path / "s" / "test"), "--bundle", str(random_bundle), "--out",
+                 str(tmp_path / "p.csv"), "--batch-size", "4"]) == 0
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert len(table) == len(list((tmp_path / "s" / "test").rglob("*.jpg"))) and (table["error"] == "").all()
+    assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "b8"), "--stride", "8"]) == 0
+    assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "b9"), "--member",
+                 "resnet50=12"]) == 2
+    assert "STRIDE one of (8, 16, 32)" in capsys.readouterr().err
 
 
 def test_cli_errors_are_readable(tmp_path, capsys):
@@ -52,6 +62,9 @@ BAD_ARGS = [
     ["predict", "{t}/x.jpg", "--bundle", "{t}/none"],
     ["predict", "{t}/x.jpg", "--bundle", "{t}", "--uncertain-below", "7"],
     ["explain", "{t}/x.jpg", "--bundle", "{t}", "--alpha", "2"],
+    ["explain", "{t}/x.jpg", "--bundle", "{t}", "--cam-stride", "12"],
+    ["predict", "{t}/x.jpg", "--bundle", "{t}", "--batch-size", "0"],
+    ["bundle", "cam-stride", "{t}/none", "--out", "{t}/o", "--stride", "8"],
     ["models", "--num-classes", "0"],
     ["nonsense"],
 ]

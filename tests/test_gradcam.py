@@ -156,3 +156,34 @@ def test_overlay_blends_like_float_arithmetic():
     want = 0.6 * np.asarray(img, np.float64) + 0.4 * heat
     got = np.asarray(overlay(img, cam, alpha=0.4)).astype(float)
     assert np.abs(got - want).max() <= 1.0
+
+
+@pytest.mark.parametrize("name", DEFAULT_MEMBERS)
+def test_dense_map_matches_pytorch_grad_cam_on_the_dense_model_and_keeps_the_answer(name):
+    """Maps at stride 8 come from the same weights with dilated last stages: on that dense model our
+    one-pass map equals pytorch-grad-cam's; through MemberRunner(cam_stride=8) the answer is the
+    trained stride's, exactly, and the maps are 4x finer on each side."""
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from skin.registry import restride
+    member, x = _member(name)
+    dense = restride(member, 8)
+    assert dense.output_stride == 8 and member.output_stride == 32 and not dense.training
+    with GradCAM(dense) as cam:
+        _, maps = cam(x)
+    with ReferenceGradCAM(model=dense, target_layers=[dense.get_submodule(dense.spec.cam_layer)]) as ref:
+        for k in (0, 3):
+            expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
+            ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
+            assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, (name, k)
+    coarse_p, coarse = MemberRunner(member)(x, cam=True)
+    fine_p, fine = MemberRunner(member, cam_stride=8)(x, cam=True)
+    np.testing.assert_array_equal(fine_p, coarse_p)  # the answer never depends on the map's stride
+    assert fine.shape[-2:] == (SIZE // 8, SIZE // 8) and coarse.shape[-2:] == (SIZE // 32, SIZE // 32)
+    # the dense map is weighted by the trained member's gradient (its Jacobian at the trained pooling)
+    with torch.no_grad():
+        z = member.pool(member.forward_features(x))
+    jac = torch.autograd.functional.jacobian(lambda v: member.forward_head(v).sum(0), z)  # (C, B, K)
+    feats = dense.forward_features(x).detach()
+    want = torch.relu(torch.einsum("cbk,bkhw->bchw", jac, feats)) / (SIZE // 32) ** 2
+    torch.testing.assert_close(fine, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -77,3 +77,27 @@ def test_assemble_marks_degraded_answers_and_explains_the_asked_class():
     assert np.isclose(r["confidence"], 0.65)  # weights renormalised over the members that answered
     with pytest.raises(ValueError, match="size"):
         assemble(probs, w, classes, member_maps=maps)
+
+
+def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
+    """Pointing game and energy against planted masks: a mask over the whole image holds every
+    peak and all the energy; an empty one none; rows without a mask stay unmeasured."""
+    from PIL import Image
+    from skin.evaluation import BatchScorer, faithfulness, _to_frame
+    paths, masks = [], []
+    for i, fill in enumerate((255, 0, None)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        make_sample(i, 1, i, 80).image.save(paths[-1])
+        if fill is None:
+            masks.append("")
+        else:
+            masks.append(str(tmp_path / f"{i}-mask.png"))
+            Image.new("L", (40, 40), fill).save(masks[-1])  # another size than the image: resized
+    scorer = BatchScorer(str(random_bundle))
+    out = scorer({"path": np.array(paths), "label_index": np.zeros(3, int), "mask": np.array(masks)})
+    assert out["pointing"][0] == 1.0 and out["energy"][0] == pytest.approx(1.0)
+    assert out["pointing"][1] == 0.0 and out["energy"][1] == 0.0
+    assert np.isnan(out["pointing"][2]) and np.isnan(out["energy"][2])
+    assert out["pointing:resnet50"][0] == 1.0 and out["pointing:resnet50"][1] == 0.0
+    f = faithfulness(_to_frame([out], scorer.bundle.member_names), scorer.bundle)
+    assert f["images"] == 2 and f["pointing"] == 0.5

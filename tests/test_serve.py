@@ -153,3 +153,39 @@ def _wait(cond, timeout=90):
             pass
         time.sleep(0.5)
     raise AssertionError("condition not reached in time")
+
+
+def test_heic_photo_with_exif_rotation_answers_like_its_jpeg_twin(api):
+    """An iPhone-style HEIC photograph, rotated by its EXIF orientation, gets the answer of the same
+    photograph as a JPEG with the same orientation (lossless HEIC; the JPEG at quality 95)."""
+    img = make_sample(3, 9, 5, 160).image.crop((0, 0, 160, 112))  # landscape: the rotation shows in the size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    heic, jpeg = io.BytesIO(), io.BytesIO()
+    img.save(heic, "HEIF", quality=-1, exif=exif.tobytes())
+    img.save(jpeg, "JPEG", quality=95, exif=exif.tobytes())
+    assert load_image(heic.getvalue()).size == load_image(jpeg.getvalue()).size == (112, 160)  # turned, both
+    a = post(api, heic.getvalue(), "phone.heic", "image/heic")
+    b = post(api, jpeg.getvalue(), "phone.jpg", "image/jpeg")
+    assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+    a, b = a.json(), b.json()
+    assert a["class"] == b["class"]
+    assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 0.02
+    overlay = Image.open(io.BytesIO(base64.b64decode(a["gradcam"]["overlay_png"])))
+    assert overlay.size == (112, 160)
+    info = requests.get(api + "/v1/info", timeout=30).json()
+    assert "HEIF" in info["limits"]["formats"]
+
+
+def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
+    data = _jpeg(4, 2, 128)
+    a = post(api, data).json()
+    b = post(api, data, params={"cam_stride": 8})
+    assert b.status_code == 200, b.text
+    b = b.json()
+    assert a["probabilities"] == b["probabilities"] and a["class"] == b["class"]
+    assert a["gradcam"]["map_png"] != b["gradcam"]["map_png"]
+    bad = post(api, data, params={"cam_stride": 12})
+    assert bad.status_code == 422 and "cam_stride" in bad.json()["error"]["message"]
+    members = requests.get(api + "/v1/info", timeout=30).json()["members"]
+    assert all(m["cam_stride"] == m["output_stride"] == 32 for m in members)

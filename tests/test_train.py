@@ -144,11 +144,17 @@ def test_evaluation_equals_sklearn(trained, scanned):
     assert m["members"]["resnet50"]["f1_weighted"] == pytest.approx(f1_score(y, r, average="weighted", labels=range(6), zero_division=0))
 
 
-def test_evaluate_job_with_ray_data(ray_local, trained, scanned, tmp_path):
+def test_evaluate_job_with_ray_data(ray_local, trained, scanned, synth_dir, tmp_path):
     import jobs.evaluate as job
     shutil.copytree(trained / "bundle", tmp_path / "bundle")
-    assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(scanned), "--out", str(tmp_path / "eval")]) == 0
+    assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(scanned), "--out", str(tmp_path / "eval"),
+                     "--masks", str(synth_dir / "manifest.csv")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    f = metrics["faithfulness"]  # every test image of the synthetic set has a lesion mask
+    assert f["images"] == len(pd.read_csv(scanned / "test.csv")) and 0 <= f["pointing"] <= 1
+    assert set(f["members_pointing"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
+    assert Bundle.load(tmp_path / "bundle").metrics["faithfulness"]["pointing"] == f["pointing"]
+    assert "Grad-CAM faithfulness" in (tmp_path / "eval" / "report.md").read_text()
     assert set(metrics["members"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
     for f in ("report.md", "confusion_counts.png", "confusion_normalized.png", "reliability.png"):
         assert (tmp_path / "eval" / f).is_file()

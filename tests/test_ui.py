@@ -49,11 +49,46 @@ def test_upload_shows_class_confidence_bars_and_overlay(api, monkeypatch):
     assert "confidence" in metric.delta
     assert len(at.get("vega_lite_chart")) == 1  # st.bar_chart of the six probabilities
     assert len(at.get("image")) == 2  # the photograph and the overlay
+    assert any("has not been measured for this bundle" in c.value for c in at.caption)  # random bundle: no figure
     assert at.selectbox[0].value == metric.value  # the map shown is the predicted class's
     at.selectbox[0].select("Malign")
     at.run()
     assert not at.exception
     assert len(at.dataframe) == 1  # per-member table
+
+
+def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
+    """The caveat next to the overlay quotes the bundle's stored pointing game (jobs/evaluate.py
+    --masks); an iPhone HEIC photograph goes through like a JPEG."""
+    import io
+    import json
+    import pillow_heif
+    from PIL import Image
+    real = requests.request
+
+    def with_faithfulness(method, url, **kw):
+        resp = real(method, url, **kw)
+        if url.endswith("/v1/info"):
+            data = resp.json()
+            data["metrics"] = {"faithfulness": {"pointing": 0.84, "energy": 0.51, "images": 180,
+                                                "masks": "synthetic lesions (skin data synth)"}}
+            resp._content = json.dumps(data).encode()
+        return resp
+    monkeypatch.setattr(requests, "request", with_faithfulness)
+    import streamlit as st
+    st.cache_data.clear()
+    at = _page(monkeypatch, api)
+    assert "HEIC" in at.file_uploader[0].label
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    make_sample(1, 5, 4, 128).image.save(buf, "HEIF", quality=90)
+    at.file_uploader[0].upload("phone.heic", buf.getvalue(), "image/heic")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) == 2
+    caption = " ".join(c.value for c in at.caption)
+    assert "Pointing game 0.84 on synthetic lesions" in caption and "not measured on real photographs" in caption
+    st.cache_data.clear()
 
 
 def test_several_uploads_make_a_table(api, monkeypatch):

@@ -13,10 +13,18 @@ import numpy as np
 import pandas as pd
 import requests
 import streamlit as st
-from PIL import Image
+from PIL import Image, ImageOps
+
+try:  # HEIC/HEIF photographs (iPhones) for the page's own preview; the API decodes them regardless
+    import pillow_heif
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - pillow-heif ships with skinray's dependencies
+    pass
 
 DEFAULT_API = os.environ.get("SKINRAY_API_URL", "http://127.0.0.1:8000")
 TIMEOUT_S = float(os.environ.get("SKINRAY_API_TIMEOUT", "60"))
+# file name suffixes of the API's formats (its /v1/info lists the formats; this is the fallback)
+SUFFIXES = {"JPEG": ["jpg", "jpeg"], "PNG": ["png"], "WEBP": ["webp"], "HEIF": ["heic", "heif"]}
 NOTICE = ("Decision support, not a diagnosis: the answer and its heat map help a clinician look "
           "again; they do not replace examination or histopathology.")
 
@@ -113,7 +121,17 @@ def sidebar() -> tuple[str, str, float, dict | None]:
     return api, key, alpha, info
 
 
-def show_result(name: str, image: Image.Image, result: dict, alpha: float) -> None:
+def faithfulness_caption(info: dict | None) -> str:
+    """How far to trust the map, from the bundle's stored measurement (jobs/evaluate.py --masks)."""
+    f = ((info or {}).get("metrics") or {}).get("faithfulness")
+    if not f:
+        return "How well these maps point at lesions has not been measured for this bundle."
+    return (f"Pointing game {f['pointing']:.2f} on {f.get('masks', 'lesions with known masks')} "
+            f"({f['images']} images; the map's peak fell inside the lesion that often); not measured on real "
+            "photographs.")
+
+
+def show_result(name: str, image: Image.Image, result: dict, alpha: float, info: dict | None = None) -> None:
     st.subheader(name)
     if result.get("uncertain"):
         st.warning("Uncertain answer: " + "; ".join(result.get("uncertain_reasons") or ["low confidence"]))
@@ -133,6 +151,7 @@ def show_result(name: str, image: Image.Image, result: dict, alpha: float) -> No
         shown = right.selectbox("Grad-CAM of class", classes, index=default, key=f"cls-{name}")
         overlay = blend(image, decode_png(maps[shown]), alpha)
         right.image(overlay, caption=f"where the ensemble looked for {shown}", width="stretch")
+        right.caption(faithfulness_caption(info))
     else:
         right.info("No Grad-CAM in this answer.")
 
@@ -151,10 +170,12 @@ def show_result(name: str, image: Image.Image, result: dict, alpha: float) -> No
 
 def main() -> None:
     st.set_page_config(page_title="skinray", layout="wide")
-    api, key, alpha, _ = sidebar()
+    api, key, alpha, info = sidebar()
     st.title("Skin-lesion classifier")
     st.info(NOTICE)
-    files = st.file_uploader("Upload one or more photographs (JPG, JPEG, PNG)", type=["jpg", "jpeg", "png"],
+    formats = ((info or {}).get("limits") or {}).get("formats") or list(SUFFIXES)
+    types = [x for f in formats for x in SUFFIXES.get(f, [f.lower()])]
+    files = st.file_uploader(f"Upload one or more photographs ({', '.join(t.upper() for t in types)})", type=types,
                              accept_multiple_files=True)
     if not files:
         st.caption("The page sends each image to the API and shows the answer with its Grad-CAM explanation.")
@@ -164,7 +185,7 @@ def main() -> None:
         data = f.getvalue()
         name = f.name
         try:
-            images[name] = Image.open(io.BytesIO(data)).convert("RGB")
+            images[name] = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")  # as the API turns it
         except Exception:  # noqa: BLE001 - the API gives the authoritative reason below
             images[name] = None
         with st.spinner(f"Classifying {name}..."):
@@ -182,7 +203,7 @@ def main() -> None:
         if isinstance(a, ApiProblem):
             st.error(f"{name}: {a}")
         elif images[name] is not None:
-            show_result(name, images[name], a, alpha)
+            show_result(name, images[name], a, alpha, info)
         st.divider()
 
 
