@@ -325,12 +325,13 @@ class Ensemble:
                       alpha: float = Query(0.4, ge=0.0, le=1.0, description="overlay opacity"),
                       all_classes: bool = Query(False, description="include every class's raw map"),
                       class_name: Optional[str] = Query(None, alias="class", description="explain this class instead"),
-                      cam_stride: Optional[Literal[8, 16, 32]] = Query(None, description="resolution of the Grad-CAM "
-                                                                       "maps: 8, 16 or 32 px of the member's input per "
-                                                                       "map cell (default: the bundle's per member); "
-                                                                       "the answer does not change")):
+                      cam_stride: Optional[int] = Query(None, description="resolution of the Grad-CAM maps: 8, 16 "
+                                                        "or 32 px of the member's input per map cell (default: the "
+                                                        "bundle's, per member); the answer does not change")):
         from skin.images import ImageError, load_image
         t0 = time.perf_counter()
+        if cam_stride is not None and cam_stride not in (8, 16, 32):
+            raise ApiError(422, "invalid_request", f"cam_stride must be 8, 16 or 32, got {cam_stride}")
         if class_name is not None and class_name not in self.bundle.classes.names:
             raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
         form = await request.form()  # already parsed for `file`; Starlette caches it

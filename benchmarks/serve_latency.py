@@ -10,6 +10,12 @@ loopback HTTP):
   memory           PSS of the app's processes: replicas + Serve proxy/controller (target <= 3.6 GB)
 
     python benchmarks/serve_latency.py [--requests 40] [--config cluster/serve_config.yaml]
+    python benchmarks/serve_latency.py --variants baseline throughput_optimized direct_ingress ...
+
+--variants measures Ray Serve's switches (environment variables read when Serve starts), each on a
+fresh local Ray, in the order given, against the same floor: p50 at concurrency 1 and throughput at
+16, cold start, errors, memory. `throughput_optimized` is RAY_SERVE_THROUGHPUT_OPTIMIZED=1, which in
+Ray 2.60 turns on the other switches listed (each also measured alone).
 
 The app runs with the member options of --config (the shipped Serve config; its bundle is
 replaced by the random-weight one). The floor is the members' forwards at the precision the app
@@ -87,6 +93,17 @@ def load(url: str, data: bytes, concurrency: int, n: int) -> tuple[list[float], 
     return [o[0] * 1e3 for o in out], n / wall, sum(o[1] != 200 for o in out), parts
 
 
+VARIANTS = {
+    "baseline": {},
+    "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "direct_ingress": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"},
+    "user_code_on_main_loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "router_on_main_loop": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
+    "gc_freeze": {"RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"},
+}
+
+
 def app_args(config: str, bundle: Path) -> dict:
     """The first application's args in a Serve config file, with our bundle."""
     import yaml
@@ -99,9 +116,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40, help="requests per concurrency level (x concurrency/4 for 16)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "cluster/serve_config.yaml"))
+    ap.add_argument("--variants", nargs="+", default=["baseline"], choices=list(VARIANTS),
+                    help="Serve switches to measure, each on a fresh Ray (the first gets the full report)")
     a = ap.parse_args()
-    from ray import serve
-    from serve_app import AppArgs, build_app
+    from serve_app import AppArgs
 
     tmp = tempfile.TemporaryDirectory()
     bundle = random_bundle(Path(tmp.name, "b"), a.size)
@@ -112,32 +130,16 @@ def main() -> None:
     # The floor is measured with no Ray process alive, before and after (this machine's speed drifts)
     floor_before = floor(str(bundle), data)
     same_before = floor(str(bundle), data, amp) if mixed else floor_before
-    with local_ray(2):
-        url = start_serve()
-        t0 = time.perf_counter()
-        serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
-        while True:
-            if time.perf_counter() - t0 > 300:
-                raise SystemExit("the app gave no 200 from /v1/predict within 300 s: see the replica logs "
-                                 "under /tmp/ray/session_latest/logs/serve")
-            try:
-                if requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
-                                 timeout=30).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        cold = time.perf_counter() - t0
-        load(url, data, 4, 8)  # warm-up
-        rows = {}
-        for c in (1, 4, 16):
-            n = a.requests if c < 16 else a.requests * 2
-            lat, thr, errors, parts = load(url, data, c, n)
-            rows[c] = (np.percentile(lat, 50), np.percentile(lat, 99), thr, errors)
-            if c == 1:
-                breakdown = parts
-        mem = serve_pss_gb(("ray::ServeReplica:skinray", "ray::ProxyActor", "ray::ServeController"))
-        serve.shutdown()
+    results = {}
+    for i, v in enumerate(a.variants):
+        try:
+            results[v] = serve_run(args, data, a.requests, VARIANTS[v], full=(i == 0))
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a switch that breaks the app is a result too
+            if i == 0:
+                raise
+            results[v] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"variant {v}: failed: {results[v]['error']}", flush=True)
+    rows, cold, mem, breakdown = (results[a.variants[0]][k] for k in ("rows", "cold", "mem", "breakdown"))
     floor_after = floor(str(bundle), data)
     same_after = floor(str(bundle), data, amp) if mixed else floor_after
     tmp.cleanup()
@@ -169,6 +171,60 @@ def main() -> None:
           + (f"; against the fp32 floor {rows[16][2] / batch8:.2f}" if mixed else ""))
     print(f"cold start to first 200: {cold:.1f} s (target <= 20)")
     print(f"memory of the app's processes (PSS): {mem:.2f} GB (target <= 3.6)")
+    if len(a.variants) > 1:
+        print(f"\nServe switches, each on a fresh local Ray (order as run), against the same floor:")
+        print(f"{'variant':<24}{'p50@1 ms':>9}{'p50/floor':>10}{'img/s@16':>9}{'/batch8':>8}{'errors':>7}{'cold s':>7}{'PSS GB':>7}")
+        for v, r in results.items():
+            if "error" in r:
+                print(f"{v:<24}failed: {r['error']}")
+                continue
+            p50, thr = r["rows"][1][0], r["rows"][16][2]
+            errs = sum(x[3] for x in r["rows"].values())
+            print(f"{v:<24}{p50:>9.1f}{p50 / same_ms:>10.2f}{thr:>9.2f}{thr / same8:>8.2f}{errs:>7}{r['cold']:>7.1f}"
+                  f"{r['mem']:>7.2f}")
+
+
+def serve_run(args, data: bytes, requests_n: int, env: dict, full: bool = True) -> dict:
+    """One Serve app on a fresh local Ray with `env` set (Serve reads its switches at start-up)."""
+    import os
+    from ray import serve
+    from serve_app import build_app
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with local_ray(2):
+            url = start_serve()
+            t0 = time.perf_counter()
+            serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
+            while True:
+                if time.perf_counter() - t0 > 300:
+                    raise SystemExit("the app gave no 200 from /v1/predict within 300 s: see the replica logs "
+                                     "under /tmp/ray/session_latest/logs/serve")
+                try:
+                    if requests.post(url + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
+                                     timeout=30).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.2)
+            cold = time.perf_counter() - t0
+            load(url, data, 4, 8)  # warm-up
+            rows, breakdown = {}, {}
+            for c in ((1, 4, 16) if full else (1, 16)):
+                n = requests_n if c < 16 else requests_n * 2
+                lat, thr, errors, parts = load(url, data, c, n)
+                rows[c] = (np.percentile(lat, 50), np.percentile(lat, 99), thr, errors)
+                if c == 1:
+                    breakdown = parts
+            mem = serve_pss_gb(("ray::ServeReplica:skinray", "ray::ProxyActor", "ray::ServeController"))
+            serve.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"rows": rows, "cold": cold, "mem": mem, "breakdown": breakdown}
 
 
 if __name__ == "__main__":

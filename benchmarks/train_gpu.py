@@ -2,8 +2,9 @@
 channels_last, images/s per backbone, against a plain reference loop.
 
 For each backbone (random weights, the same Member model everywhere, AdamW, batch --batch):
-  ref fp32       plain PyTorch loop on ready GPU tensors, fp32, NCHW, library defaults: what a
-                 notebook does (the baseline)
+  ref fp32       plain PyTorch loop on ready GPU tensors, fp32, NCHW, PyTorch's own defaults (TF32
+                 on for cuDNN convolutions, off for matmuls; no cudnn.benchmark): what a notebook
+                 does (the baseline)
   ref bf16+CL    the same plain loop with bf16 autocast and channels_last
   skin step      skin.train.train_step on a uint8 batch of the same shape: the preset's batch half
                  (rotation, colour jitter, normalisation) on the GPU, then bf16 + channels_last
@@ -59,10 +60,11 @@ def model_bound(name: str, a, device: torch.device) -> dict[str, float]:
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)
     y = torch.randint(0, 6, (a.batch,), device=device)
 
-    # plain reference: library defaults (no cudnn.benchmark, no TF32, fp32, NCHW)
+    # plain reference: PyTorch's defaults, restored (skin's configure_device changed them for the
+    # previous backbone): cudnn.benchmark off, TF32 ON for cuDNN convolutions, off for matmuls; fp32, NCHW
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = create_model(name, 6, pretrained="none", input_size=a.size).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), 1e-3)

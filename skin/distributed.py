@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .train import SCORE, TrainConfig, train_member
+from .train import SCORE, SingleWorker, TrainConfig, train_member
 
 
 @dataclass
@@ -97,7 +97,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 @dataclass
-class TuneRuntime:
+class TuneRuntime(SingleWorker):
     """The loop's view of a Ray Tune function trial that is its own single worker: reports and
     checkpoints go straight to Tune. A TorchTrainer nested in the trial is not used: when ASHA
     stops such a trial, Train V2's placement group outlives it and keeps its CPUs until the driver
@@ -112,18 +112,6 @@ class TuneRuntime:
         import ray
         import torch
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-
-    def prepare_model(self, model):
-        return model.to(self.device)
-
-    def prepare_loader(self, loader):
-        return loader
-
-    def sync_buffers(self, model):
-        pass
-
-    def gather(self, obj):
-        return [obj]
 
     def report(self, metrics, checkpoint_dir):
         from ray import tune

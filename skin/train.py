@@ -96,17 +96,9 @@ class Runtime(Protocol):
     def latest_checkpoint(self) -> str | None: ...
 
 
-@dataclass
-class LocalRuntime:
-    """No Ray: one process; checkpoints kept under `out` (latest and best by val macro-F1)."""
-
-    out: str
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    cpus: float = float(os.cpu_count() or 1)
-    world_size: int = 1
-    rank: int = 0
-    node: str = "local"
-    history: list = field(default_factory=list)
+class SingleWorker:
+    """The Runtime methods of a run that is its one and only worker (no DDP, nothing to gather)."""
+    device: torch.device
 
     def prepare_model(self, model):
         return model.to(self.device)
@@ -119,6 +111,19 @@ class LocalRuntime:
 
     def gather(self, obj):
         return [obj]
+
+
+@dataclass
+class LocalRuntime(SingleWorker):
+    """No Ray: one process; checkpoints kept under `out` (latest and best by val macro-F1)."""
+
+    out: str
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    cpus: float = float(os.cpu_count() or 1)
+    world_size: int = 1
+    rank: int = 0
+    node: str = "local"
+    history: list = field(default_factory=list)
 
     def report(self, metrics, checkpoint_dir):
         import shutil

@@ -25,11 +25,11 @@ def test_requests_that_arrive_during_a_batch_form_the_next_batch(random_bundle, 
     first_started, release = threading.Event(), threading.Event()
     run = member._run
 
-    def gated_run(batch):  # the first batch holds until the other requests have been handed over
+    def gated_run(batch, *rest):  # the first batch holds until the other requests have been handed over
         if not first_started.is_set():
             first_started.set()
             release.wait(30)
-        return run(batch)
+        return run(batch, *rest)
     member._run = gated_run
 
     loop = asyncio.new_event_loop()

@@ -227,3 +227,24 @@ def test_ensemble_temperature_sharpens_a_planted_under_confident_ensemble(random
     (sharp.root / "bundle.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="edited"):
         Bundle.load(sharp.root)
+
+
+def test_a_stopped_dropout_trial_gives_its_cpus_back(ray_local, scanned, tmp_path):
+    """Tune stops a trial (here by a stop criterion, as ASHA does at a rung) while it trains: the
+    trial's CPUs come back at once. With a TorchTrainer nested in the trial its placement group
+    stayed until the driver exited (ray-project/ray#54305)."""
+    import dataclasses
+    from ray import tune
+    import jobs.tune as job
+    from skin.train import TrainConfig
+    before = _free_cpus_settle(ray_local)
+    base = TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), epochs=4, image_size=32, batch_size=16,
+                       max_steps_per_epoch=2, pretrained="none", warmup_epochs=0.5, num_workers=0)
+    grid = tune.Tuner(tune.with_resources(job.dropout_trial, {"CPU": 0.5}),
+                      param_space={"dropout_0": 0.1, "dropout_1": 0.1, "dropout_2": 0.1, "lr": 1e-3, "n_dropout": 3,
+                                   "base": dataclasses.asdict(base), "cpus": 0.5,
+                                   "name": "stopped", "storage": str(tmp_path)},
+                      run_config=tune.RunConfig(name="stopped", storage_path=str(tmp_path), stop={"epoch": 1},
+                                                verbose=0)).fit()
+    assert [r.metrics["epoch"] for r in grid] == [1]  # stopped after its first epoch, of 4
+    assert _free_cpus_settle(ray_local, before) >= before - 1e-6, (before, ray_local.available_resources())
