@@ -45,8 +45,9 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 def discover(source: str | Path) -> pd.DataFrame:
-    """Rows of path, label (display name), split (may be empty), group (may be empty)."""
-    src = Path(source)
+    """Rows of path, label (display name), split (may be empty), group (may be empty). Paths are
+    absolute, so the manifests work from any working directory (Ray workers, submitted jobs)."""
+    src = Path(source).resolve()
     if not src.exists():
         raise DatasetError(f"{src} does not exist; give a dataset folder or a CSV manifest")
     if src.is_file():

@@ -256,6 +256,9 @@ def validate(member: Member, loader, runtime: Runtime, classes: ClassMap, amp: b
     parts = runtime.gather(score_loader(member, loader, runtime.device, amp))
     probs = np.concatenate([p for p, _, _ in parts if len(p)] or [parts[0][0]])
     labels = np.concatenate([y for _, y, _ in parts])
+    if len(labels) == 0:
+        raise DatasetError("none of the validation images could be read (moved or deleted since `skin data "
+                           "scan`?); re-run `skin data scan` on the dataset where it now lies")
     return val_metrics(probs, labels, sum(loss for _, _, loss in parts), classes), probs, labels
 
 
@@ -405,8 +408,10 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
     start_epoch, resumed = restore(run, runtime, log)
     name = run.member.spec.name
     metrics: dict = {}
+    train_start = None  # this run's first epoch began (set-up excluded); every report carries it
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
+        train_start = train_start or t0
         train_loss, seen, skipped = train_epoch(run, cfg, epoch, on_step)
         train_s = time.time() - t0
         val, probs, labels = validate(run.member, run.val_loader, runtime, run.classes, run.amp)
@@ -414,7 +419,7 @@ def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] 
                    **val, "skipped_images": skipped, "epoch_start": t0, "epoch_end": time.time(),
                    "epoch_s": time.time() - t0, "train_images_per_s": seen / max(train_s, 1e-9),
                    "lr": run.opt.param_groups[1]["lr"], "frozen_backbone": epoch < cfg.freeze_epochs,
-                   "run_start": run_start, **resumed}
+                   "run_start": run_start, "train_start": train_start, **resumed}
         log(f"[{name}] epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} "
             f"val_loss {val['val_loss']:.4f} val_acc {val['val_accuracy']:.4f} "
             f"val_f1 {val[SCORE]:.4f} ({metrics['epoch_s']:.1f}s, {metrics['train_images_per_s']:.0f} img/s"

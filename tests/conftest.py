@@ -117,5 +117,7 @@ def trained(ray_local, scanned, tmp_path_factory):
     """The smoke training job, run once: three members concurrently through Ray Train."""
     import jobs.train as job
     out = tmp_path_factory.mktemp("train")
-    assert job.main(["--data", str(scanned), "--out", str(out), "--smoke", "--name", "t"]) == 0
+    # 10 smoke epochs (a flag over --smoke): each member's training phase outlasts the spread of the
+    # three workers' start-up on 2 cores, so the members' epochs overlap (test_members_ran_concurrently)
+    assert job.main(["--data", str(scanned), "--out", str(out), "--smoke", "--name", "t", "--epochs", "10"]) == 0
     return out

@@ -126,3 +126,27 @@ def test_stratified_split_is_seeded():
     s1 = stratified_split(labels, None, (0.7, 0.15, 0.15), 1)
     s2 = stratified_split(labels, None, (0.7, 0.15, 0.15), 1)
     assert (s1 == s2).all() and (s1 == "train").sum() == 28
+
+
+def test_manifest_paths_work_from_any_directory(tmp_path, synth_dir, monkeypatch):
+    """A scan given a relative path stores absolute paths: Ray workers and submitted jobs read the
+    manifest from another working directory."""
+    import shutil
+    shutil.copytree(synth_dir, tmp_path / "s")
+    monkeypatch.chdir(tmp_path)
+    scan("s", "d", ScanOptions(workers=1), progress=False)
+    df = pd.read_csv(tmp_path / "d" / "val.csv")
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in df["path"])
+
+
+def test_training_says_so_when_no_validation_image_can_be_read(scanned, tmp_path):
+    from skin.train import LocalRuntime, TrainConfig, train_member
+    data = tmp_path / "data"
+    shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
+    val = pd.read_csv(data / "val.csv")
+    val["path"] = [str(tmp_path / "gone" / Path(p).name) for p in val["path"]]  # moved since the scan
+    val.to_csv(data / "val.csv", index=False)
+    cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(data), epochs=1, image_size=32, batch_size=16,
+                      max_steps_per_epoch=1, pretrained="none", num_workers=0, threads=1, use_cache=False)
+    with pytest.raises(DatasetError, match="none of the validation images could be read"):
+        train_member(cfg, LocalRuntime(str(tmp_path / "run")), log=lambda s: None)
