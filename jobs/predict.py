@@ -69,16 +69,17 @@ class Progress:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from skin.batch import IMAGE_SUFFIXES, InputError, PredictionStore, format_summary, list_inputs, summary
+    from skin.batch import InputError, PredictionStore, format_summary, list_inputs, summary
     from skin.bundle import Bundle
     from skin.checkpoint import CheckpointError
+    from skin.images import SERVE_SUFFIXES
     try:
         bundle = Bundle.load(a.bundle)
         inputs = list_inputs(a.input)
         if not inputs.paths:
-            raise InputError(f"no images in {a.input} (looked for {' '.join(IMAGE_SUFFIXES)})")
+            raise InputError(f"no images in {a.input} (looked for {' '.join(SERVE_SUFFIXES)})")
         store = PredictionStore(a.out, bundle)
-        done = store.open()
+        done = store.open(write=not a.dry_run)
     except (InputError, CheckpointError, FileNotFoundError) as e:
         print(f"predict.py: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ from .bundle import Bundle
 from .ensemble import UNCERTAIN_BELOW, Predictor
 from .images import SERVE_SUFFIXES, ImageError, ImageLimits, load_image
 
-IMAGE_SUFFIXES = SERVE_SUFFIXES  # the HTTP API's formats
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
 
@@ -74,7 +73,7 @@ def list_inputs(src: str) -> Inputs:
             raise InputError(f"{src} does not exist")
         scheme = src.split("://", 1)[0]
         entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        names = sorted(e.path for e in entries if e.base_name.lower().endswith(IMAGE_SUFFIXES))
+        names = sorted(e.path for e in entries if e.base_name.lower().endswith(SERVE_SUFFIXES))
         prefix = f"{scheme}://" if scheme != "file" else "file://"
         return Inputs([prefix + n for n in names], prefix + base)
     path = Path(src)
@@ -90,16 +89,14 @@ def list_inputs(src: str) -> Inputs:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        for name in filenames + [d for d in dirnames if d.lower().endswith(IMAGE_SUFFIXES)]:
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                found.append(str(Path(dirpath, name)))
+        found += [str(Path(dirpath, n)) for n in filenames + dirnames if n.lower().endswith(SERVE_SUFFIXES)]
     return Inputs(sorted(found), str(root))
 
 
 def _read_manifest(src: str) -> Inputs:
     try:
         if src.lower().endswith(".parquet"):
-            df = pd.read_parquet(src, columns=None)
+            df = pd.read_parquet(src)
         else:
             df = pd.read_csv(src, keep_default_na=False, dtype=str)
     except FileNotFoundError:
@@ -228,8 +225,9 @@ class PredictionStore:
         self.cols = columns(bundle.classes.names, bundle.member_names)
         self.csv, self.meta = self.out / "predictions.csv", self.out / "run.json"
 
-    def open(self) -> set[str]:
-        """Check OUT belongs to this bundle (or is new) and return the paths already scored."""
+    def open(self, write: bool = True) -> set[str]:
+        """Check OUT belongs to this bundle (or is new) and return the paths already scored; with
+        `write`, claim OUT for the bundle (run.json) and start the table (a dry run writes nothing)."""
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"--out {self.out} is a file; give a folder")
         if self.meta.is_file():
@@ -239,6 +237,8 @@ class PredictionStore:
                                  "Use another --out (answers of two bundles never share a table)")
         elif self.csv.is_file():
             raise InputError(f"{self.csv} exists without run.json: not a skinray output; use another --out")
+        if not write:
+            return set(pd.read_csv(self.csv, usecols=["path"], dtype=str)["path"]) if self.csv.is_file() else set()
         self.out.mkdir(parents=True, exist_ok=True)
         self.meta.write_text(json.dumps({"bundle": self.bundle.id, "classes": self.bundle.classes.names,
                                          "members": self.bundle.member_names}, indent=2) + "\n")

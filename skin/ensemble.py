@@ -96,12 +96,9 @@ class Predictor:
         explanation stride, else its trained one); answers never depend on it."""
         self.bundle = bundle
         self.device = torch.device(device)
-        if members is not None:
-            self.runners = {n: MemberRunner(m.to(self.device).eval(), bundle.entry(n).temperature, amp,
-                                            cam_stride or bundle.entry(n).cam_stride) for n, m in members.items()}
-        else:
-            self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, cam_stride)
-                            for n in bundle.member_names}
+        given = members or {}
+        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, cam_stride, given.get(n))
+                        for n in (given or bundle.member_names)}
         self.weights = {n: bundle.weight_of(n) for n in self.runners}
         self.work = input_size({n: r.member for n, r in self.runners.items()})
         self.uncertain_below = uncertain_below

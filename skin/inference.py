@@ -52,10 +52,10 @@ class MemberRunner:
 
     @classmethod
     def from_bundle(cls, bundle, name: str, device: str | torch.device = "cpu", amp: str = "off",
-                    cam_stride: int | None = None) -> "MemberRunner":
-        """A bundle's member with its temperature; maps at `cam_stride`, else at the bundle's stored
-        explanation stride for it, else at its trained stride."""
-        member = bundle.load_member(name).to(device)
+                    cam_stride: int | None = None, member: Member | None = None) -> "MemberRunner":
+        """A bundle's member (loaded, unless given) with its temperature; maps at `cam_stride`, else
+        at the bundle's stored explanation stride for it, else at its trained stride."""
+        member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         return cls(member, bundle.entry(name).temperature, amp, cam_stride or bundle.entry(name).cam_stride)
 
     @property

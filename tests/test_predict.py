@@ -83,6 +83,8 @@ def test_predict_job_folder_cam_resume_and_manifest(ray_local, random_bundle, tm
     photos, out = tmp_path / "photos", tmp_path / "out"
     want = _photos(photos)
     args = ["--bundle", str(random_bundle), "--out", str(out), "--cpus-per-worker", "1", "--batch-size", "3"]
+    assert job.main(args + ["--input", str(photos), "--dry-run"]) == 0
+    assert not out.exists()  # a dry run plans and writes nothing
     assert job.main(args + ["--input", str(photos), "--cam"]) == 0
     df = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert df.columns.tolist() == columns(Bundle.load(random_bundle).classes.names, Bundle.load(random_bundle).member_names)
