@@ -4,7 +4,8 @@ For each member of a bundle, on the synthetic test images (lesion masks known):
   peaks at border   share of the member's map peaks (its predicted class, at --cam-stride) that lie
                     in the outer --band of the image on any side
   drop: border      mean drop of the member's probability of its predicted class when the border
-                    band is painted with the image's mean colour (what the member reads there)
+                    band, less any lesion in it, is painted with the image's mean colour (what the
+                    member reads there)
   drop: lesion      the same when the lesion (its mask) is painted with the mean colour of the skin
                     around it
 A member whose maps peak at the border but whose answer does not move when the border is painted
@@ -69,7 +70,7 @@ def main() -> None:
             i, j = np.unravel_index(int(m.argmax()), m.shape)
             border_peaks.append(bool(band[i, j]))
             hits.append(bool(mask[i, j]))
-            variants = [paint(img, band, img.reshape(-1, 3).mean(0)),
+            variants = [paint(img, band & ~mask, img.reshape(-1, 3).mean(0)),  # the skin of the band only
                         paint(img, mask, img[ring].mean(0) if ring.any() else img.reshape(-1, 3).mean(0))]
             p = run(torch.cat([to_batch([v], cfg) for v in variants]))[0][:, k]
             d_border.append(probs[0, k] - p[0])

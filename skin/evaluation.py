@@ -30,7 +30,9 @@ class BatchScorer:
     the path `skin predict` runs, at the precision `amp` asks for) and an "ok" flag (False:
     unreadable, skipped). With masks, also how well the ensemble's Grad-CAM of its predicted class
     points at the lesion: "pointing" (the map's peak inside the mask) and "energy" (the map's mass
-    inside it), NaN where a row has no mask."""
+    inside it), NaN where a row has no mask; and what a map that knows nothing scores on the same
+    row: "pointing:centre" (a map peaking at the image centre) and "energy:flat" (a flat map's
+    energy = the lesion's share of the image)."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None,
                  amp: str = "off", cam_stride: int | None = None) -> None:
@@ -62,7 +64,7 @@ class BatchScorer:
             if images:
                 probs[np.array(ok)], maps[name] = run(to_batch(images, run.member.data_config), cam=explain)
             out[name] = probs
-        for k in ["pointing", "energy"] + [f"pointing:{n}" for n in self.runners]:
+        for k in FAITH_COLUMNS + [f"pointing:{n}" for n in self.runners]:
             out[k] = np.full(len(paths), np.nan)
         if explain:
             self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, np.nonzero(ok)[0])
@@ -85,6 +87,11 @@ class BatchScorer:
             out["energy"][row] = energy_inside(answer["gradcam"]["map"], mask)
             for n, m in answer["gradcam"]["members"].items():  # each member's map of the ensemble's class
                 out[f"pointing:{n}"][row] = float(pointing_hit(m, mask))
+            out["pointing:centre"][row] = float(mask[mask.shape[0] // 2, mask.shape[1] // 2])
+            out["energy:flat"][row] = float(mask.mean())
+
+
+FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat"]
 
 
 def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
@@ -107,7 +114,7 @@ def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: 
 
 
 def _to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
-    rows = ({"path": [], "label_index": [], "ok": [], "pointing": [], "energy": []} | {m: [] for m in members}
+    rows = ({"path": [], "label_index": [], "ok": []} | {k: [] for k in FAITH_COLUMNS} | {m: [] for m in members}
             | {f"pointing:{m}": [] for m in members})
     for p in parts:
         for k in rows:
@@ -142,12 +149,16 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
     if rows.empty:
         return None
     per_class = {bundle.classes.name(int(k)): {"pointing": float(g["pointing"].mean()), "energy": float(g["energy"].mean()),
-                                               "images": int(len(g))}
+                                               "images": int(len(g)), "centre_pointing": float(g["pointing:centre"].mean()),
+                                               "flat_energy": float(g["energy:flat"].mean())}
                  for k, g in rows.groupby("label_index")}
     members = {m: float(rows[f"pointing:{m}"].mean()) for m in bundle.member_names if f"pointing:{m}" in rows}
     strides = {e.name: cam_stride or e.cam_stride or e.output_stride for e in bundle.members}
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
-            "per_class": per_class, "members_pointing": members, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
+            "per_class": per_class, "members_pointing": members,
+            "baseline": {"centre_pointing": float(rows["pointing:centre"].mean()), "flat_energy": float(rows["energy:flat"].mean()),
+                         "what": "a map that always peaks at the image centre; a flat map (its energy = lesion area share)"},
+            "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
 
 
@@ -193,9 +204,13 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
     if f:
         lines += ["", f"## Grad-CAM faithfulness ({f['images']} images with lesion masks: {f['masks']})", "",
                   f"Pointing game {f['pointing']:.3f} (share of maps whose peak lies in the lesion), energy in the "
-                  f"mask {f['energy']:.3f}. {f['note'].capitalize()}.", "",
-                  "| class | pointing game | energy in mask | images |", "|---|---:|---:|---:|"]
-        lines += [f"| {c} | {v['pointing']:.3f} | {v['energy']:.3f} | {v['images']} |" for c, v in f["per_class"].items()]
+                  f"mask {f['energy']:.3f}. {f['note'].capitalize()}. Baselines that know nothing of the image: "
+                  f"a map peaking at the centre points at {f['baseline']['centre_pointing']:.3f} of lesions; a flat "
+                  f"map's energy in the mask is {f['baseline']['flat_energy']:.3f}.", "",
+                  "| class | pointing game | energy in mask | images | centre map: pointing | flat map: energy |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c} | {v['pointing']:.3f} | {v['energy']:.3f} | {v['images']} | {v['centre_pointing']:.3f} | "
+                  f"{v['flat_energy']:.3f} |" for c, v in f["per_class"].items()]
         lines += ["", "Each member's own map (of the ensemble's class): " + ", ".join(
             f"{m} {p:.3f} (stride {f['cam_strides'][m]})" for m, p in f["members_pointing"].items()) + "."]
     lines += ["", "![confusion](confusion_counts.png) ![normalized](confusion_normalized.png) "

@@ -99,5 +99,9 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     assert out["pointing"][1] == 0.0 and out["energy"][1] == 0.0
     assert np.isnan(out["pointing"][2]) and np.isnan(out["energy"][2])
     assert out["pointing:resnet50"][0] == 1.0 and out["pointing:resnet50"][1] == 0.0
+    # the baselines that know nothing of the image: a centre-peaked map and a flat map
+    assert out["pointing:centre"][:2].tolist() == [1.0, 0.0] and out["energy:flat"][:2].tolist() == [1.0, 0.0]
+    assert np.isnan(out["pointing:centre"][2])
     f = faithfulness(_to_frame([out], scorer.bundle.member_names), scorer.bundle)
     assert f["images"] == 2 and f["pointing"] == 0.5
+    assert f["baseline"]["centre_pointing"] == 0.5 and f["baseline"]["flat_energy"] == 0.5

@@ -71,7 +71,8 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
         if url.endswith("/v1/info"):
             data = resp.json()
             data["metrics"] = {"faithfulness": {"pointing": 0.84, "energy": 0.51, "images": 180,
-                                                "masks": "synthetic lesions (skin data synth)"}}
+                                                "masks": "synthetic lesions (skin data synth)",
+                                                "baseline": {"centre_pointing": 0.4, "flat_energy": 0.09}}}
             resp._content = json.dumps(data).encode()
         return resp
     monkeypatch.setattr(requests, "request", with_faithfulness)
@@ -88,6 +89,7 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
     assert len(at.get("image")) == 2
     caption = " ".join(c.value for c in at.caption)
     assert "Pointing game 0.84 on synthetic lesions" in caption and "not measured on real photographs" in caption
+    assert "a map fixed on the image centre: 0.40" in caption  # the baseline the figure must beat
     st.cache_data.clear()
 
 

@@ -127,8 +127,9 @@ def faithfulness_caption(info: dict | None) -> str:
     if not f:
         return "How well these maps point at lesions has not been measured for this bundle."
     return (f"Pointing game {f['pointing']:.2f} on {f.get('masks', 'lesions with known masks')} "
-            f"({f['images']} images; the map's peak fell inside the lesion that often); not measured on real "
-            "photographs.")
+            f"({f['images']} images; the map's peak fell inside the lesion that often"
+            + (f"; a map fixed on the image centre: {f['baseline']['centre_pointing']:.2f}" if f.get("baseline") else "")
+            + "); not measured on real photographs.")
 
 
 def show_result(name: str, image: Image.Image, result: dict, alpha: float, info: dict | None = None) -> None:
