@@ -127,7 +127,7 @@ class MemberModel:
         if cam_stride not in self.runs:
             from skin.inference import MemberRunner
             base = self.runs[None]
-            self.runs[cam_stride] = MemberRunner(base.member, base.temperature, self.amp, cam_stride)
+            self.runs[cam_stride] = MemberRunner(base.member, base.temperature, self.amp, cam_stride, base.cam_layer)
         return self.runs[cam_stride]
 
     def _run(self, batch: np.ndarray, cam_stride: Optional[int] = None):
@@ -308,11 +308,13 @@ class Ensemble:
 
     @api.get("/v1/info", responses={401: ERRORS[401]})
     async def info(self) -> Dict[str, Any]:
+        from skin.registry import get_spec
         b = self.bundle
         return {"bundle": b.id, "classes": list(b.classes), "untrained": b.untrained,
                 "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
                              "input_size": e.data_config.input_size, "output_stride": e.output_stride,
-                             "cam_stride": e.cam_stride or e.output_stride} for e, w in zip(b.members, b.weights)],
+                             "cam_stride": e.cam_stride or e.output_stride, "cam_layer": e.cam_layer or get_spec(e.backbone).cam_layer}
+                            for e, w in zip(b.members, b.weights)],
                 "weights": self.weights, "ensemble_temperature": b.ensemble_temperature, "metrics": b.metrics, "provenance": b.provenance,
                 "limits": {"max_upload_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,
                            "min_side": self.limits.min_side, "formats": sorted(self.limits.formats)},

@@ -10,6 +10,9 @@ its min-max spread:
   @16, @8 / forward  the same with maps at a finer explanation stride (--cam-strides): the trained
                      stride's pass for the answer and the gradient, plus a pass of the same weights
                      with dilated last stages for the map (skin.registry.restride)
+  layer@8 / forward  what a bundle with a `cam_layer` serves (skin.inference.MemberRunner): the
+                     trained pass for the answer, then the general path at that layer of the
+                     stride-8 model (--cam-layers; default the demo's choice for the depthwise members)
   general / ours     skin.gradcam's general path: one forward with autograd, six backwards
   pgc(6) / ours      pytorch-grad-cam's GradCAM, one forward + backward per class, six classes
 
@@ -24,6 +27,7 @@ import time
 import torch
 
 from skin.gradcam import GradCAM
+from skin.inference import MemberRunner
 from skin.registry import DEFAULT_MEMBERS, create_model, restride
 
 
@@ -58,11 +62,15 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--cam-strides", type=int, nargs="*", default=[16, 8], help="finer explanation strides to time")
+    ap.add_argument("--cam-layers", nargs="*", metavar="NAME=LAYER",
+                    default=["mobilenetv2=backbone.blocks.3", "efficientnet_b1=backbone.blocks.3"],
+                    help="members' explanation layers to time at stride 8 (the general path)")
     a = ap.parse_args()
+    layers = dict(item.partition("=")[::2] for item in a.cam_layers)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     print(f"{'member':<16}{'batch':>6}{'forward ms':>11}{'ours ms':>9}{'ours/fwd (min-max)':>22}"
-          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'general/ours':>13}{'pgc(6)/ours':>12}")
+          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer@8/fwd':>12}{'general/ours':>13}{'pgc(6)/ours':>12}")
     for name in DEFAULT_MEMBERS:
         torch.manual_seed(0)
         m = create_model(name, 6, pretrained="none", input_size=a.size).eval().to(device)
@@ -86,6 +94,10 @@ def main() -> None:
                     with GradCAM(m, dense=d) as cam:
                         cam(x)
                 fns[f"@{stride}"] = dense_cam
+            if name in layers:
+                def layer_cam(run=MemberRunner(m, cam_stride=8, cam_layer=layers[name])):
+                    run(x, cam=True)
+                fns["layer@8"] = layer_cam
             ref = None
             if not a.no_reference:
                 from pytorch_grad_cam import GradCAM as Reference
@@ -103,8 +115,9 @@ def main() -> None:
             pgc = f"{ratio(t['pgc'], t['ours'])[0]:>12.1f}" if "pgc" in t else f"{'-':>12}"
             print(f"{name:<16}{batch:>6}{statistics.median(t['forward']) * 1e3:>11.1f}"
                   f"{statistics.median(t['ours']) * 1e3:>9.1f}{f'{med:.2f} ({lo:.2f}-{hi:.2f})':>22}"
-                  + "".join(f"{ratio(t[f'@{s}'], t['forward'])[0]:>9.2f}" for s in a.cam_strides) +
-                  f"{ratio(t['general'], t['ours'])[0]:>13.1f}{pgc}", flush=True)
+                  + "".join(f"{ratio(t[f'@{s}'], t['forward'])[0]:>9.2f}" for s in a.cam_strides)
+                  + (f"{ratio(t['layer@8'], t['forward'])[0]:>12.2f}" if "layer@8" in t else f"{'-':>12}")
+                  + f"{ratio(t['general'], t['ours'])[0]:>13.1f}{pgc}", flush=True)
 
 
 if __name__ == "__main__":

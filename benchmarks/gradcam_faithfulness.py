@@ -46,8 +46,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cam-strides", type=int, nargs="+", default=[0], help="explanation strides to measure "
                     "(0: the bundle's own); e.g. 32 16 8 to choose one per member")
+    ap.add_argument("--cam-layers", nargs="+", default=[], metavar="NAME=LAYER",
+                    help="measure with these members' maps at another layer (a temporary derived bundle), "
+                         "e.g. mobilenetv2=backbone.blocks.3")
     a = ap.parse_args()
     bundle = Bundle.load(a.bundle)
+    if a.cam_layers:
+        import tempfile
+        from skin.bundle import derive_bundle
+        layers = dict(item.partition("=")[::2] for item in a.cam_layers)
+        bundle = derive_bundle(bundle, Path(tempfile.mkdtemp()) / "bundle", cam_layers=layers)
+        print(f"maps at layers {layers} (derived bundle {bundle.id})")
     strides = sorted({e.output_stride for e in bundle.members})
     for cs in a.cam_strides:
         r = measure(bundle, a.data, a.synth, a.split, a.batch, cs or None)

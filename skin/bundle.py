@@ -53,6 +53,7 @@ class MemberEntry:
     temperature: float = 1.0
     output_stride: int = 32
     cam_stride: int | None = None  # Grad-CAM maps at this stride (same weights, dilated); None: output_stride
+    cam_layer: str | None = None  # Grad-CAM at this layer (general path); None: the layer feeding the pooling
 
     def to_json(self) -> dict:
         return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
@@ -60,7 +61,8 @@ class MemberEntry:
                 "output_stride": self.output_stride,
                 "weights_file": self.weights_file, "sha256": self.sha256,
                 "classes": list(self.classes), "temperature": self.temperature} | (
-                    {"cam_stride": self.cam_stride} if self.cam_stride else {})
+                    {"cam_stride": self.cam_stride} if self.cam_stride else {}) | (
+                    {"cam_layer": self.cam_layer} if self.cam_layer else {})
 
     @classmethod
     def from_json(cls, d: dict) -> "MemberEntry":
@@ -68,7 +70,7 @@ class MemberEntry:
                    HeadConfig.from_json(d["head"]), DataConfig.from_json(d["data_config"]),
                    str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
                    float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)),
-                   int(d["cam_stride"]) if d.get("cam_stride") else None)
+                   int(d["cam_stride"]) if d.get("cam_stride") else None, str(d["cam_layer"]) if d.get("cam_layer") else None)
 
 
 @dataclass(frozen=True)
@@ -287,15 +289,19 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
 def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None = None,
                   temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
                   provenance: dict | None = None, ensemble_temperature: float | None = None,
-                  cam_strides: Mapping[str, int] | None = None) -> Bundle:
+                  cam_strides: Mapping[str, int] | None = None, cam_layers: Mapping[str, str] | None = None) -> Bundle:
     """A new bundle version from an existing one (new weights / temperatures / ensemble temperature /
-    metrics); the member files are copied and re-hashed, the source bundle is left untouched."""
-    unknown = set(cam_strides or {}) - set(src.member_names)
+    metrics / explanation strides and layers); the member files are copied and re-hashed, the source
+    bundle is left untouched."""
+    unknown = (set(cam_strides or {}) | set(cam_layers or {})) - set(src.member_names)
     if unknown:
         raise BundleError(f"members {sorted(unknown)} are not in the bundle; it has {src.member_names}")
     strides = {n: check_output_stride(s) for n, s in (cam_strides or {}).items()}
+    for name, layer in (cam_layers or {}).items():
+        check_cam_layer(src.load_member(name), layer)
     entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)),
-                       cam_stride=strides.get(e.name, e.cam_stride)) for e in src.members]
+                       cam_stride=strides.get(e.name, e.cam_stride),
+                       cam_layer=(cam_layers or {}).get(e.name, e.cam_layer) or None) for e in src.members]
     files = {e.name: (lambda path, e=e: _copy(src.root / e.weights_file, path)) for e in entries}
     prov = dict(src.provenance) | {"parent": src.id, "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (provenance or {})
@@ -303,6 +309,17 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
                   files, metrics if metrics is not None else dict(src.metrics), prov, src.untrained,
                   overwrite=False, ensemble_temperature=src.ensemble_temperature if ensemble_temperature is None
                   else ensemble_temperature)
+
+
+def check_cam_layer(member, layer: str) -> str:
+    """`layer` names a module of the member (a dotted path, e.g. backbone.blocks.3), else BundleError."""
+    try:
+        member.get_submodule(layer)
+    except AttributeError:
+        top = ", ".join(n for n, _ in member.backbone.named_children())
+        raise BundleError(f"{member.spec.name} has no layer {layer!r}; give a dotted path such as "
+                          f"backbone.<child> (its children: {top}) or {member.spec.cam_layer}") from None
+    return layer
 
 
 def _copy(a: Path, b: Path) -> str:

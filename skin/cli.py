@@ -159,11 +159,19 @@ def cmd_bundle_cam_stride(a) -> int:
             raise BundleError(f"--member takes NAME=STRIDE with STRIDE one of {OUTPUT_STRIDES}, such as resnet50=8; "
                               f"got {item!r}")
         strides[name] = int(value)
-    if not strides:
-        raise BundleError("give --stride S (every member) and/or --member NAME=S")
-    new = derive_bundle(src, a.out, cam_strides=strides, provenance={"cam_strides": strides})
-    print(f"wrote bundle {new.id} to {a.out}: Grad-CAM strides "
-          + ", ".join(f"{e.name} {e.cam_stride or e.output_stride}" for e in new.members)
+    layers = {}
+    for item in a.layer or []:
+        name, _, value = item.partition("=")
+        if not value:
+            raise BundleError(f"--layer takes NAME=LAYER, such as mobilenetv2=backbone.blocks.3; got {item!r}")
+        layers[name] = value
+    if not strides and not layers:
+        raise BundleError("give --stride S (every member), --member NAME=S and/or --layer NAME=LAYER")
+    new = derive_bundle(src, a.out, cam_strides=strides, cam_layers=layers,
+                        provenance={"cam_strides": strides} | ({"cam_layers": layers} if layers else {}))
+    print(f"wrote bundle {new.id} to {a.out}: Grad-CAM "
+          + ", ".join(f"{e.name} stride {e.cam_stride or e.output_stride}" + (f" at {e.cam_layer}" if e.cam_layer else "")
+                      for e in new.members)
           + f" (answers unchanged; source {src.id} untouched)")
     return 0
 
@@ -275,11 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-image-norm", action="store_true", help="standardise each image by its own statistics")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_bundle_random)
-    s = bundle.add_parser("cam-stride", help="a new bundle whose Grad-CAM maps use a finer stride (answers unchanged)")
+    s = bundle.add_parser("cam-stride", help="a new bundle whose Grad-CAM maps use a finer stride and/or another layer "
+                          "(answers unchanged)")
     s.add_argument("dir", help="source bundle (left untouched)")
     s.add_argument("--out", required=True, help="the new bundle's folder (never overwritten)")
     s.add_argument("--stride", type=int, choices=(8, 16, 32), help="for every member")
     s.add_argument("--member", action="append", metavar="NAME=STRIDE", help="for one member (repeatable)")
+    s.add_argument("--layer", action="append", metavar="NAME=LAYER",
+                   help="Grad-CAM at this layer of one member, by the general path (one backward per class), "
+                        "e.g. mobilenetv2=backbone.blocks.3; default: the layer feeding the pooling (repeatable)")
     s.set_defaults(fn=cmd_bundle_cam_stride)
     s = bundle.add_parser("inspect", help="validate a bundle (schema, hashes, class maps, weights); non-zero exit when invalid")
     s.add_argument("dir")

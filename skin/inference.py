@@ -38,14 +38,20 @@ class MemberRunner:
     `cam_stride` (8/16/32; default: the member's trained stride) sets the resolution of the maps
     only: they come from the same weights with dilated last stages (skin.registry.restride),
     weighted by the trained member's gradients, while the probabilities stay the trained stride's.
+    `cam_layer` (default: the layer feeding the pooling, the one-pass path) takes the maps at another
+    layer of that model instead, by Grad-CAM's general path (its own gradients, one backward per
+    class): for members whose last stage gathers the evidence away from where it lies.
     """
 
     def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
-                 cam_stride: int | None = None) -> None:
+                 cam_stride: int | None = None, cam_layer: str | None = None) -> None:
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
         self.cam_member = restride(member, cam_stride) if cam_stride else member
+        self.cam_layer = cam_layer if cam_layer and cam_layer != member.spec.cam_layer else None
+        if self.cam_layer:
+            self.cam_member.get_submodule(self.cam_layer)  # fails here, not at the first request
         self.temperature = float(temperature)
         self.device = next(member.parameters()).device
         self.bf16 = configure_device(self.device, amp)  # False where the device lacks native bf16
@@ -56,7 +62,8 @@ class MemberRunner:
         """A bundle's member (loaded, unless given) with its temperature; maps at `cam_stride`, else
         at the bundle's stored explanation stride for it, else at its trained stride."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
-        return cls(member, bundle.entry(name).temperature, amp, cam_stride or bundle.entry(name).cam_stride)
+        e = bundle.entry(name)
+        return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer)
 
     @property
     def cam_stride(self) -> int:
@@ -64,7 +71,12 @@ class MemberRunner:
 
     def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
         x = x.to(self.device)
-        if cam:  # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
+        if cam and self.cam_layer:  # the answer from the trained member, the maps by the general path
+            with torch.inference_mode():
+                logits = member_logits(self.member, x, self.bf16)
+            with GradCAM(self.cam_member, layer=self.cam_layer, fast=False) as g, autocast(x.device, self.bf16):
+                maps = g(x)[1].cpu()
+        elif cam:  # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
             with GradCAM(self.member, dense=self.cam_member) as g, autocast(x.device, self.bf16):
                 logits, maps = g(x)
             maps = maps.cpu()

@@ -226,3 +226,26 @@ def test_cam_stride_travels_with_the_bundle_and_never_changes_the_answer(random_
         derive_bundle(b, tmp_path / "bad", cam_strides={"resnet50": 12})
     with pytest.raises(BundleError, match="not in the bundle"):
         derive_bundle(b, tmp_path / "bad2", cam_strides={"vgg": 8})
+
+
+def test_cam_layer_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
+    from skin.bundle import derive_bundle
+    b = Bundle.load(random_bundle)
+    other = derive_bundle(b, tmp_path / "layer", cam_strides={"mobilenetv2": 8},
+                          cam_layers={"mobilenetv2": "backbone.blocks.3"})
+    loaded = Bundle.load(other.root)
+    assert {e.name: e.cam_layer for e in loaded.members} == {"mobilenetv2": "backbone.blocks.3",
+                                                               "efficientnet_b1": None, "resnet50": None}
+    stride_only = derive_bundle(b, tmp_path / "stride", cam_strides={"mobilenetv2": 8})
+    assert loaded.id != stride_only.id  # the id covers the layer
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
+    before, after = Predictor(b).member_outputs(imgs, cam=True), Predictor(loaded).member_outputs(imgs, cam=True)
+    for n in b.member_names:
+        np.testing.assert_array_equal(after[n][0], before[n][0])
+    assert after["mobilenetv2"][1].shape[-2:] == (8, 8)
+    pooled = Predictor(stride_only).member_outputs(imgs, cam=True)["mobilenetv2"][1]  # the default layer, same stride
+    assert not np.allclose(after["mobilenetv2"][1].numpy(), pooled.numpy())
+    with pytest.raises(BundleError, match="has no layer 'backbone.nope'"):
+        derive_bundle(b, tmp_path / "bad", cam_layers={"mobilenetv2": "backbone.nope"})
+    with pytest.raises(BundleError, match="not in the bundle"):
+        derive_bundle(b, tmp_path / "bad2", cam_layers={"vgg": "backbone.blocks.3"})

@@ -28,6 +28,13 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
     assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "b9"), "--member",
                  "resnet50=12"]) == 2
     assert "STRIDE one of (8, 16, 32)" in capsys.readouterr().err
+    for layer, says in (("mobilenetv2=backbone.nope", "has no layer 'backbone.nope'"), ("mobilenetv2", "NAME=LAYER")):
+        assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "bl"), "--layer", layer]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "bl"), "--stride", "8",
+                 "--layer", "mobilenetv2=backbone.blocks.3"]) == 0
+    assert "mobilenetv2 stride 8 at backbone.blocks.3" in capsys.readouterr().out
 
 
 def test_cli_errors_are_readable(tmp_path, capsys):

@@ -187,3 +187,26 @@ def test_dense_map_matches_pytorch_grad_cam_on_the_dense_model_and_keeps_the_ans
     feats = dense.forward_features(x).detach()
     want = torch.relu(torch.einsum("cbk,bkhw->bchw", jac, feats)) / (SIZE // 32) ** 2
     torch.testing.assert_close(fine, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_map_at_another_layer_matches_pytorch_grad_cam_on_the_dense_model_and_keeps_the_answer():
+    """cam_layer: the maps by the general path at that layer of the stride-8 model (what the demo
+    serves for its depthwise members); equal to pytorch-grad-cam there; the answer stays the
+    trained stride's, exactly."""
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    member, x = _member("mobilenetv2")
+    run = MemberRunner(member, cam_stride=8, cam_layer="backbone.blocks.3")
+    probs, maps = run(x, cam=True)
+    np.testing.assert_array_equal(probs, MemberRunner(member)(x)[0])
+    assert maps.shape == (len(x), 6, SIZE // 8, SIZE // 8)
+    dense = run.cam_member
+    with ReferenceGradCAM(model=dense, target_layers=[dense.get_submodule("backbone.blocks.3")]) as ref:
+        for k in (0, 3):
+            expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
+            ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
+            assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, k
+    # the default layer is the one-pass path: naming it changes nothing
+    assert MemberRunner(member, cam_layer=member.spec.cam_layer).cam_layer is None
+    with pytest.raises(AttributeError):
+        MemberRunner(member, cam_layer="backbone.blocks.99")

@@ -189,3 +189,4 @@ def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
     assert bad.status_code == 422 and "cam_stride" in bad.json()["error"]["message"]
     members = requests.get(api + "/v1/info", timeout=30).json()["members"]
     assert all(m["cam_stride"] == m["output_stride"] == 32 for m in members)
+    assert {m["name"]: m["cam_layer"] for m in members}["resnet50"] == "backbone.layer4"  # the default: pooled layer
