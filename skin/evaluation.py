@@ -24,6 +24,9 @@ from .metrics import compute_metrics, confusion_figure, energy_inside, pointing_
 from .presets import to_batch
 
 
+FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat"]  # per row; NaN without a mask
+
+
 class BatchScorer:
     """Callable on a batch {"path": [...], "label_index": [...]} (+ "mask": lesion-mask paths, "" for
     none): adds each member's temperature-scaled probabilities as "<member>" columns (skin.inference,
@@ -89,9 +92,6 @@ class BatchScorer:
                 out[f"pointing:{n}"][row] = float(pointing_hit(m, mask))
             out["pointing:centre"][row] = float(mask[mask.shape[0] // 2, mask.shape[1] // 2])
             out["energy:flat"][row] = float(mask.mean())
-
-
-FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat"]
 
 
 def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
