@@ -117,8 +117,8 @@ def _spot(img, mask, rng, px, py, pr, colour, reach=1.0, core=None):
     _blend(win, np.clip(reach - dd, 0, 1) ** 0.5, colour)
     if core is not None:
         _blend(win, np.clip(1 - dd * core[1], 0, 1), core[0])
-    if mask is not None:
-        mask[y0:y1, x0:x1] |= dd < 1
+    if mask is not None:  # wherever the spot is visibly painted
+        mask[y0:y1, x0:x1] |= dd < reach
 
 
 def _enfeksiyonel(img, rng, s, cx, cy, r, col):
@@ -128,11 +128,12 @@ def _enfeksiyonel(img, rng, s, cx, cy, r, col):
     scale = _smooth_noise(rng, s, 48)
     _blend(img, ring * (0.75 + 0.25 * scale), col)
     _blend(img, (rel < 1 - width) * 0.18, col)  # faint tinted centre
-    for _ in range(rng.integers(2, 6)):  # satellite pustules just outside the ring
+    mask = (ring > 0.25) | (rel < 1)
+    for _ in range(rng.integers(2, 6)):  # satellite pustules just outside the ring: part of the lesion
         a = rng.uniform(0, 2 * np.pi)
         px, py = cx + np.cos(a) * r * 1.35, cy + np.sin(a) * r * 1.35
-        _spot(img, None, rng, px, py, s * rng.uniform(0.02, 0.03), (236, 226, 180), reach=1.5)
-    return (ring > 0.25) | (rel < 1)
+        _spot(img, mask, rng, px, py, s * rng.uniform(0.02, 0.03), (236, 226, 180), reach=1.5)
+    return mask
 
 
 def _ekzama(img, rng, s, cx, cy, r, col):
@@ -142,7 +143,7 @@ def _ekzama(img, rng, s, cx, cy, r, col):
     speckle = (_smooth_noise(rng, s, 40) > 0.6).astype(np.float32)  # coarse scale flakes
     _blend(img, alpha * 0.85, col)
     _blend(img, alpha * speckle * 0.7, (240, 228, 214))  # white scale
-    return alpha > 0.3
+    return alpha > 0.1
 
 
 def _akne(img, rng, s, cx, cy, r, col):
@@ -186,11 +187,12 @@ def _malign(img, rng, s, cx, cy, r, col):
     blotch = _smooth_noise(rng, s, 9)
     for colour, lo, hi in (((45, 30, 30), 0.0, 0.3), ((90, 100, 130), 0.55, 0.7), ((170, 60, 60), 0.8, 1.0)):
         _blend(img, inside * ((blotch >= lo) & (blotch < hi)) * 0.8, colour)
-    for _ in range(rng.integers(4, 12)):  # irregular peripheral dots
+    mask = rel < 1
+    for _ in range(rng.integers(4, 12)):  # irregular peripheral dots: part of the lesion
         a = rng.uniform(0, 2 * np.pi)
         px, py = cx + np.cos(a) * r * rng.uniform(0.8, 1.3), cy + np.sin(a) * r * rng.uniform(0.8, 1.3)
-        _spot(img, None, rng, px, py, s * rng.uniform(0.015, 0.03), (40, 30, 35), reach=1.5)
-    return rel < 1
+        _spot(img, mask, rng, px, py, s * rng.uniform(0.015, 0.03), (40, 30, 35), reach=1.5)
+    return mask
 
 
 _DRAW = (_enfeksiyonel, _ekzama, _akne, _pigment, _benign, _malign)
