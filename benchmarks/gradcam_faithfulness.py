@@ -4,8 +4,10 @@ For every test image: the ensemble map of the predicted class (skin.evaluation.B
 scorer jobs/evaluate.py --masks runs; maps through skin.ensemble.assemble, as `skin explain` and
 the server build them); pointing game = its peak lies inside the lesion mask (target >= 0.80 of
 test images with the demo bundle); energy share = the map's mass inside the mask, per class. Beside
-them, what maps that know nothing of the image score on the same rows: one peaking at the image
-centre (pointing) and a flat one (energy = the lesion's share of the image).
+them, what maps that know less score on the same rows: one peaking at the image centre (pointing),
+a flat one (energy = the lesion's share of the image), the colour that stands out from the skin
+(no model: skin.metrics.contrast_map) and the same Grad-CAM of freshly initialised members
+(the model-randomisation check of Adebayo et al. 2018).
 
     python benchmarks/gradcam_faithfulness.py --bundle demo/train/bundle --data demo/data --synth demo/synth
 """
@@ -63,13 +65,14 @@ def main() -> None:
         print(f"bundle {bundle.id}{' (UNTRAINED)' if bundle.untrained else ''}, {r['images']} {a.split} images, "
               f"output stride {'/'.join(map(str, strides))}, maps at {r['cam_strides']}, accuracy {r['accuracy']:.3f}, "
               f"{r['seconds']:.0f} s for every image's answer and maps")
-        print(f"{'class':<14}{'pointing game':>14}{'energy in mask':>16}{'centre map: pointing':>22}{'flat map: energy':>18}")
-        for c, v in r["per_class"].items():
-            print(f"{c:<14}{v['pointing']:>14.3f}{v['energy']:>16.3f}{v['centre_pointing']:>22.3f}{v['flat_energy']:>18.3f}")
-        b = r["baseline"]
-        print(f"{'all':<14}{r['pointing']:>14.3f}{r['energy']:>16.3f}{b['centre_pointing']:>22.3f}{b['flat_energy']:>18.3f}"
-              "   (pointing-game target >= 0.80; the last two columns: maps that know nothing of the image)")
-        print("members' own maps: " + ", ".join(f"{m} {p:.3f}" for m, p in r["members_pointing"].items()), flush=True)
+        print(f"{'class':<14}{'pointing':>9}{'energy':>8} | {'centre':>7}{'flat: energy':>13}{'contrast':>9}{'untrained':>10}")
+        for c, v in list(r["per_class"].items()) + [("all", r | r["baseline"])]:
+            print(f"{c:<14}{v['pointing']:>9.3f}{v['energy']:>8.3f} | {v['centre_pointing']:>7.3f}{v['flat_energy']:>13.3f}"
+                  f"{v['contrast_pointing']:>9.3f}{v['untrained_pointing']:>10.3f}")
+        print("(pointing-game target >= 0.80; right of |, maps that know less: one fixed on the centre, a flat one, "
+              "the colour that stands out from the skin with no model, the same Grad-CAM of untrained members)")
+        print("members' own maps, trained / untrained: " + ", ".join(
+            f"{m} {p:.3f} / {r['members_untrained_pointing'][m]:.3f}" for m, p in r["members_pointing"].items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ def main(argv=None) -> int:
     f = metrics.get("faithfulness")
     if f:
         print(f"Grad-CAM of the ensemble: pointing game {f['pointing']:.3f}, energy in the mask {f['energy']:.3f} "
-              f"({f['images']} images with masks; a map fixed on the image centre: pointing game "
-              f"{f['baseline']['centre_pointing']:.3f}, a flat map: energy {f['baseline']['flat_energy']:.3f})")
+              f"({f['images']} images with masks); maps that know less: centre {f['baseline']['centre_pointing']:.3f}, "
+              f"colour contrast (no model) {f['baseline']['contrast_pointing']:.3f}, untrained members "
+              f"{f['baseline']['untrained_pointing']:.3f}; a flat map's energy {f['baseline']['flat_energy']:.3f}")
     print(f"\n{len(frame)} images in {time.time() - t0:.0f}s ({metrics['n_skipped']} unreadable skipped); "
           f"report: {report}")
     return 0

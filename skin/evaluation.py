@@ -17,14 +17,17 @@ import torch
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
 from .ensemble import assemble, combine
-from .gradcam import input_size
+from .gradcam import ensemble_map, input_size
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
-from .metrics import compute_metrics, confusion_figure, energy_inside, pointing_hit, reliability_figure
+from .metrics import (compute_metrics, confusion_figure, contrast_map, energy_inside, pointing_hit,
+                      reliability_figure)
 from .presets import to_batch
+from .registry import untrained_copy
 
 
-FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat"]  # per row; NaN without a mask
+# per row; NaN without a mask. Each measurement beside what maps that know less score on the same row.
+FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat", "pointing:untrained", "pointing:contrast"]
 
 
 class BatchScorer:
@@ -34,8 +37,10 @@ class BatchScorer:
     unreadable, skipped). With masks, also how well the ensemble's Grad-CAM of its predicted class
     points at the lesion: "pointing" (the map's peak inside the mask) and "energy" (the map's mass
     inside it), NaN where a row has no mask; and what a map that knows nothing scores on the same
-    row: "pointing:centre" (a map peaking at the image centre) and "energy:flat" (a flat map's
-    energy = the lesion's share of the image)."""
+    row: "pointing:centre" (a map peaking at the image centre), "energy:flat" (a flat map's
+    energy = the lesion's share of the image), "pointing:contrast" (skin.metrics.contrast_map: the
+    colour that stands out from the skin, no model) and "pointing:untrained" (the same Grad-CAM, at
+    the same layers and strides, of freshly initialised members: the model-randomisation check)."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None,
                  amp: str = "off", cam_stride: int | None = None) -> None:
@@ -46,6 +51,16 @@ class BatchScorer:
         self.runners = {n: MemberRunner.from_bundle(self.bundle, n, self.device, amp, cam_stride)
                         for n in self.bundle.member_names}
         self.work = input_size({n: r.member for n, r in self.runners.items()})
+        self._untrained: dict[str, MemberRunner] | None = None
+
+    @property
+    def untrained(self) -> dict[str, MemberRunner]:
+        """Each member's architecture, explanation stride and layer with fresh weights (built on
+        the first batch with masks)."""
+        if self._untrained is None:
+            self._untrained = {n: MemberRunner(untrained_copy(r.member), 1.0, "off", r.cam_stride, r.cam_layer)
+                               for n, r in self.runners.items()}
+        return self._untrained
 
     def __call__(self, batch: dict) -> dict:
         paths = list(batch["path"])
@@ -67,13 +82,17 @@ class BatchScorer:
             if images:
                 probs[np.array(ok)], maps[name] = run(to_batch(images, run.member.data_config), cam=explain)
             out[name] = probs
-        for k in FAITH_COLUMNS + [f"pointing:{n}" for n in self.runners]:
+        for k in FAITH_COLUMNS + member_faith_columns(list(self.runners)):
             out[k] = np.full(len(paths), np.nan)
         if explain:
-            self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, np.nonzero(ok)[0])
+            untrained = {n: run(to_batch(images, run.member.data_config), cam=True)[1]
+                         for n, run in self.untrained.items()}
+            self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, untrained,
+                               np.nonzero(ok)[0])
         return out
 
-    def _faithfulness(self, out: dict, masks: list[str], images: list, maps: dict, rows: np.ndarray) -> None:
+    def _faithfulness(self, out: dict, masks: list[str], images: list, maps: dict, untrained: dict,
+                      rows: np.ndarray) -> None:
         from PIL import Image
         for i, (mask_path, img, row) in enumerate(zip(masks, images, rows)):
             if not mask_path:
@@ -92,6 +111,19 @@ class BatchScorer:
                 out[f"pointing:{n}"][row] = float(pointing_hit(m, mask))
             out["pointing:centre"][row] = float(mask[mask.shape[0] // 2, mask.shape[1] // 2])
             out["energy:flat"][row] = float(mask.mean())
+            out["pointing:contrast"][row] = float(pointing_hit(contrast_map(np.asarray(img)), mask))
+            k = self.bundle.classes.names.index(answer["gradcam"]["class"])
+            fresh = {n: m[i, k] for n, m in untrained.items()}
+            out["pointing:untrained"][row] = float(pointing_hit(
+                ensemble_map(fresh, self.bundle.weights_map, mask.shape, self.work), mask))
+            for n, m in fresh.items():
+                out[f"pointing:untrained:{n}"][row] = float(pointing_hit(
+                    ensemble_map({n: m}, self.bundle.weights_map, mask.shape, self.work), mask))
+
+
+def member_faith_columns(members: list[str]) -> list[str]:
+    """Per member: its own map's pointing game, and that of its untrained copy."""
+    return [f"pointing:{n}" for n in members] + [f"pointing:untrained:{n}" for n in members]
 
 
 def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
@@ -115,7 +147,7 @@ def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: 
 
 def _to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
     rows = ({"path": [], "label_index": [], "ok": []} | {k: [] for k in FAITH_COLUMNS} | {m: [] for m in members}
-            | {f"pointing:{m}": [] for m in members})
+            | {k: [] for k in member_faith_columns(members)})
     for p in parts:
         for k in rows:
             rows[k].extend(list(p[k]))
@@ -148,16 +180,24 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
     rows = scored[scored["pointing"].notna()]
     if rows.empty:
         return None
+    def baseline(g: pd.DataFrame) -> dict:
+        return {"centre_pointing": float(g["pointing:centre"].mean()), "flat_energy": float(g["energy:flat"].mean()),
+                "contrast_pointing": float(g["pointing:contrast"].mean()),
+                "untrained_pointing": float(g["pointing:untrained"].mean())}
+
     per_class = {bundle.classes.name(int(k)): {"pointing": float(g["pointing"].mean()), "energy": float(g["energy"].mean()),
-                                               "images": int(len(g)), "centre_pointing": float(g["pointing:centre"].mean()),
-                                               "flat_energy": float(g["energy:flat"].mean())}
+                                               "images": int(len(g))} | baseline(g)
                  for k, g in rows.groupby("label_index")}
     members = {m: float(rows[f"pointing:{m}"].mean()) for m in bundle.member_names if f"pointing:{m}" in rows}
+    untrained = {m: float(rows[f"pointing:untrained:{m}"].mean()) for m in bundle.member_names
+                 if f"pointing:untrained:{m}" in rows}
     strides = {e.name: cam_stride or e.cam_stride or e.output_stride for e in bundle.members}
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
-            "per_class": per_class, "members_pointing": members,
-            "baseline": {"centre_pointing": float(rows["pointing:centre"].mean()), "flat_energy": float(rows["energy:flat"].mean()),
-                         "what": "a map that always peaks at the image centre; a flat map (its energy = lesion area share)"},
+            "per_class": per_class, "members_pointing": members, "members_untrained_pointing": untrained,
+            "baseline": baseline(rows) | {
+                "what": "maps that know less, on the same images: one always peaking at the image centre; a flat "
+                        "one (its energy = the lesion's share of the image); the colour that stands out from the "
+                        "skin, no model (contrast); the same Grad-CAM of freshly initialised members (untrained)"},
             "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
 
@@ -202,17 +242,24 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
         lines.append(f"| {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |")
     f = metrics.get("faithfulness")
     if f:
+        b = f["baseline"]
         lines += ["", f"## Grad-CAM faithfulness ({f['images']} images with lesion masks: {f['masks']})", "",
                   f"Pointing game {f['pointing']:.3f} (share of maps whose peak lies in the lesion), energy in the "
-                  f"mask {f['energy']:.3f}. {f['note'].capitalize()}. Baselines that know nothing of the image: "
-                  f"a map peaking at the centre points at {f['baseline']['centre_pointing']:.3f} of lesions; a flat "
-                  f"map's energy in the mask is {f['baseline']['flat_energy']:.3f}.", "",
-                  "| class | pointing game | energy in mask | images | centre map: pointing | flat map: energy |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  f"mask {f['energy']:.3f}. {f['note'].capitalize()}.", "",
+                  "What maps that know less score on the same images: a map peaking at the centre points at "
+                  f"{b['centre_pointing']:.3f} of lesions; a flat map's energy in the mask is {b['flat_energy']:.3f}; "
+                  f"a colour-contrast map with no model (skin.metrics.contrast_map) points at {b['contrast_pointing']:.3f}; "
+                  f"the same Grad-CAM of freshly initialised members at {b['untrained_pointing']:.3f}. A pointing game "
+                  "no higher than the contrast map's does not show that the map follows the model; the gap to the "
+                  "untrained members is what the training put into it (Adebayo et al. 2018, model randomisation).", "",
+                  "| class | pointing game | energy in mask | images | centre map | flat map: energy | contrast map "
+                  "| untrained members |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {c} | {v['pointing']:.3f} | {v['energy']:.3f} | {v['images']} | {v['centre_pointing']:.3f} | "
-                  f"{v['flat_energy']:.3f} |" for c, v in f["per_class"].items()]
-        lines += ["", "Each member's own map (of the ensemble's class): " + ", ".join(
-            f"{m} {p:.3f} (stride {f['cam_strides'][m]})" for m, p in f["members_pointing"].items()) + "."]
+                  f"{v['flat_energy']:.3f} | {v['contrast_pointing']:.3f} | {v['untrained_pointing']:.3f} |"
+                  for c, v in f["per_class"].items()]
+        lines += ["", "Each member's own map (of the ensemble's class), trained / untrained: " + ", ".join(
+            f"{m} {p:.3f} / {f['members_untrained_pointing'].get(m, float('nan')):.3f} (stride {f['cam_strides'][m]})"
+            for m, p in f["members_pointing"].items()) + "."]
     lines += ["", "![confusion](confusion_counts.png) ![normalized](confusion_normalized.png) "
               "![reliability](reliability.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

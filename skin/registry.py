@@ -352,6 +352,16 @@ def restride(member: Member, output_stride: int) -> Member:
     return dense.to(next(member.parameters()).device).eval()
 
 
+def untrained_copy(member: Member, seed: int = 0) -> Member:
+    """The same architecture, stride and head freshly initialised (timm's init, seeded), eval mode,
+    same device: the model-randomisation check of a saliency method (Adebayo et al. 2018). A map
+    that points at the lesion as well without the trained weights does not show what they learned."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = member_from_metadata(member.metadata())
+    return fresh.to(next(member.parameters()).device).eval()
+
+
 def member_from_metadata(meta: dict) -> Member:
     """Rebuild a member's architecture (random weights) from checkpoint metadata."""
     spec = get_spec(meta["backbone"])
@@ -384,6 +394,6 @@ def models_table(num_classes: int = 6) -> list[dict]:
 
 __all__ = [
     "BackboneSpec", "DataConfig", "HeadConfig", "Member", "create_model", "get_spec",
-    "list_backbones", "member_from_metadata", "models_table", "DEFAULT_MEMBERS", "DEFAULT_WEIGHTS",
+    "list_backbones", "member_from_metadata", "untrained_copy", "models_table", "DEFAULT_MEMBERS", "DEFAULT_WEIGHTS",
     "UnknownBackboneError", "PretrainedWeightsError", "OUTPUT_STRIDES", "check_output_stride", "is_random_init",
 ]

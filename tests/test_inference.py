@@ -102,6 +102,41 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     # the baselines that know nothing of the image: a centre-peaked map and a flat map
     assert out["pointing:centre"][:2].tolist() == [1.0, 0.0] and out["energy:flat"][:2].tolist() == [1.0, 0.0]
     assert np.isnan(out["pointing:centre"][2])
+    # ... a colour-contrast map with no model, and the same maps from untrained members
+    for k in ("pointing:contrast", "pointing:untrained", "pointing:untrained:resnet50"):
+        assert out[k][:2].tolist() == [1.0, 0.0] and np.isnan(out[k][2]), k
+    # a dark patch off-centre on plain skin, masked: the contrast map finds it, the centre map does not
+    skin = np.full((80, 80, 3), (210, 170, 150), np.uint8)
+    skin[50:66, 8:24] = (90, 60, 50)
+    patch = np.zeros((80, 80), np.uint8)
+    patch[50:66, 8:24] = 255
+    Image.fromarray(skin).save(tmp_path / "patch.png")
+    Image.fromarray(patch).save(tmp_path / "patch-mask.png")
+    one = scorer({"path": np.array([str(tmp_path / "patch.png")]), "label_index": np.zeros(1, int),
+                  "mask": np.array([str(tmp_path / "patch-mask.png")])})
+    assert one["pointing:contrast"][0] == 1.0 and one["pointing:centre"][0] == 0.0
     f = faithfulness(_to_frame([out], scorer.bundle.member_names), scorer.bundle)
     assert f["images"] == 2 and f["pointing"] == 0.5
     assert f["baseline"]["centre_pointing"] == 0.5 and f["baseline"]["flat_energy"] == 0.5
+    assert f["baseline"]["contrast_pointing"] == 0.5 and f["baseline"]["untrained_pointing"] == 0.5
+    assert f["members_untrained_pointing"]["resnet50"] == 0.5
+    # the untrained copies: each member's architecture, explanation stride and layer, other weights
+    for n, run in scorer.runners.items():
+        fresh = scorer.untrained[n]
+        assert (fresh.cam_stride, fresh.cam_layer, fresh.member.spec.name) == (run.cam_stride, run.cam_layer, n)
+        a, b = run.member.state_dict(), fresh.member.state_dict()
+        assert a.keys() == b.keys()
+        assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith("conv1.weight") or k.endswith("0.weight"))
+
+
+def test_contrast_map_finds_what_stands_out_from_the_skin():
+    """The no-model baseline: on a synthetic lesion its peak lies in the mask; on plain skin with one
+    dark spot it peaks on the spot."""
+    from skin.metrics import contrast_map, pointing_hit
+    hits = [pointing_hit(contrast_map(np.asarray(s.image)), np.asarray(s.mask) > 0)
+            for s in (make_sample(4, 2, i, 96) for i in range(6))]
+    assert np.mean(hits) >= 0.8, hits
+    img = np.full((64, 64, 3), 200, np.uint8)
+    img[40:44, 10:14] = 60
+    i, j = np.unravel_index(contrast_map(img).argmax(), (64, 64))
+    assert 38 <= i <= 45 and 8 <= j <= 15, (i, j)

@@ -72,7 +72,8 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
             data = resp.json()
             data["metrics"] = {"faithfulness": {"pointing": 0.84, "energy": 0.51, "images": 180,
                                                 "masks": "synthetic lesions (skin data synth)",
-                                                "baseline": {"centre_pointing": 0.4, "flat_energy": 0.09}}}
+                                                "baseline": {"centre_pointing": 0.4, "flat_energy": 0.09,
+                                                             "contrast_pointing": 0.8, "untrained_pointing": 0.31}}}
             resp._content = json.dumps(data).encode()
         return resp
     monkeypatch.setattr(requests, "request", with_faithfulness)
@@ -89,7 +90,8 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
     assert len(at.get("image")) == 2
     caption = " ".join(c.value for c in at.caption)
     assert "Pointing game 0.84 on synthetic lesions" in caption and "not measured on real photographs" in caption
-    assert "a map fixed on the image centre: 0.40" in caption  # the baseline the figure must beat
+    assert "a map fixed on the image centre: 0.40" in caption  # the baselines the figure must beat
+    assert "a colour-contrast map with no model: 0.80" in caption and "untrained models: 0.31" in caption
     st.cache_data.clear()
 
 

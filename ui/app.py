@@ -128,8 +128,16 @@ def faithfulness_caption(info: dict | None) -> str:
         return "How well these maps point at lesions has not been measured for this bundle."
     return (f"Pointing game {f['pointing']:.2f} on {f.get('masks', 'lesions with known masks')} "
             f"({f['images']} images; the map's peak fell inside the lesion that often"
-            + (f"; a map fixed on the image centre: {f['baseline']['centre_pointing']:.2f}" if f.get("baseline") else "")
-            + "); not measured on real photographs.")
+            + "); not measured on real photographs." + baseline_caption(f.get("baseline") or {}))
+
+
+def baseline_caption(b: dict) -> str:
+    """What maps that know less scored on the same images (older bundles store only the centre map)."""
+    parts = [f"{what}: {b[k]:.2f}" for k, what in (
+        ("centre_pointing", "a map fixed on the image centre"),
+        ("contrast_pointing", "a colour-contrast map with no model"),
+        ("untrained_pointing", "the same maps from untrained models")) if k in b]
+    return f" For comparison, {'; '.join(parts)}." if parts else ""
 
 
 def show_result(name: str, image: Image.Image, result: dict, alpha: float, info: dict | None = None) -> None:
