@@ -10,9 +10,10 @@ its min-max spread:
   @16, @8 / forward  the same with maps at a finer explanation stride (--cam-strides): the trained
                      stride's pass for the answer and the gradient, plus a pass of the same weights
                      with dilated last stages for the map (skin.registry.restride)
-  layer@8 / forward  what a bundle with a `cam_layer` serves (skin.inference.MemberRunner): the
+  layer / forward    what a bundle with a `cam_layer` serves (skin.inference.MemberRunner): the
                      trained pass for the answer, then the general path at that layer of the
-                     stride-8 model (--cam-layers; default the demo's choice for the depthwise members)
+                     model at that explanation stride (--cam-layers; default the demo bundle's choice:
+                     blocks.3 at stride 8 for the depthwise members, ResNet50's layer1 at stride 32)
   general / ours     skin.gradcam's general path: one forward with autograd, six backwards
   pgc(6) / ours      pytorch-grad-cam's GradCAM, one forward + backward per class, six classes
 
@@ -63,14 +64,20 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--cam-strides", type=int, nargs="*", default=[16, 8], help="finer explanation strides to time")
     ap.add_argument("--cam-layers", nargs="*", metavar="NAME=LAYER",
-                    default=["mobilenetv2=backbone.blocks.3", "efficientnet_b1=backbone.blocks.3"],
-                    help="members' explanation layers to time at stride 8 (the general path)")
+                    default=["mobilenetv2=backbone.blocks.3", "efficientnet_b1=backbone.blocks.3",
+                             "resnet50=backbone.layer1@32"],
+                    help="members' explanation layers to time (the general path), NAME=LAYER[@STRIDE], "
+                         "stride 8 unless given; default: the demo bundle's choice")
     a = ap.parse_args()
-    layers = dict(item.partition("=")[::2] for item in a.cam_layers)
+    layers = {}
+    for item in a.cam_layers:
+        name, _, spec = item.partition("=")
+        layer, _, stride = spec.partition("@")
+        layers[name] = (layer, int(stride or 8))
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     print(f"{'member':<16}{'batch':>6}{'forward ms':>11}{'ours ms':>9}{'ours/fwd (min-max)':>22}"
-          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer@8/fwd':>12}{'general/ours':>13}{'pgc(6)/ours':>12}")
+          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer/fwd':>12}{'general/ours':>13}{'pgc(6)/ours':>12}")
     for name in DEFAULT_MEMBERS:
         torch.manual_seed(0)
         m = create_model(name, 6, pretrained="none", input_size=a.size).eval().to(device)
@@ -95,9 +102,9 @@ def main() -> None:
                         cam(x)
                 fns[f"@{stride}"] = dense_cam
             if name in layers:
-                def layer_cam(run=MemberRunner(m, cam_stride=8, cam_layer=layers[name])):
+                def layer_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0])):
                     run(x, cam=True)
-                fns["layer@8"] = layer_cam
+                fns["layer"] = layer_cam
             ref = None
             if not a.no_reference:
                 from pytorch_grad_cam import GradCAM as Reference
@@ -116,7 +123,7 @@ def main() -> None:
             print(f"{name:<16}{batch:>6}{statistics.median(t['forward']) * 1e3:>11.1f}"
                   f"{statistics.median(t['ours']) * 1e3:>9.1f}{f'{med:.2f} ({lo:.2f}-{hi:.2f})':>22}"
                   + "".join(f"{ratio(t[f'@{s}'], t['forward'])[0]:>9.2f}" for s in a.cam_strides)
-                  + (f"{ratio(t['layer@8'], t['forward'])[0]:>12.2f}" if "layer@8" in t else f"{'-':>12}")
+                  + (f"{ratio(t['layer'], t['forward'])[0]:>12.2f}" if "layer" in t else f"{'-':>12}")
                   + f"{ratio(t['general'], t['ours'])[0]:>13.1f}{pgc}", flush=True)
 
 

@@ -92,6 +92,11 @@ def main(argv=None) -> int:
     print(f"\n{'model':<16}{'accuracy':>10}{'bal acc':>10}{'macro-F1':>10}{'ECE':>8}")
     for name, m in [("ensemble", metrics["ensemble"])] + list(metrics["members"].items()):
         print(f"{name:<16}{m['accuracy']:>10.4f}{m['balanced_accuracy']:>10.4f}{m['f1_macro']:>10.4f}{m['ece']:>8.4f}")
+    cal = metrics.get("calibration")
+    if cal:
+        lo, hi = cal["difference_interval"]
+        print(f"ECE ensemble minus its best-calibrated member ({cal['best_member']}): {cal['difference']:+.4f} "
+              f"({cal['level']:.0%} bootstrap interval {lo:+.4f} to {hi:+.4f})")
     f = metrics.get("faithfulness")
     if f:
         print(f"Grad-CAM of the ensemble: pointing game {f['pointing']:.3f}, energy in the mask {f['energy']:.3f} "

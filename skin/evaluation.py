@@ -20,8 +20,8 @@ from .ensemble import assemble, combine
 from .gradcam import ensemble_map, input_size
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
-from .metrics import (compute_metrics, confusion_figure, contrast_map, energy_inside, pointing_hit,
-                      reliability_figure)
+from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
+                      pointing_hit, reliability_figure)
 from .presets import to_batch
 from .registry import untrained_copy
 
@@ -164,6 +164,8 @@ def summarize(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = Non
            "members": {m: compute_metrics(y, p, bundle.classes) for m, p in member_probs.items()},
            "ensemble": compute_metrics(y, combine(member_probs, weights, bundle.ensemble_temperature), bundle.classes),
            "weights": weights, "ensemble_temperature": bundle.ensemble_temperature}
+    if len(y):
+        out["calibration"] = ece_comparison(y, combine(member_probs, weights, bundle.ensemble_temperature), member_probs)
     faith = faithfulness(good, bundle, cam_stride)
     if faith:
         out["faithfulness"] = faith
@@ -237,6 +239,13 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
         lines.append(f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['f1_macro']:.4f} | "
                      f"{m['f1_weighted']:.4f} | {m['precision_macro']:.4f} | {m['recall_macro']:.4f} | {auc} | {m['ece']:.4f} | "
                      f"{m.get('nll', float('nan')):.4f} |")
+    cal = metrics.get("calibration")
+    if cal:
+        ci = cal["interval"]
+        lines += ["", f"Calibration: ECE with {cal['level']:.0%} bootstrap intervals ({cal['resamples']} resamples of "
+                  "these images): " + ", ".join(f"{m} {e:.3f} ({ci[m][0]:.3f}-{ci[m][1]:.3f})" for m, e in cal["ece"].items())
+                  + f". Ensemble minus its best-calibrated member ({cal['best_member']}): {cal['difference']:+.3f} "
+                  f"({cal['difference_interval'][0]:+.3f} to {cal['difference_interval'][1]:+.3f})."]
     lines += ["", "## Per class (ensemble)", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for c, r in metrics["ensemble"]["per_class"].items():
         lines.append(f"| {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |")
@@ -268,6 +277,7 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
 
 def store_in_bundle(bundle: Bundle, metrics: dict, split: str) -> None:
     slim = {"split": split, "ensemble": _slim(metrics["ensemble"]),
+            **({"calibration": metrics["calibration"]} if "calibration" in metrics else {}),
             "members": {m: _slim(v) for m, v in metrics["members"].items()}}
     if metrics.get("faithfulness"):
         slim["faithfulness"] = {k: v for k, v in metrics["faithfulness"].items()} | {"split": split}

@@ -22,6 +22,29 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15)
     return float(ece)
 
 
+def ece_comparison(y: np.ndarray, ensemble: np.ndarray, members: dict[str, np.ndarray], resamples: int = 1000,
+                   seed: int = 0, level: float = 0.95) -> dict:
+    """Is the ensemble calibrated at least as well as its best member on these images? The ECE of
+    each, the best member's, and the paired difference (ensemble - best member) with percentile
+    bootstrap intervals over resamples of the images (the same resample for every model): on a
+    few hundred images an ECE moves by a few hundredths from the sample alone."""
+    y = np.asarray(y, int)
+    models = {"ensemble": np.asarray(ensemble, np.float64)} | {m: np.asarray(p, np.float64) for m, p in members.items()}
+    point = {m: expected_calibration_error(y, p) for m, p in models.items()}
+    best = min(members, key=point.get)
+    rng = np.random.default_rng(seed)
+    draws = {m: [] for m in models}
+    for _ in range(resamples):
+        idx = rng.integers(0, len(y), len(y))
+        for m, p in models.items():
+            draws[m].append(expected_calibration_error(y[idx], p[idx]))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    diff = np.array(draws["ensemble"]) - np.array(draws[best])
+    return {"ece": point, "interval": {m: np.percentile(d, q).tolist() for m, d in draws.items()},
+            "best_member": best, "difference": point["ensemble"] - point[best],
+            "difference_interval": np.percentile(diff, q).tolist(), "level": level, "resamples": resamples}
+
+
 def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: ClassMap) -> dict:
     y = np.asarray(y, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)

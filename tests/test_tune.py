@@ -248,3 +248,23 @@ def test_a_stopped_dropout_trial_gives_its_cpus_back(ray_local, scanned, tmp_pat
                                                 verbose=0)).fit()
     assert [r.metrics["epoch"] for r in grid] == [1]  # stopped after its first epoch, of 4
     assert _free_cpus_settle(ray_local, before) >= before - 1e-6, (before, ray_local.available_resources())
+
+
+def test_ece_comparison_tells_a_worse_calibrated_ensemble_from_sampling_noise():
+    """The report's calibration line: ECE of the ensemble and of each member with bootstrap
+    intervals, and the paired difference to the best member. An ensemble equal to its best member
+    differs by exactly 0; a planted over-confident one is worse with an interval above 0."""
+    from skin.metrics import ece_comparison, expected_calibration_error
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 400)
+    logits = rng.normal(0, 1, (400, 6))
+    logits[np.arange(400), y] += 1.5
+    good = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sharp = np.exp(4 * logits) / np.exp(4 * logits).sum(1, keepdims=True)
+    same = ece_comparison(y, good, {"a": good, "b": sharp}, resamples=200)
+    assert same["best_member"] == "a" and same["difference"] == 0 and same["difference_interval"] == [0, 0]
+    assert same["ece"]["b"] == pytest.approx(expected_calibration_error(y, sharp))
+    for m, (lo, hi) in same["interval"].items():
+        assert lo <= same["ece"][m] <= hi, m
+    worse = ece_comparison(y, sharp, {"a": good, "b": sharp}, resamples=200)
+    assert worse["difference"] > 0 and worse["difference_interval"][0] > 0

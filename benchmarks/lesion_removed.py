@@ -1,0 +1,73 @@
+"""What does the ensemble answer when the lesion is painted out? Which classes rest on the lesion.
+
+For every synthetic test image (lesion masks known): the lesion (its mask, dilated by 3 px) is
+painted with the median colour of the rest of the image, leaving plain skin, hairs and lighting.
+Per class: the ensemble's probability of the true class before and after, the share still given
+the true class, and what the lesion-free images are called. A class that keeps its probability
+without its lesion is told from the skin or from what the image lacks, and a Grad-CAM map of it has
+no lesion to point at: read its pointing game (benchmarks/gradcam_faithfulness.py) with that in mind.
+
+    python benchmarks/lesion_removed.py --bundle demo/train/bundle-tuned --data demo/data --synth demo/synth
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from skin.bundle import Bundle
+from skin.data import load_manifest
+from skin.ensemble import combine
+from skin.evaluation import attach_masks
+from skin.images import DATASET_LIMITS, load_image
+from skin.inference import MemberRunner
+from skin.presets import to_batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="demo/train/bundle-tuned")
+    ap.add_argument("--data", default="demo/data", help="`skin data scan` output of the synthetic set")
+    ap.add_argument("--synth", default="demo/synth", help="the `skin data synth` folder (masks + manifest.csv)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bundle = Bundle.load(a.bundle)
+    df = attach_masks(load_manifest(a.data, a.split), Path(a.synth) / "manifest.csv")
+    df = df[df["mask"] != ""]
+    runners = {n: MemberRunner.from_bundle(bundle, n) for n in bundle.member_names}
+
+    def ensemble(images: list[Image.Image]) -> np.ndarray:
+        member = {n: np.concatenate([r(to_batch(images[s:s + 32], r.member.data_config))[0]
+                                     for s in range(0, len(images), 32)]) for n, r in runners.items()}
+        return combine(member, bundle.weights_map, bundle.ensemble_temperature)
+
+    images = [load_image(p, DATASET_LIMITS) for p in df["path"]]
+    painted = []
+    for img, mask_path in zip(images, df["mask"]):
+        pixels = np.asarray(img).copy()
+        mask = np.asarray(Image.open(mask_path).convert("L").resize(img.size, Image.Resampling.NEAREST)) > 127
+        mask = ndimage.binary_dilation(mask, iterations=3)
+        pixels[mask] = np.median(pixels[~mask], 0)
+        painted.append(Image.fromarray(pixels))
+    before, after = ensemble(images), ensemble(painted)
+    y = df["label_index"].to_numpy(int)
+    names = bundle.classes.names
+    print(f"bundle {bundle.id}, {len(y)} {a.split} images, lesion painted out (mask dilated 3 px, median skin colour)")
+    print(f"{'class':<14}{'p(true)':>8}{'painted':>9}{'still true':>11}   lesion-free images called")
+    for k, name in enumerate(names):
+        s = y == k
+        called = np.bincount(after[s].argmax(1), minlength=len(names))
+        print(f"{name:<14}{before[s, k].mean():>8.3f}{after[s, k].mean():>9.3f}{np.mean(after[s].argmax(1) == k):>11.2f}   "
+              + ", ".join(f"{names[j]} {c}" for j, c in enumerate(called) if c))
+    called = np.bincount(after.argmax(1), minlength=len(names)) / len(y)
+    print("all lesion-free images: " + ", ".join(f"{n} {c:.2f}" for n, c in zip(names, called) if c))
+
+
+if __name__ == "__main__":
+    main()
