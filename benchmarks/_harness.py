@@ -1,5 +1,6 @@
-"""Shared set-up of the serving benchmarks: a random-weight bundle, a private local Ray, the Serve
-app on a free loopback port, and the PSS of Serve's processes."""
+"""Shared set-up of the benchmarks: a random-weight bundle, a private local Ray, the Serve app on a
+free loopback port, the PSS of Serve's processes, and the arguments of those that read the demo's
+synthetic lesions and their masks."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,14 @@ sys.path.insert(0, str(ROOT))  # serve_app and jobs live at the repository root
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 # a private local Ray: Ray turns its token auth on by itself (token in ~/.ray/auth_token unless RAY_AUTH_TOKEN_PATH)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def synthetic_split_args(ap, bundle: str = "demo/train/bundle-tuned") -> None:
+    """--bundle, --data, --synth, --split: a bundle and a split of `skin data synth` images with masks."""
+    ap.add_argument("--bundle", default=bundle)
+    ap.add_argument("--data", default="demo/data", help="`skin data scan` output of the synthetic set")
+    ap.add_argument("--synth", default="demo/synth", help="the `skin data synth` folder (masks + manifest.csv)")
+    ap.add_argument("--split", default="test")
 
 
 def random_bundle(root: Path, size: int) -> Path:

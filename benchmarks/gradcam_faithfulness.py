@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _harness import synthetic_split_args
 from skin.bundle import Bundle
 from skin.data import load_manifest
 from skin.ensemble import combine
@@ -41,10 +42,7 @@ def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", default="demo/train/bundle")
-    ap.add_argument("--data", default="demo/data", help="`skin data scan` output of the synthetic set")
-    ap.add_argument("--synth", default="demo/synth", help="the `skin data synth` folder (masks + manifest.csv)")
-    ap.add_argument("--split", default="test")
+    synthetic_split_args(ap, "demo/train/bundle")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cam-strides", type=int, nargs="+", default=[0], help="explanation strides to measure "
                     "(0: the bundle's own); e.g. 32 16 8 to choose one per member")

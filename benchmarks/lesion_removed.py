@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from _harness import synthetic_split_args
 from skin.bundle import Bundle
 from skin.data import load_manifest
 from skin.ensemble import combine
@@ -30,10 +31,7 @@ from skin.presets import to_batch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", default="demo/train/bundle-tuned")
-    ap.add_argument("--data", default="demo/data", help="`skin data scan` output of the synthetic set")
-    ap.add_argument("--synth", default="demo/synth", help="the `skin data synth` folder (masks + manifest.csv)")
-    ap.add_argument("--split", default="test")
+    synthetic_split_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

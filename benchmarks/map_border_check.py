@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _harness import synthetic_split_args
 from skin.bundle import Bundle
 from skin.data import load_manifest
 from skin.evaluation import attach_masks
@@ -40,10 +41,7 @@ def paint(img: np.ndarray, region: np.ndarray, colour: np.ndarray) -> Image.Imag
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", default="demo/train/bundle-tuned")
-    ap.add_argument("--data", default="demo/data")
-    ap.add_argument("--synth", default="demo/synth")
-    ap.add_argument("--split", default="test")
+    synthetic_split_args(ap)
     ap.add_argument("--cam-stride", type=int, default=8)
     ap.add_argument("--band", type=float, default=0.1, help="border band, as a share of each side")
     a = ap.parse_args()
