@@ -73,7 +73,7 @@ def add_cam_stride_argument(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- commands
 def cmd_synth(a) -> int:
     from .synth import write_dataset
-    out = write_dataset(a.out, a.per_class, a.size, a.seed, a.workers, progress=not a.quiet)
+    out = write_dataset(a.out, a.per_class, a.size, a.seed, a.workers, progress=not a.quiet, artefacts=a.artefacts)
     print(f"wrote {a.per_class * 6} images (+ masks) in layout (a) to {out}; manifest: {out / 'manifest.csv'}")
     return 0
 
@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=at_least(32), default=256, help="image side in pixels (default 256; at least 32)")
     s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same pixels")
     s.add_argument("--workers", type=_positive, default=1, help="processes (default 1)")
+    s.add_argument("--artefacts", type=at_least(0), default=0, metavar="N",
+                   help="add 1..N ink blots / gel bubbles per image away from the lesion (not in its mask; "
+                        "same lesions and masks as without): a test of whether Grad-CAM follows the model "
+                        "or merely what stands out from the skin (default 0)")
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(fn=cmd_synth)
 

@@ -211,8 +211,39 @@ def _hairs(pil: Image.Image, rng: np.random.Generator) -> None:
         draw.line(pts, fill=(shade, shade - 5, shade - 10), width=int(rng.integers(1, 3)))
 
 
-def make_sample(label: int, seed: int, index: int, size: int = 256) -> Sample:
-    """One deterministic sample: the same (label, seed, index, size) gives the same pixels."""
+# Class-independent artefacts of dermoscopy photographs: surgical-marker ink and immersion-gel bubbles.
+_INK = np.array([[70, 50, 120], [40, 60, 110], [90, 40, 90]], dtype=np.float32)
+
+
+def _artefacts(img: np.ndarray, rng: np.random.Generator, s: int, lesion: np.ndarray, most: int) -> None:
+    """1..`most` artefacts away from the lesion (never in its mask): ink blots (dark, saturated,
+    stand out from the skin more than many lesions do) and gel bubbles (a bright rim with a
+    highlight). They carry no class, so a faithful explanation should not point at them, while a
+    map of what merely stands out from the skin will."""
+    y, x = _grid(s)
+    keep_out = np.asarray(Image.fromarray(lesion.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(9))) > 0
+    for _ in range(rng.integers(1, most + 1)):
+        ink = rng.random() < 0.6
+        rad = s * (rng.uniform(0.035, 0.06) if ink else rng.uniform(0.05, 0.09))
+        for _ in range(50):  # a place clear of the lesion
+            px, py = rng.uniform(rad, s - rad, 2)
+            d = np.hypot(x - px, y - py)
+            if not (keep_out & (d < 1.5 * rad + 2)).any():
+                break
+        else:
+            continue
+        if ink:
+            rel = d / (rad * _radial_border(np.arctan2(y - py, x - px), rng, 0.15, 3))
+            _blend(img, np.clip((1 - rel) * 4, 0, 1) * 0.9, _INK[rng.integers(len(_INK))])
+        else:
+            _blend(img, np.clip(1 - np.abs(d - rad) / 1.2, 0, 1) * 0.6, (250, 250, 250))
+            _blend(img, np.clip(1 - np.hypot(x - px + rad / 3, y - py + rad / 3) / (rad / 4), 0, 1), (255, 255, 255))
+
+
+def make_sample(label: int, seed: int, index: int, size: int = 256, artefacts: int = 0) -> Sample:
+    """One deterministic sample: the same (label, seed, index, size) gives the same pixels.
+    `artefacts` > 0 adds 1..artefacts ink blots / gel bubbles away from the lesion, from their own
+    random stream: the lesion, the skin and the mask are those of the same sample without them."""
     rng = np.random.default_rng([seed, label, index, size])
     img = _skin(rng, size)
     r = size * rng.uniform(0.13, 0.24)
@@ -220,6 +251,8 @@ def make_sample(label: int, seed: int, index: int, size: int = 256) -> Sample:
     # well on the pointing game (it hit 65% of lesions when they sat within 15% of the centre)
     cx, cy = size * 0.5 + rng.uniform(-1, 1, 2) * (size * 0.5 - 1.4 * r)
     mask = _DRAW[label](img, rng, size, cx, cy, r, _lesion_colour(rng))
+    if artefacts:
+        _artefacts(img, np.random.default_rng([seed, label, index, size, 1]), size, mask, artefacts)
     img *= 1 + 0.03 * rng.standard_normal((1, size, size), dtype=np.float32)  # sensor noise
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), "RGB")
     _hairs(pil, rng)
@@ -246,10 +279,10 @@ def _split_of(i: int, n: int) -> str:
 
 
 def _write_one(job: tuple) -> dict:
-    out, label, name, i, per_class, size, seed = job
+    out, label, name, i, per_class, size, seed, artefacts = job
     split = _split_of(i, per_class)
     folder = f"{label + 1}. {name}"
-    sample = make_sample(label, seed, i, size)
+    sample = make_sample(label, seed, i, size, artefacts)
     img_path = Path(out, split, folder, f"{name.lower()}_{i:05d}.jpg")
     mask_path = Path(out, "masks", split, folder, f"{name.lower()}_{i:05d}.png")
     img_path.write_bytes(jpeg_bytes(sample, seed, i))
@@ -259,7 +292,7 @@ def _write_one(job: tuple) -> dict:
 
 
 def write_dataset(out: str | Path, per_class: int = 200, size: int = 256, seed: int = 0,
-                  workers: int = 1, progress: bool = True) -> Path:
+                  workers: int = 1, progress: bool = True, artefacts: int = 0) -> Path:
     """Write layout (a): out/{train,val,test}/N. Name/*.jpg, masks under out/masks, manifest.csv."""
     out = Path(out)
     if per_class < 3:
@@ -268,7 +301,7 @@ def write_dataset(out: str | Path, per_class: int = 200, size: int = 256, seed: 
         for k, name in enumerate(DEFAULT_CLASSES):
             (out / split / f"{k + 1}. {name}").mkdir(parents=True, exist_ok=True)
             (out / "masks" / split / f"{k + 1}. {name}").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), k, name, i, per_class, size, seed)
+    jobs = [(str(out), k, name, i, per_class, size, seed, artefacts)
             for k, name in enumerate(DEFAULT_CLASSES) for i in range(per_class)]
     rows = map_progress(_write_one, jobs, workers, "synth", "images", 200, progress)
     with open(out / "manifest.csv", "w", newline="") as f:

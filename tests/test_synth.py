@@ -68,3 +68,17 @@ def test_lesions_are_not_where_a_centre_prior_would_find_them():
             centroids.append((ys.mean() / 64, xs.mean() / 64))
     assert np.mean(hits) < 0.5, np.mean(hits)
     assert np.abs(np.array(centroids) - 0.5).max() > 0.25  # some lesions well off-centre
+
+
+def test_artefacts_add_distractors_and_leave_the_lesion_alone():
+    """`--artefacts`: ink blots and gel bubbles away from the lesion. The lesion's pixels and mask
+    are those of the same sample without them, and every image gets at least one."""
+    for label in range(6):
+        for i in range(4):
+            plain, marked = make_sample(label, 2, i, 96), make_sample(label, 2, i, 96, artefacts=3)
+            mask = np.asarray(plain.mask) > 0
+            assert np.array_equal(np.asarray(plain.mask), np.asarray(marked.mask))
+            a, b = np.asarray(plain.image, np.int16), np.asarray(marked.image, np.int16)
+            changed = np.abs(a - b).max(-1) > 40
+            assert changed.sum() >= 9, (label, i)  # an artefact is there
+            assert not (changed & ndimage.binary_dilation(mask, iterations=2)).any(), (label, i)
