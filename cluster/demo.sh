@@ -12,6 +12,14 @@ if [ "${1:-}" = "--stop" ]; then STOP=1; shift; fi
 DIR=${1:-demo}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
+# `ray job submit --working-dir .` uploads the repository minus what git ignores and
+# cluster/runtime_env.yaml excludes: outputs inside it must be ignored, or every job uploads them
+case "$STOP:$DIR/" in 0:"$ROOT"/*)
+  if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 && ! git -C "$ROOT" check-ignore -q "$DIR/"; then
+    echo "error: $DIR is inside the repository and not git-ignored, so every job would upload it;" \
+         "use demo/, demo-NAME/ or a folder outside the repository" >&2; exit 2
+  fi;;
+esac
 STATE=$DIR/state
 export PATH="$ROOT/.venv/bin:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1

@@ -15,6 +15,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_demo_refuses_an_output_folder_that_every_job_would_upload(tmp_path):
+    """`ray job submit --working-dir .` uploads the repository minus what git ignores: the demo
+    refuses, in one line and before starting anything, an output folder inside it that is not
+    ignored (every job would upload the synthetic images and checkpoints, and Ray gives up)."""
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: the demo cannot tell what git ignores")
+    inside = ROOT / "not-ignored-demo-output"
+    try:
+        r = subprocess.run(["bash", "cluster/demo.sh", str(inside)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "not git-ignored" in r.stderr and "demo-NAME/" in r.stderr
+    assert not (inside / "state").exists()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "demo-x/"], cwd=ROOT)
+    excludes = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())["excludes"]
+    assert ignored.returncode == 0 and "demo-*/" in excludes  # what the message offers is ignored
+
+
 def test_cluster_yaml_passes_rays_schema():
     import jsonschema
     import ray.autoscaler
