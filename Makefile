@@ -67,9 +67,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/load_faults.py
 	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/serve_multinode.py
-	@if [ -f $(DEMO_DIR)/train/bundle/bundle.json ]; then \
-	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle --data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth; \
-	else echo "gradcam_faithfulness.py needs the demo bundle: run make demo first"; fi
+	@if [ -f $(DEMO_DIR)/train/bundle-tuned/bundle.json ]; then \
+	  d="--data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth"; \
+	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
+	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle-tuned-t --cam-strides 32 8 $$d && \
+	  $(PY) benchmarks/gradcam_distractors.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
+	  $(PY) benchmarks/lesion_removed.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
+	  $(PY) benchmarks/map_border_check.py --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d; \
+	else echo "the Grad-CAM faithfulness benchmarks need the demo bundle: run make demo first"; fi
 
 ui: $(STAMP)
 	SKINRAY_API_URL=$${SKINRAY_API_URL:-http://127.0.0.1:8000} $(VENV)/bin/streamlit run ui/app.py \
