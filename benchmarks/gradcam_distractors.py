@@ -33,11 +33,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
     bundle = Bundle.load(a.bundle)
-    tmp = Path(tempfile.mkdtemp(prefix="skinray-distractors-"))
-    write_dataset(tmp / "synth", a.per_class, a.size, seed=0, workers=a.workers, progress=False, artefacts=a.artefacts)
-    scan(tmp / "synth", tmp / "data", ScanOptions(workers=a.workers), progress=False)
-    rows = {"plain": measure(bundle, a.data, a.synth, a.split),
-            f"1..{a.artefacts} artefacts": measure(bundle, tmp / "data", tmp / "synth", a.split)}
+    with tempfile.TemporaryDirectory(prefix="skinray-distractors-") as tmp:
+        tmp = Path(tmp)
+        write_dataset(tmp / "synth", a.per_class, a.size, seed=0, workers=a.workers, progress=False,
+                      artefacts=a.artefacts)
+        scan(tmp / "synth", tmp / "data", ScanOptions(workers=a.workers), progress=False)
+        rows = {"plain": measure(bundle, a.data, a.synth, a.split),
+                f"1..{a.artefacts} artefacts": measure(bundle, tmp / "data", tmp / "synth", a.split)}
     print(f"bundle {bundle.id}, {a.split} split, maps at {rows['plain']['cam_strides']}")
     print(f"{'images':<16}{'n':>5}{'accuracy':>10}{'pointing':>10}{'energy':>8} | {'centre':>7}{'contrast':>9}{'untrained':>10}")
     for name, r in rows.items():

@@ -55,7 +55,8 @@ def main() -> None:
         import tempfile
         from skin.bundle import derive_bundle
         layers = dict(item.partition("=")[::2] for item in a.cam_layers)
-        bundle = derive_bundle(bundle, Path(tempfile.mkdtemp()) / "bundle", cam_layers=layers)
+        derived = tempfile.TemporaryDirectory(prefix="skinray-cam-layers-")  # removed when main returns
+        bundle = derive_bundle(bundle, Path(derived.name) / "bundle", cam_layers=layers)
         print(f"maps at layers {layers} (derived bundle {bundle.id})")
     strides = sorted({e.output_stride for e in bundle.members})
     for cs in a.cam_strides:

@@ -16,6 +16,7 @@ DIR=$(cd "$DIR" && pwd)
 # cluster/runtime_env.yaml excludes: outputs inside it must be ignored, or every job uploads them
 case "$STOP:$DIR/" in 0:"$ROOT"/*)
   if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 && ! git -C "$ROOT" check-ignore -q "$DIR/"; then
+    rmdir "$DIR" 2>/dev/null || true  # created just above when it was not there: leave nothing behind
     echo "error: $DIR is inside the repository and not git-ignored, so every job would upload it;" \
          "use demo/, demo-NAME/ or a folder outside the repository" >&2; exit 2
   fi;;

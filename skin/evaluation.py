@@ -76,17 +76,17 @@ class BatchScorer:
                "ok": np.array(ok)}
         explain = any(m for m, good in zip(masks, ok) if good)
         c = len(self.bundle.classes)
-        maps = {}
+        maps, inputs = {}, {}
         for name, run in self.runners.items():
             probs = np.full((len(paths), c), np.nan, dtype=np.float32)
             if images:
-                probs[np.array(ok)], maps[name] = run(to_batch(images, run.member.data_config), cam=explain)
+                inputs[name] = to_batch(images, run.member.data_config)
+                probs[np.array(ok)], maps[name] = run(inputs[name], cam=explain)
             out[name] = probs
         for k in FAITH_COLUMNS + member_faith_columns(list(self.runners)):
             out[k] = np.full(len(paths), np.nan)
-        if explain:
-            untrained = {n: run(to_batch(images, run.member.data_config), cam=True)[1]
-                         for n, run in self.untrained.items()}
+        if explain:  # the untrained copies see the same input tensors
+            untrained = {n: run(inputs[n], cam=True)[1] for n, run in self.untrained.items()}
             self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, untrained,
                                np.nonzero(ok)[0])
         return out
@@ -182,6 +182,7 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
     rows = scored[scored["pointing"].notna()]
     if rows.empty:
         return None
+
     def baseline(g: pd.DataFrame) -> dict:
         return {"centre_pointing": float(g["pointing:centre"].mean()), "flat_energy": float(g["energy:flat"].mean()),
                 "contrast_pointing": float(g["pointing:contrast"].mean()),

@@ -24,11 +24,12 @@ def test_demo_refuses_an_output_folder_that_every_job_would_upload(tmp_path):
     inside = ROOT / "not-ignored-demo-output"
     try:
         r = subprocess.run(["bash", "cluster/demo.sh", str(inside)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        left_behind = inside.exists()
     finally:
         shutil.rmtree(inside, ignore_errors=True)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "not git-ignored" in r.stderr and "demo-NAME/" in r.stderr
-    assert not (inside / "state").exists()
+    assert not (inside / "state").exists() and not left_behind  # nothing started, nothing written
     ignored = subprocess.run(["git", "check-ignore", "-q", "demo-x/"], cwd=ROOT)
     excludes = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())["excludes"]
     assert ignored.returncode == 0 and "demo-*/" in excludes  # what the message offers is ignored

@@ -115,6 +115,21 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     one = scorer({"path": np.array([str(tmp_path / "patch.png")]), "label_index": np.zeros(1, int),
                   "mask": np.array([str(tmp_path / "patch-mask.png")])})
     assert one["pointing:contrast"][0] == 1.0 and one["pointing:centre"][0] == 0.0
+    # the untrained column reads the untrained copies' maps: copies whose maps peak on the patch hit,
+    # copies whose maps peak in the far corner miss, whatever the bundle's own maps do
+    def fake(cell):
+        def run(x, cam=False):
+            maps = torch.zeros(len(x), len(scorer.bundle.classes), 8, 8)
+            maps[:, :, cell[0], cell[1]] = 1.0
+            return np.full((len(x), maps.shape[1]), 1 / maps.shape[1], np.float32), maps
+        return run
+    real_untrained = scorer.untrained
+    for cell, hit in (((6, 1), 1.0), ((0, 7), 0.0)):
+        scorer._untrained = {n: fake(cell) for n in scorer.runners}
+        got = scorer({"path": np.array([str(tmp_path / "patch.png")]), "label_index": np.zeros(1, int),
+                      "mask": np.array([str(tmp_path / "patch-mask.png")])})
+        assert got["pointing:untrained"][0] == hit and got["pointing:untrained:resnet50"][0] == hit, cell
+    scorer._untrained = real_untrained
     f = faithfulness(_to_frame([out], scorer.bundle.member_names), scorer.bundle)
     assert f["images"] == 2 and f["pointing"] == 0.5
     assert f["baseline"]["centre_pointing"] == 0.5 and f["baseline"]["flat_energy"] == 0.5
