@@ -58,10 +58,11 @@ submit() {
 step "1/9 local Ray head (127.0.0.1, Jobs API at $DASH)"
 bash cluster/local.sh start "$STATE"
 
-step "2/9 synthetic lesions: 1,200 images in 6 classes, with masks -> $DIR/synth"
-[ -f "$DIR/synth/manifest.csv" ] || skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2
+step "2/9 synthetic lesions: 1,200 images in 6 classes, with masks, + 200 lesion-free skin images -> $DIR/synth"
+[ -f "$DIR/synth/manifest.csv" ] && [ -d "$DIR/synth/lesion-free" ] ||
+  skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2 --lesion-free 200
 step "3/9 scan (validate, split, leakage check), balance 140/class, resize cache"
-skin data scan "$DIR/synth" --out "$DIR/data" --quiet | tail -n 4
+skin data scan "$DIR/synth" --out "$DIR/data" --lesion-free "$DIR/synth/lesion-free" --quiet | tail -n 5
 skin data balance "$DIR/data" --per-class 140 --seed 0
 skin data cache "$DIR/data" --image-size 64 | tail -n 1
 

@@ -3,7 +3,9 @@
 #   bash cluster/local.sh start [STATE_DIR]   starts it (PID in STATE_DIR/ray-head.pid)
 #   bash cluster/local.sh stop  [STATE_DIR]   stops the head this script started (by its PID)
 #   source <(bash cluster/local.sh env [STATE_DIR])   a shell that can talk to it (token, address)
-# Ports: GCS $RAY_PORT (6390), dashboard + Jobs API $RAY_DASHBOARD_PORT (8265).
+# Ports: GCS $RAY_PORT (6390), dashboard + Jobs API $RAY_DASHBOARD_PORT (8265), Ray Client
+# $RAY_CLIENT_PORT (10001), job agent $RAY_DASHBOARD_AGENT_PORT (52365): set all four to run a
+# second head beside another Ray on the same machine.
 # Token auth (Ray's default since 2.59) stays on: the token is generated once into
 # STATE_DIR/ray_token (mode 600) and every client here passes it (RAY_AUTH_TOKEN_PATH); a client
 # without it is refused. The head keeps all its state in its own temp dir (recorded in
@@ -43,6 +45,7 @@ start)
   nohup ray start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --temp-dir="$TEMP" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
     --ray-client-server-port="${RAY_CLIENT_PORT:-10001}" \
+    --dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_PORT:-52365}" \
     --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --disable-usage-stats >"$STATE/ray-head.log" 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 90); do

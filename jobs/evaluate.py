@@ -8,7 +8,9 @@ once), so 35k images spread over the cluster's GPUs. Per member and for the ense
 balanced accuracy, P/R/F1 macro and weighted, per-class report, confusion matrix (counts and
 row-normalised, in the class map's order), one-vs-rest ROC AUC, reliability diagram with ECE.
 With --masks (lesion masks, e.g. the synthetic set's), also the Grad-CAM pointing game and energy
-in the mask, per class. Writes metrics.json, PNG plots and report.md, and stores the metrics in
+in the mask, per class. When the data has lesion-free skin images for the split (`skin data scan
+--lesion-free`), also what the ensemble calls them and how many the API would flag uncertain.
+Writes metrics.json, PNG plots and report.md, and stores the metrics in
 the bundle (where /v1/info and the page show them).
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 from pathlib import Path
 
 from skin.bundle import Bundle
-from skin.data import load_classes, load_manifest
-from skin.evaluation import BatchScorer, _to_frame, attach_masks, store_in_bundle, summarize, write_report
+from skin.data import load_classes, load_lesion_free, load_manifest
+from skin.evaluation import (BatchScorer, _to_frame, attach_masks, lesion_free_summary, store_in_bundle, summarize,
+                             write_report)
 
 
 def parse_args(argv=None):
@@ -77,15 +80,22 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     t0 = time.time()
-    ds = ray.data.from_pandas(df[["path", "label_index"] + (["mask"] if a.masks else [])])
-    scored = ds.map_batches(
-        BatchScorer, batch_size=a.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
-                               "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp,
-                               "cam_stride": a.cam_stride},
-        concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
-    frame = _to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
+
+    def score(rows):
+        scored = ray.data.from_pandas(rows).map_batches(
+            BatchScorer, batch_size=a.batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
+                                   "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp,
+                                   "cam_stride": a.cam_stride},
+            concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
+        return _to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
+
+    frame = score(df[["path", "label_index"] + (["mask"] if a.masks else [])])
     metrics = summarize(frame, bundle, a.cam_stride)
+    free = load_lesion_free(a.data, a.split)
+    free = lesion_free_summary(score(free[["path", "label_index"]]), bundle) if free is not None else None
+    if free:
+        metrics["lesion_free"] = free
     report = write_report(metrics, bundle, frame, out, a.split)
     if not a.no_store:
         store_in_bundle(bundle, metrics, a.split)
@@ -103,6 +113,10 @@ def main(argv=None) -> int:
               f"({f['images']} images with masks); maps that know less: centre {f['baseline']['centre_pointing']:.3f}, "
               f"colour contrast (no model) {f['baseline']['contrast_pointing']:.3f}, untrained members "
               f"{f['baseline']['untrained_pointing']:.3f}; a flat map's energy {f['baseline']['flat_energy']:.3f}")
+    if free:
+        print(f"Skin without a lesion ({free['images']} images): flagged uncertain {free['uncertain']:.3f}, mean "
+              f"confidence {free['mean_confidence']:.3f}; called " + ", ".join(
+                  f"{c} {v:.2f}" for c, v in free["called"].items() if v))
     print(f"\n{len(frame)} images in {time.time() - t0:.0f}s ({metrics['n_skipped']} unreadable skipped); "
           f"report: {report}")
     return 0

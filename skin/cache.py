@@ -140,19 +140,24 @@ def add_cache_parser(data_sub) -> None:
     from .registry import DEFAULT_MEMBERS, list_backbones
     s.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=list_backbones(),
                    help="members the cache is for: one cache per distinct interpolation of their weights")
-    s.add_argument("--splits", nargs="+", default=["train_balanced", "train", "val"],
+    s.add_argument("--splits", nargs="+", default=["train_balanced", "train", "val", "lesion_free_train"],
                    help="manifests to cache (missing ones are skipped)")
     s.set_defaults(fn=_cmd_cache)
 
 
 def _cmd_cache(a) -> int:
-    from .data import load_classes, load_manifest
+    from .data import LESION_FREE, load_classes, load_lesion_free, load_manifest
     from .registry import get_spec
     classes = load_classes(a.dir)
     for split in a.splits:
         if not (Path(a.dir) / f"{split}.csv").is_file():
             continue
-        df = load_manifest(a.dir, split, classes)
+        if split.startswith(LESION_FREE + "_"):
+            df = load_lesion_free(a.dir, split[len(LESION_FREE) + 1:])
+            if df is None:
+                continue
+        else:
+            df = load_manifest(a.dir, split, classes)
         for interp in sorted({get_spec(m).data_config(a.image_size).interpolation for m in a.members}):
             npy = build_cache(a.dir, split, df, cache_side(a.image_size), interpolation=interp)
             print(f"{split}: {npy} ({npy.stat().st_size / 1e6:.1f} MB)")

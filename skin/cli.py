@@ -16,6 +16,18 @@ USER_ERRORS = (DatasetError, CheckpointError, ClassMapError, ImageError, Unknown
                PretrainedWeightsError, FileNotFoundError)
 
 
+def zero_or_at_least(low: int):
+    """argparse type: 0 (off) or an integer >= low."""
+    check = at_least(0)
+
+    def parse(text: str) -> int:
+        v = check(text)
+        if 0 < v < low:
+            raise argparse.ArgumentTypeError(f"must be 0 (none) or at least {low}, got {text}")
+        return v
+    return parse
+
+
 def _split_arg(text: str) -> tuple[float, float, float]:
     try:
         parts = [float(p) for p in text.replace(",", "/").split("/")]
@@ -73,8 +85,13 @@ def add_cam_stride_argument(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- commands
 def cmd_synth(a) -> int:
     from .synth import write_dataset
-    out = write_dataset(a.out, a.per_class, a.size, a.seed, a.workers, progress=not a.quiet, artefacts=a.artefacts)
+    from .synth import LESION_FREE_DIR
+    out = write_dataset(a.out, a.per_class, a.size, a.seed, a.workers, progress=not a.quiet, artefacts=a.artefacts,
+                        lesion_free=a.lesion_free)
     print(f"wrote {a.per_class * 6} images (+ masks) in layout (a) to {out}; manifest: {out / 'manifest.csv'}")
+    if a.lesion_free:
+        print(f"wrote {a.lesion_free} lesion-free skin images to {out / LESION_FREE_DIR} "
+              f"(scan with --lesion-free {out / LESION_FREE_DIR})")
     return 0
 
 
@@ -82,9 +99,10 @@ def cmd_scan(a) -> int:
     from .data import ScanOptions, scan
     opts = ScanOptions(split=a.split, seed=a.seed, near_dup_bits=a.near_dup_bits,
                        remove_leaks=not a.keep_leaks, workers=a.workers)
-    report = scan(a.source, a.out, opts, progress=not a.quiet)
+    report = scan(a.source, a.out, opts, progress=not a.quiet, lesion_free=a.lesion_free)
     print((Path(a.out) / "report.md").read_text())
-    print(f"manifests: {a.out}/train.csv val.csv test.csv; classes: {a.out}/classes.json")
+    print(f"manifests: {a.out}/train.csv val.csv test.csv{' lesion_free_*.csv' if a.lesion_free else ''}; "
+          f"classes: {a.out}/classes.json")
     return 0 if report else 1
 
 
@@ -249,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add 1..N ink blots / gel bubbles per image away from the lesion (not in its mask; "
                         "same lesions and masks as without): a test of whether Grad-CAM follows the model "
                         "or merely what stands out from the skin (default 0)")
+    s.add_argument("--lesion-free", type=zero_or_at_least(3), default=0, metavar="N",
+                   help="also write N lesion-free skin images (same nuisances, no lesion) under OUT/lesion-free/"
+                        "{train,val,test}, for outlier exposure in training (default 0; 0 or at least 3)")
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(fn=cmd_synth)
 
@@ -259,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     s.add_argument("--near-dup-bits", type=at_least(0), default=6, help="dHash Hamming distance counted as a near-duplicate (default 6; 0 = exact only)")
     s.add_argument("--keep-leaks", action="store_true", help="report cross-split duplicates but keep them in val/test")
+    s.add_argument("--lesion-free", metavar="FOLDER", default=None,
+                   help="a folder of skin images without a lesion (with train/val/test subfolders, or split like the "
+                        "dataset): written as lesion_free_<split>.csv; training then teaches the members that plain "
+                        "skin is evidence of no class (outlier exposure, TrainConfig.lesion_free_weight)")
     s.add_argument("--workers", type=at_least(0), default=0, help="validation processes (default: one per core)")
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(fn=cmd_scan)

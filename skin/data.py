@@ -192,9 +192,47 @@ def manifest_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+# Lesion-free skin images (outlier exposure): manifests lesion_free_<split>.csv, label "" and index -1.
+LESION_FREE = "lesion_free"
+NO_CLASS = -1
+
+
+def _scan_lesion_free(folder: str | Path, options: ScanOptions, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(valid rows with their split, rejects) of a folder of lesion-free skin images: its
+    train/val/test subfolders when it has them, else a seeded split by the scan's fractions."""
+    src = Path(folder).resolve()
+    if not src.is_dir():
+        raise DatasetError(f"--lesion-free {src} is not a folder; give a folder of skin images without a lesion")
+    split_dirs = [src / s for s in SPLITS if (src / s).is_dir()]
+    rows = ([{"path": str(p), "split": sd.name} for sd in split_dirs for p in _images_under(sd)] if split_dirs
+            else [{"path": str(p), "split": ""} for p in _images_under(src)])
+    if not rows:
+        raise DatasetError(f"no images found under --lesion-free {src}")
+    df = pd.DataFrame(rows).merge(validate_files([r["path"] for r in rows], options.workers, progress),
+                                  on="path", how="left")
+    rejects = df[df["error"] != ""][["path", "error"]].rename(columns={"error": "reason"})
+    df = df[df["error"] == ""].copy()
+    todo = df["split"] == ""
+    if todo.any():
+        df.loc[todo, "split"] = stratified_split(np.full(int(todo.sum()), LESION_FREE), None, options.split,
+                                                 options.seed)
+    df["label"], df["label_index"], df["group"] = "", NO_CLASS, ""
+    return df, rejects
+
+
+def load_lesion_free(data_dir: str | Path, split: str) -> pd.DataFrame | None:
+    """The lesion-free manifest of a split (`skin data scan --lesion-free`), or None without one."""
+    path = Path(data_dir) / f"{LESION_FREE}_{split}.csv"
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path, dtype={"group": str, "label": str}, keep_default_na=False)
+    return df if len(df) else None
+
+
 def scan(source: str | Path, out: str | Path, options: ScanOptions = ScanOptions(),
-         progress: bool = True) -> dict:
-    """Scan, validate, split, remove leaks; write manifests, classes.json, rejects.csv, report."""
+         progress: bool = True, lesion_free: str | Path | None = None) -> dict:
+    """Scan, validate, split, remove leaks; write manifests, classes.json, rejects.csv, report;
+    with `lesion_free`, also lesion_free_<split>.csv from that folder of skin images."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found = discover(source)
@@ -219,6 +257,18 @@ def scan(source: str | Path, out: str | Path, options: ScanOptions = ScanOptions
     for split in SPLITS:
         part = df[df["split"] == split][MANIFEST_COLUMNS].sort_values(["label_index", "path"])
         part.to_csv(out / f"{split}.csv", index=False)
+    free_counts = None
+    for split in SPLITS:  # a scan without --lesion-free leaves none from an earlier scan behind
+        (out / f"{LESION_FREE}_{split}.csv").unlink(missing_ok=True)
+    if lesion_free is not None:
+        free, free_rejects = _scan_lesion_free(lesion_free, options, progress)
+        rejects = pd.concat([rejects, free_rejects], ignore_index=True)
+        free["dhash"] = free["dhash"].astype(np.uint64)
+        free_counts = {}
+        for split in SPLITS:
+            part = free[free["split"] == split][MANIFEST_COLUMNS].sort_values("path")
+            part.to_csv(out / f"{LESION_FREE}_{split}.csv", index=False)
+            free_counts[split] = len(part)
     classes.save(out / "classes.json")
     rejects.to_csv(out / "rejects.csv", index=False)
     leaks.to_csv(out / "leaks.csv", index=False)
@@ -228,7 +278,7 @@ def scan(source: str | Path, out: str | Path, options: ScanOptions = ScanOptions
               "rejected": len(rejects), "leaks": {k: int((leaks["kind"] == k).sum())
                                                   for k in ("exact", "near")},
               "leaks_removed": bool(options.remove_leaks), "near_dup_bits": options.near_dup_bits,
-              "manifest_sha256": manifest_hash(df), "seed": options.seed}
+              "manifest_sha256": manifest_hash(df), "seed": options.seed, "lesion_free": free_counts}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_report_md(report))
     return report
@@ -242,7 +292,11 @@ def _report_md(r: dict) -> str:
     lines += ["", f"Rejected files: {r['rejected']} (see rejects.csv).",
               f"Cross-split duplicates: {r['leaks']['exact']} exact, {r['leaks']['near']} near "
               f"(dHash <= {r['near_dup_bits']} bits); "
-              + ("removed from val/test." if r["leaks_removed"] else "kept (--keep-leaks)."), ""]
+              + ("removed from val/test." if r["leaks_removed"] else "kept (--keep-leaks).")]
+    if r.get("lesion_free"):
+        lines.append("Lesion-free skin images (outlier exposure): "
+                     + ", ".join(f"{s} {n}" for s, n in r["lesion_free"].items()) + ".")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
-from .ensemble import assemble, combine
+from .ensemble import assemble, combine, describe
 from .gradcam import ensemble_map, input_size
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
@@ -174,6 +174,24 @@ def summarize(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = Non
     return out
 
 
+def lesion_free_summary(scored: pd.DataFrame, bundle: Bundle) -> dict | None:
+    """What the ensemble answers on skin images without a lesion (`skin data scan --lesion-free`):
+    the share called each class, its mean confidence, and the share the API would flag uncertain
+    (the same rule: `skin.ensemble.describe`). None when no such image was readable."""
+    good = scored[scored["ok"].astype(bool)]
+    if good.empty:
+        return None
+    member_probs = {m: np.stack(good[m].to_list()) for m in bundle.member_names}
+    weights = {m: bundle.weight_of(m) for m in bundle.member_names}
+    ens = combine(member_probs, weights, bundle.ensemble_temperature)
+    answers = [describe(ens[i], {m: p[i] for m, p in member_probs.items()}, weights, list(bundle.classes))
+               for i in range(len(ens))]
+    called = np.bincount(ens.argmax(1), minlength=len(bundle.classes)) / len(ens)
+    return {"images": len(ens), "called": {c: float(v) for c, v in zip(bundle.classes, called)},
+            "mean_confidence": float(ens.max(1).mean()),
+            "uncertain": float(np.mean([a["uncertain"] for a in answers]))}
+
+
 def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = None) -> dict | None:
     """Pointing game and energy in the mask of the ensemble's Grad-CAM, overall and per class, over
     the rows that have a lesion mask (None when none has)."""
@@ -270,6 +288,12 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
         lines += ["", "Each member's own map (of the ensemble's class), trained / untrained: " + ", ".join(
             f"{m} {p:.3f} / {f['members_untrained_pointing'].get(m, float('nan')):.3f} (stride {f['cam_strides'][m]})"
             for m, p in f["members_pointing"].items()) + "."]
+    free = metrics.get("lesion_free")
+    if free:
+        lines += ["", f"## Skin without a lesion ({free['images']} images)", "",
+                  f"Flagged uncertain by the API's rule: {free['uncertain']:.3f}; mean confidence "
+                  f"{free['mean_confidence']:.3f} (a uniform answer is {1 / len(classes):.3f}). Called: "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in free["called"].items() if v) + "."]
     lines += ["", "![confusion](confusion_counts.png) ![normalized](confusion_normalized.png) "
               "![reliability](reliability.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -280,6 +304,8 @@ def store_in_bundle(bundle: Bundle, metrics: dict, split: str) -> None:
     slim = {"split": split, "ensemble": _slim(metrics["ensemble"]),
             **({"calibration": metrics["calibration"]} if "calibration" in metrics else {}),
             "members": {m: _slim(v) for m, v in metrics["members"].items()}}
+    if metrics.get("lesion_free"):
+        slim["lesion_free"] = metrics["lesion_free"]
     if metrics.get("faithfulness"):
         slim["faithfulness"] = {k: v for k, v in metrics["faithfulness"].items()} | {"split": split}
     update_metrics(bundle.root, slim)

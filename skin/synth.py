@@ -262,6 +262,28 @@ def make_sample(label: int, seed: int, index: int, size: int = 256, artefacts: i
     return Sample(pil, Image.fromarray((mask * 255).astype(np.uint8), "L"), label)
 
 
+# The random stream of lesion-free image `index` is [seed, LESION_FREE, index, size]: no class label
+# takes this value, so these images never repeat a lesion image's skin.
+LESION_FREE = 1000
+
+
+def make_lesion_free(seed: int, index: int, size: int = 256, artefacts: int = 0) -> Image.Image:
+    """Skin with every nuisance of `make_sample` (tone, lighting, texture, noise, hairs, blur and,
+    when asked, ink blots / gel bubbles) and no lesion: evidence of no class."""
+    rng = np.random.default_rng([seed, LESION_FREE, index, size])
+    img = _skin(rng, size)
+    if artefacts:
+        _artefacts(img, np.random.default_rng([seed, LESION_FREE, index, size, 1]), size,
+                   np.zeros((size, size), bool), artefacts)
+    img *= 1 + 0.03 * rng.standard_normal((1, size, size), dtype=np.float32)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), "RGB")
+    _hairs(pil, rng)
+    blur = rng.uniform(0, 1.2)
+    if blur > 0.6:
+        pil = pil.filter(ImageFilter.GaussianBlur(blur))
+    return pil
+
+
 def jpeg_bytes(sample: Sample, seed: int, index: int) -> bytes:
     quality = int(np.random.default_rng([seed, sample.label, index, 7]).integers(70, 96))
     buf = io.BytesIO()
@@ -280,6 +302,12 @@ def _split_of(i: int, n: int) -> str:
 
 def _write_one(job: tuple) -> dict:
     out, label, name, i, per_class, size, seed, artefacts = job
+    if label == LESION_FREE:
+        split = _split_of(i, per_class)
+        path = Path(out, LESION_FREE_DIR, split, f"skin_{i:05d}.jpg")
+        quality = int(np.random.default_rng([seed, LESION_FREE, i, 7]).integers(70, 96))
+        make_lesion_free(seed, i, size, artefacts).save(path, "JPEG", quality=quality)
+        return {}
     split = _split_of(i, per_class)
     folder = f"{label + 1}. {name}"
     sample = make_sample(label, seed, i, size, artefacts)
@@ -291,19 +319,29 @@ def _write_one(job: tuple) -> dict:
             "mask": str(mask_path.relative_to(out))}
 
 
+LESION_FREE_DIR = "lesion-free"
+
+
 def write_dataset(out: str | Path, per_class: int = 200, size: int = 256, seed: int = 0,
-                  workers: int = 1, progress: bool = True, artefacts: int = 0) -> Path:
-    """Write layout (a): out/{train,val,test}/N. Name/*.jpg, masks under out/masks, manifest.csv."""
+                  workers: int = 1, progress: bool = True, artefacts: int = 0, lesion_free: int = 0) -> Path:
+    """Write layout (a): out/{train,val,test}/N. Name/*.jpg, masks under out/masks, manifest.csv;
+    with `lesion_free` > 0 also that many lesion-free skin images under out/lesion-free/{split}/
+    (not in manifest.csv: `skin data scan --lesion-free` takes them)."""
     out = Path(out)
     if per_class < 3:
         raise ValueError("--per-class must be at least 3 (one image per split)")
+    if lesion_free and lesion_free < 3:
+        raise ValueError("--lesion-free must be 0 or at least 3 (one image per split)")
     for split, _ in SPLITS:
         for k, name in enumerate(DEFAULT_CLASSES):
             (out / split / f"{k + 1}. {name}").mkdir(parents=True, exist_ok=True)
             (out / "masks" / split / f"{k + 1}. {name}").mkdir(parents=True, exist_ok=True)
+        if lesion_free:
+            (out / LESION_FREE_DIR / split).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), k, name, i, per_class, size, seed, artefacts)
             for k, name in enumerate(DEFAULT_CLASSES) for i in range(per_class)]
-    rows = map_progress(_write_one, jobs, workers, "synth", "images", 200, progress)
+    jobs += [(str(out), LESION_FREE, "", i, lesion_free, size, seed, artefacts) for i in range(lesion_free)]
+    rows = [r for r in map_progress(_write_one, jobs, workers, "synth", "images", 200, progress) if r]
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "split", "mask"])
         w.writeheader()

@@ -23,12 +23,12 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from .cache import ManifestDataset, cache_side, skip_none_collate
 from .checkpoint import atomic_write_json, load_tensors, save_member, save_tensors
 from .classes import ClassMap
-from .data import DatasetError, load_classes, load_manifest, training_split
+from .data import LESION_FREE, DatasetError, load_classes, load_lesion_free, load_manifest, training_split
 from .inference import calibrated, member_logits
 from .metrics import compute_metrics
 from .device import check_amp, configure_device
@@ -51,6 +51,10 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     freeze_epochs: int = 0  # train only the head for the first N epochs
     label_smoothing: float = 0.1
+    # Outlier exposure (Hendrycks et al., ICLR 2019): when the data has lesion_free_train.csv
+    # (`skin data scan --lesion-free`), those images join the training set with the uniform
+    # distribution as target, weighted this much per image relative to a lesion; 0: not used
+    lesion_free_weight: float = 1.0
     dropout: float | list[float] | None = None
     pretrained: str = "imagenet"  # "imagenet", a weights file/folder, or "none"
     image_size: int | None = None
@@ -71,6 +75,8 @@ class TrainConfig:
         get_spec(self.backbone)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if self.lesion_free_weight < 0:
+            raise ValueError(f"lesion_free_weight must be 0 or more, got {self.lesion_free_weight}")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be less than epochs ({self.epochs})")
         check_amp(self.amp)
@@ -146,6 +152,25 @@ class LocalRuntime(SingleWorker):
         return str(p) if (p / "state.json").is_file() else None
 
 
+class OutlierExposureLoss(nn.Module):
+    """Cross-entropy (with label smoothing) on lesion rows; on lesion-free rows (label -1) the
+    cross-entropy to the uniform distribution times `weight` (outlier exposure): plain skin is
+    evidence of no class, so a class cannot rest on it. The mean over the batch's rows; with no
+    lesion-free row it is nn.CrossEntropyLoss."""
+
+    def __init__(self, label_smoothing: float = 0.0, weight: float = 1.0) -> None:
+        super().__init__()
+        self.label_smoothing, self.weight = label_smoothing, weight
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        known = y >= 0
+        loss = nn.functional.cross_entropy(logits[known], y[known], label_smoothing=self.label_smoothing,
+                                           reduction="sum")
+        if not bool(known.all()):
+            loss = loss - self.weight * nn.functional.log_softmax(logits[~known], 1).mean(1).sum()
+        return loss / len(y)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then cosine to 0 (Loshchilov & Hutter 2017, without restarts)."""
     if step < warmup:
@@ -199,6 +224,11 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
     on_device = runtime.device.type == "cuda"
     interp = member.data_config.interpolation  # the cache resizes as the member's presets do
     train_ds = ManifestDataset(train_df, preset.sample if on_device else preset, data_dir, tr_split, side, interp)
+    cached = train_ds.cached
+    free_df = load_lesion_free(data_dir, "train") if cfg.lesion_free_weight > 0 else None
+    if free_df is not None:  # outlier exposure: the same augmentation, label -1
+        free_ds = ManifestDataset(free_df, train_ds.transform, data_dir, f"{LESION_FREE}_train", side, interp)
+        train_ds, cached = ConcatDataset([train_ds, free_ds]), cached and free_ds.cached
     # Validation is split by rank into contiguous blocks without padding (Ray's prepare_data_loader
     # would pad the last shard with repeated rows) and concatenated back in `validate`: every val
     # row scored exactly once, in manifest order (unreadable rows dropped, as in one process).
@@ -214,7 +244,8 @@ def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runti
     train = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
                        generator=g, **common)
     val = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **common)
-    return runtime.prepare_loader(train), val, train_ds.cached, (preset.batch if on_device else None)
+    return (runtime.prepare_loader(train), val, cached, (preset.batch if on_device else None),
+            0 if free_df is None else len(free_df))
 
 
 @torch.no_grad()
@@ -325,7 +356,7 @@ def _setup(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None]) -> _R
     member = create_model(cfg.backbone, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
                           input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None,
                           output_stride=cfg.output_stride)
-    train_loader, val_loader, cached, batch_augment = _loaders(cfg, member, classes, runtime)
+    train_loader, val_loader, cached, batch_augment, n_free = _loaders(cfg, member, classes, runtime)
     amp = configure_device(runtime.device, cfg.amp)
     if cfg.amp == "bf16" and not amp:
         log(f"[{cfg.backbone}] amp=bf16 asked for, but this CPU has no native bf16: training in fp32")
@@ -335,11 +366,12 @@ def _setup(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None]) -> _R
     steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if runtime.world_size > 1:
         log(f"[{member.spec.name}] rank {runtime.rank}/{runtime.world_size} on node {runtime.node}")
-    log(f"[{member.spec.name}] {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
+    free = f" (+{n_free} lesion-free, weight {cfg.lesion_free_weight:g})" if n_free else ""
+    log(f"[{member.spec.name}] {len(train_loader.dataset) - n_free} train{free} / {len(val_loader.dataset)} val images, "
         f"{member.data_config.input_size}px, {threads} threads, device {runtime.device}{', bf16' if amp else ''}, "
         f"cache {'on' if cached else 'off'}")
     return _Run(member, model, make_optimizer(member, cfg, random_init),
-                nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), train_loader, val_loader, batch_augment,
+                OutlierExposureLoss(cfg.label_smoothing, cfg.lesion_free_weight), train_loader, val_loader, batch_augment,
                 classes, amp, steps, steps * cfg.epochs, max(1, int(cfg.warmup_epochs * steps)))
 
 

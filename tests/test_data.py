@@ -150,3 +150,24 @@ def test_training_says_so_when_no_validation_image_can_be_read(scanned, tmp_path
                       max_steps_per_epoch=1, pretrained="none", num_workers=0, threads=1, use_cache=False)
     with pytest.raises(DatasetError, match="none of the validation images could be read"):
         train_member(cfg, LocalRuntime(str(tmp_path / "run")), log=lambda s: None)
+
+
+def test_scan_takes_lesion_free_images_apart_from_the_classes(tmp_path):
+    """`skin data scan --lesion-free FOLDER`: lesion_free_<split>.csv with label index -1 (the
+    folder's own splits kept), bad files in rejects.csv, the class manifests untouched; a later
+    scan without the option leaves none of them behind; a missing folder is one clear error."""
+    from skin.data import load_lesion_free
+    from skin.synth import write_dataset
+    src = write_dataset(tmp_path / "synth", per_class=4, size=48, seed=1, progress=False, lesion_free=10)
+    (src / "lesion-free" / "train" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    report = scan(src, out, OPTS, progress=False, lesion_free=src / "lesion-free")
+    assert report["lesion_free"] == {"train": 7, "val": 1, "test": 2}
+    free = load_lesion_free(out, "train")
+    assert len(free) == 7 and set(free["label_index"]) == {-1} and all("/lesion-free/train/" in p for p in free["path"])
+    assert "broken.jpg" in pd.read_csv(out / "rejects.csv")["path"].str.cat()
+    assert not pd.read_csv(out / "train.csv")["path"].str.contains("lesion-free").any()
+    scan(src, out, OPTS, progress=False)
+    assert load_lesion_free(out, "train") is None and not list(out.glob("lesion_free_*.csv"))
+    with pytest.raises(DatasetError, match="not a folder"):
+        scan(src, out, OPTS, progress=False, lesion_free=tmp_path / "nowhere")

@@ -92,7 +92,7 @@ def test_loader_ships_uint8_to_a_gpu_and_floats_on_a_cpu(scanned, tmp_path):
         rt = LocalRuntime(str(tmp_path / device), device=torch.device(device), cpus=1.0)
         with warnings.catch_warnings():  # pin_memory without an accelerator warns
             warnings.simplefilter("ignore")
-            train, _, _, augment = _loaders(cfg, member, classes, rt)
+            train, _, _, augment, _ = _loaders(cfg, member, classes, rt)
             x, y, _ = next(iter(train))
         assert x.dtype == dtype
         assert (augment is not None) == (device == "cuda")

@@ -82,3 +82,21 @@ def test_artefacts_add_distractors_and_leave_the_lesion_alone():
             changed = np.abs(a - b).max(-1) > 40
             assert changed.sum() >= 9, (label, i)  # an artefact is there
             assert not (changed & ndimage.binary_dilation(mask, iterations=2)).any(), (label, i)
+
+
+def test_lesion_free_images_are_skin_without_a_lesion(tmp_path):
+    """`--lesion-free N`: N skin images (own random stream, deterministic) under lesion-free/{split}/,
+    split 70/15/15; the lesion images and manifest.csv are those of the same dataset without them."""
+    a, b = synth.make_lesion_free(0, 3, 96), synth.make_lesion_free(0, 3, 96)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    img = np.asarray(a, np.float32)
+    # no lesion: nothing departs from the skin's smooth tone the way a lesion's colour does
+    smooth = ndimage.uniform_filter(img, size=(15, 15, 1))
+    assert np.percentile(np.abs(img - smooth).max(-1), 99) < 40
+    plain = synth.write_dataset(tmp_path / "plain", per_class=4, size=48, seed=1, progress=False)
+    both = synth.write_dataset(tmp_path / "both", per_class=4, size=48, seed=1, progress=False, lesion_free=20)
+    assert (plain / "manifest.csv").read_text() == (both / "manifest.csv").read_text()
+    first = sorted(plain.glob("train/*/*.jpg"))[0]
+    assert first.read_bytes() == (both / first.relative_to(plain)).read_bytes()
+    counts = {s: len(list((both / "lesion-free" / s).glob("*.jpg"))) for s in ("train", "val", "test")}
+    assert counts == {"train": 14, "val": 3, "test": 3}

@@ -147,10 +147,34 @@ def test_evaluation_equals_sklearn(trained, scanned):
 
 def test_evaluate_job_with_ray_data(ray_local, trained, scanned, synth_dir, tmp_path):
     import jobs.evaluate as job
+    from skin.evaluation import score_locally
+    from skin.synth import make_lesion_free
     shutil.copytree(trained / "bundle", tmp_path / "bundle")
-    assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(scanned), "--out", str(tmp_path / "eval"),
+    data = tmp_path / "data"  # the test split plus lesion-free skin images
+    shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
+    free = pd.DataFrame({"path": [str(tmp_path / f"skin{i}.png") for i in range(5)], "label": "", "label_index": -1})
+    for i, p in enumerate(free["path"]):
+        make_lesion_free(3, i, 96).save(p)
+    free.to_csv(data / "lesion_free_test.csv", index=False)
+    assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(data), "--out", str(tmp_path / "eval"),
                      "--masks", str(synth_dir / "manifest.csv")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # what the ensemble calls plain skin, by hand from each member's probabilities
+    b = Bundle.load(tmp_path / "bundle")
+    scored = score_locally(str(b.root), free)
+    ens = sum(b.weight_of(n) * np.stack(scored[n].to_list()) for n in b.member_names)
+    ens = ens / ens.sum(1, keepdims=True)
+    if b.ensemble_temperature != 1.0:
+        from skin.calibration import apply_temperature
+        ens = apply_temperature(ens, b.ensemble_temperature)
+    lf = metrics["lesion_free"]
+    assert lf["images"] == 5 and Bundle.load(tmp_path / "bundle").metrics["lesion_free"] == lf
+    assert list(lf["called"].values()) == pytest.approx(list(np.bincount(ens.argmax(1), minlength=6) / 5))
+    assert lf["mean_confidence"] == pytest.approx(ens.max(1).mean(), abs=1e-5)
+    tops = np.stack([np.stack(scored[n].to_list()).argmax(1) for n in b.member_names])
+    flagged = (ens.max(1) < 0.5) | (tops != tops[0]).any(0)
+    assert lf["uncertain"] == pytest.approx(flagged.mean())
+    assert "Skin without a lesion (5 images)" in (tmp_path / "eval" / "report.md").read_text()
     f = metrics["faithfulness"]  # every test image of the synthetic set has a lesion mask
     assert f["images"] == len(pd.read_csv(scanned / "test.csv")) and 0 <= f["pointing"] <= 1
     assert set(f["members_pointing"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
@@ -256,3 +280,41 @@ def test_train_job_answers_bad_arguments_with_one_line(scanned, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and says in err[-1] and not any("Traceback" in line for line in err), err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_outlier_exposure_loss():
+    """Lesion rows: the usual cross-entropy (the loss is nn.CrossEntropyLoss without lesion-free
+    rows). Lesion-free rows (label -1): cross-entropy to the uniform distribution, smallest for
+    equal logits and weighted per row."""
+    import torch
+    from skin.train import OutlierExposureLoss
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 6), torch.randint(0, 6, (8,))
+    loss = OutlierExposureLoss(0.1, weight=0.5)
+    assert torch.allclose(loss(logits, y), torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, y))
+    free = torch.full((8,), -1)
+    assert torch.allclose(loss(torch.zeros(8, 6), free), 0.5 * torch.log(torch.tensor(6.0)))
+    assert loss(logits, free) > loss(torch.zeros(8, 6), free)
+    mixed = torch.cat([y[:4], free[:4]])
+    expected = (torch.nn.functional.cross_entropy(logits[:4], y[:4], label_smoothing=0.1, reduction="sum")
+                - 0.5 * torch.log_softmax(logits[4:], 1).mean(1).sum()) / 8
+    assert torch.allclose(loss(logits, mixed), expected)
+    p = torch.zeros(8, 6, requires_grad=True)
+    loss(p + torch.eye(6)[0] * 3, free).backward()  # the gradient lowers the class a lesion-free row leans to
+    assert (p.grad[:, 0] > 0).all() and (p.grad[:, 1:] < 0).all()
+
+
+def test_lesion_free_images_join_training(tmp_path):
+    """With lesion_free_train.csv the members also see the lesion-free images (label -1, which the
+    plain cross-entropy would refuse) unless lesion_free_weight is 0."""
+    from skin.data import ScanOptions, scan
+    from skin.synth import write_dataset
+    src = write_dataset(tmp_path / "synth", per_class=8, size=48, seed=1, progress=False, lesion_free=10)
+    data = tmp_path / "data"
+    scan(src, data, ScanOptions(workers=1), progress=False, lesion_free=src / "lesion-free")
+    for weight, says in ((1.0, "(+7 lesion-free, weight 1)"), (0.0, None)):
+        lines = []
+        cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(data), lesion_free_weight=weight,
+                          **{**TINY, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": None, "use_cache": False})
+        train_member(cfg, LocalRuntime(str(tmp_path / f"run{weight}")), log=lines.append)
+        assert (says in lines[0]) if says else ("lesion-free" not in lines[0]), lines[0]
