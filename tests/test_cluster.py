@@ -123,6 +123,7 @@ def _start_local_head(state: Path, num_cpus: int = 3) -> tuple[str, dict]:
     shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], token)
     dash = _free_port()
     env = dict(os.environ, RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(dash), RAY_CLIENT_PORT=str(_free_port()),
+               RAY_DASHBOARD_AGENT_PORT=str(_free_port()),
                RAY_NUM_CPUS=str(num_cpus), PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "start", str(state)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=180)
