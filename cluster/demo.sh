@@ -77,9 +77,10 @@ submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bu
 # blocks.3 of their stride-8 copy (their last stage gathers the lesion's evidence into border positions;
 # EfficientNet-B1's blocks.1 points more often but hardly more than its untrained copy, 0.64 vs 0.59);
 # ResNet50 at layer1 of the trained model itself (stride 4, no dilation: 0.74 vs 0.43 untrained, its
-# pooled layer 0.52). Answers unchanged. Test split, one run: ensemble pointing game 0.03 at the pooled
-# layers, 0.72 with these; a map fixed on the centre 0.44, the same maps of untrained members 0.42, a
-# colour-contrast map with no model 0.79.
+# pooled layer 0.52). Answers unchanged. Test split, one run (members trained without lesion-free
+# images): ensemble pointing game 0.03 at the pooled layers, 0.72 with these; with the lesion-free
+# images in training 0.66 (val: these 0.68, blocks.2/layer2 0.65); a map fixed on the centre 0.44, the
+# same maps of untrained members 0.40, a colour-contrast map with no model 0.79.
 skin bundle cam-stride "$DIR/train/bundle-tuned-t" --out "$DIR/train/bundle-tuned" --stride 8 --member resnet50=32 \
   --layer mobilenetv2=backbone.blocks.3 --layer efficientnet_b1=backbone.blocks.3 --layer resnet50=backbone.layer1
 BUNDLE=$DIR/train/bundle-tuned

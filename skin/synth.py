@@ -240,6 +240,18 @@ def _artefacts(img: np.ndarray, rng: np.random.Generator, s: int, lesion: np.nda
             _blend(img, np.clip(1 - np.hypot(x - px + rad / 3, y - py + rad / 3) / (rad / 4), 0, 1), (255, 255, 255))
 
 
+def _photograph(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """What the camera adds to the painted skin: sensor noise, hairs, sometimes blur."""
+    size = img.shape[-1]
+    img *= 1 + 0.03 * rng.standard_normal((1, size, size), dtype=np.float32)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), "RGB")
+    _hairs(pil, rng)
+    blur = rng.uniform(0, 1.2)
+    if blur > 0.6:
+        pil = pil.filter(ImageFilter.GaussianBlur(blur))
+    return pil
+
+
 def make_sample(label: int, seed: int, index: int, size: int = 256, artefacts: int = 0) -> Sample:
     """One deterministic sample: the same (label, seed, index, size) gives the same pixels.
     `artefacts` > 0 adds 1..artefacts ink blots / gel bubbles away from the lesion, from their own
@@ -253,13 +265,7 @@ def make_sample(label: int, seed: int, index: int, size: int = 256, artefacts: i
     mask = _DRAW[label](img, rng, size, cx, cy, r, _lesion_colour(rng))
     if artefacts:
         _artefacts(img, np.random.default_rng([seed, label, index, size, 1]), size, mask, artefacts)
-    img *= 1 + 0.03 * rng.standard_normal((1, size, size), dtype=np.float32)  # sensor noise
-    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), "RGB")
-    _hairs(pil, rng)
-    blur = rng.uniform(0, 1.2)
-    if blur > 0.6:
-        pil = pil.filter(ImageFilter.GaussianBlur(blur))
-    return Sample(pil, Image.fromarray((mask * 255).astype(np.uint8), "L"), label)
+    return Sample(_photograph(img, rng), Image.fromarray((mask * 255).astype(np.uint8), "L"), label)
 
 
 # The random stream of lesion-free image `index` is [seed, LESION_FREE, index, size]: no class label
@@ -275,13 +281,7 @@ def make_lesion_free(seed: int, index: int, size: int = 256, artefacts: int = 0)
     if artefacts:
         _artefacts(img, np.random.default_rng([seed, LESION_FREE, index, size, 1]), size,
                    np.zeros((size, size), bool), artefacts)
-    img *= 1 + 0.03 * rng.standard_normal((1, size, size), dtype=np.float32)
-    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), "RGB")
-    _hairs(pil, rng)
-    blur = rng.uniform(0, 1.2)
-    if blur > 0.6:
-        pil = pil.filter(ImageFilter.GaussianBlur(blur))
-    return pil
+    return _photograph(img, rng)
 
 
 def jpeg_bytes(sample: Sample, seed: int, index: int) -> bytes:
