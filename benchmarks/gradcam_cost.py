@@ -12,8 +12,9 @@ its min-max spread:
                      with dilated last stages for the map (skin.registry.restride)
   layer / forward    what a bundle with a `cam_layer` serves (skin.inference.MemberRunner): the
                      trained pass for the answer, then the general path at that layer of the
-                     model at that explanation stride (--cam-layers; default the demo bundle's choice:
-                     blocks.3 at stride 8 for the depthwise members, ResNet50's layer1 at stride 32)
+                     model at that explanation stride, by --cam-method (default the demo bundle's
+                     choice: LayerCAM at MobileNetV2 blocks.4, EfficientNet-B1 blocks.2, ResNet50
+                     layer1, all of the stride-8 copies)
   general / ours     skin.gradcam's general path: one forward with autograd, six backwards
   pgc(6) / ours      pytorch-grad-cam's GradCAM, one forward + backward per class, six classes
 
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from skin.gradcam import GradCAM
+from skin.gradcam import CAM_METHODS, GradCAM
 from skin.inference import MemberRunner
 from skin.registry import DEFAULT_MEMBERS, create_model, restride
 
@@ -64,10 +65,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--cam-strides", type=int, nargs="*", default=[16, 8], help="finer explanation strides to time")
     ap.add_argument("--cam-layers", nargs="*", metavar="NAME=LAYER",
-                    default=["mobilenetv2=backbone.blocks.3", "efficientnet_b1=backbone.blocks.3",
-                             "resnet50=backbone.layer1@32"],
+                    default=["mobilenetv2=backbone.blocks.4", "efficientnet_b1=backbone.blocks.2",
+                             "resnet50=backbone.layer1"],
                     help="members' explanation layers to time (the general path), NAME=LAYER[@STRIDE], "
                          "stride 8 unless given; default: the demo bundle's choice")
+    ap.add_argument("--cam-method", choices=CAM_METHODS, default="layercam",
+                    help="the method at those layers (the cost is the same: one backward per class)")
     a = ap.parse_args()
     layers = {}
     for item in a.cam_layers:
@@ -102,7 +105,8 @@ def main() -> None:
                         cam(x)
                 fns[f"@{stride}"] = dense_cam
             if name in layers:
-                def layer_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0])):
+                def layer_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0],
+                                                    cam_method=a.cam_method)):
                     run(x, cam=True)
                 fns["layer"] = layer_cam
             ref = None

@@ -29,6 +29,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
+from .gradcam import CAM_METHODS
 from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, check_output_stride, get_spec,
                        member_from_metadata)
 
@@ -54,6 +55,7 @@ class MemberEntry:
     output_stride: int = 32
     cam_stride: int | None = None  # Grad-CAM maps at this stride (same weights, dilated); None: output_stride
     cam_layer: str | None = None  # Grad-CAM at this layer (general path); None: the layer feeding the pooling
+    cam_method: str | None = None  # "layercam" (skin.gradcam.CAM_METHODS); None: Grad-CAM
 
     def to_json(self) -> dict:
         return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
@@ -62,7 +64,8 @@ class MemberEntry:
                 "weights_file": self.weights_file, "sha256": self.sha256,
                 "classes": list(self.classes), "temperature": self.temperature} | (
                     {"cam_stride": self.cam_stride} if self.cam_stride else {}) | (
-                    {"cam_layer": self.cam_layer} if self.cam_layer else {})
+                    {"cam_layer": self.cam_layer} if self.cam_layer else {}) | (
+                    {"cam_method": self.cam_method} if self.cam_method else {})
 
     @classmethod
     def from_json(cls, d: dict) -> "MemberEntry":
@@ -70,7 +73,8 @@ class MemberEntry:
                    HeadConfig.from_json(d["head"]), DataConfig.from_json(d["data_config"]),
                    str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
                    float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)),
-                   int(d["cam_stride"]) if d.get("cam_stride") else None, str(d["cam_layer"]) if d.get("cam_layer") else None)
+                   int(d["cam_stride"]) if d.get("cam_stride") else None, str(d["cam_layer"]) if d.get("cam_layer") else None,
+                   str(d["cam_method"]) if d.get("cam_method") else None)
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ def _from_json(root: Path, d: dict) -> Bundle:
             check_output_stride(m.output_stride)
             if m.cam_stride:
                 check_output_stride(m.cam_stride)
+            if m.cam_method:
+                check_cam_method(m.cam_method)
         except ValueError as e:
             raise BundleError(f"member {m.name}: {e}") from None
         if not (m.temperature > 0 and math.isfinite(m.temperature)):
@@ -289,19 +295,25 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
 def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None = None,
                   temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
                   provenance: dict | None = None, ensemble_temperature: float | None = None,
-                  cam_strides: Mapping[str, int] | None = None, cam_layers: Mapping[str, str] | None = None) -> Bundle:
+                  cam_strides: Mapping[str, int] | None = None, cam_layers: Mapping[str, str] | None = None,
+                  cam_methods: Mapping[str, str] | None = None) -> Bundle:
     """A new bundle version from an existing one (new weights / temperatures / ensemble temperature /
-    metrics / explanation strides and layers); the member files are copied and re-hashed, the source
-    bundle is left untouched."""
-    unknown = (set(cam_strides or {}) | set(cam_layers or {})) - set(src.member_names)
+    metrics / explanation strides, layers and methods); the member files are copied and re-hashed,
+    the source bundle is left untouched."""
+    unknown = (set(cam_strides or {}) | set(cam_layers or {}) | set(cam_methods or {})) - set(src.member_names)
     if unknown:
         raise BundleError(f"members {sorted(unknown)} are not in the bundle; it has {src.member_names}")
     strides = {n: check_output_stride(s) for n, s in (cam_strides or {}).items()}
     for name, layer in (cam_layers or {}).items():
         check_cam_layer(src.load_member(name), layer)
+    try:
+        methods = {n: check_cam_method(m) for n, m in (cam_methods or {}).items()}
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)),
                        cam_stride=strides.get(e.name, e.cam_stride),
-                       cam_layer=(cam_layers or {}).get(e.name, e.cam_layer) or None) for e in src.members]
+                       cam_layer=(cam_layers or {}).get(e.name, e.cam_layer) or None,
+                       cam_method=_stored_method(methods.get(e.name, e.cam_method))) for e in src.members]
     files = {e.name: (lambda path, e=e: _copy(src.root / e.weights_file, path)) for e in entries}
     prov = dict(src.provenance) | {"parent": src.id, "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (provenance or {})
@@ -309,6 +321,17 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
                   files, metrics if metrics is not None else dict(src.metrics), prov, src.untrained,
                   overwrite=False, ensemble_temperature=src.ensemble_temperature if ensemble_temperature is None
                   else ensemble_temperature)
+
+
+def check_cam_method(method: str) -> str:
+    if method not in CAM_METHODS:
+        raise ValueError(f"explanation method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    return method
+
+
+def _stored_method(method: str | None) -> str | None:
+    """Grad-CAM, the default, is stored as no key: bundles written before methods existed keep their id."""
+    return None if method in (None, "gradcam") else method
 
 
 def check_cam_layer(member, layer: str) -> str:

@@ -55,10 +55,11 @@ class BatchScorer:
 
     @property
     def untrained(self) -> dict[str, MemberRunner]:
-        """Each member's architecture, explanation stride and layer with fresh weights (built on
+        """Each member's architecture, explanation stride, layer and method with fresh weights (built on
         the first batch with masks)."""
         if self._untrained is None:
-            self._untrained = {n: MemberRunner(untrained_copy(r.member), 1.0, "off", r.cam_stride, r.cam_layer)
+            self._untrained = {n: MemberRunner(untrained_copy(r.member), 1.0, "off", r.cam_stride, r.cam_layer,
+                                                r.cam_method)
                                for n, r in self.runners.items()}
         return self._untrained
 

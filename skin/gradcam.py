@@ -8,7 +8,14 @@ alpha^c = (1/hw) J_f(z)[c], the Jacobian of the head at the pooled vector. All c
 one forward pass plus a Jacobian of the small head: no backward pass through the backbone.
 
 `GradCAM` implements that fast path and the general autograd path (any layer, one backward per
-class) and picks the fast one where the member's spec says the structure allows it. The map
+class) and picks the fast one where the member's spec says the structure allows it.
+
+`method="layercam"` is LayerCAM (Jiang et al. 2021, IEEE TIP 30:5875): each position's channels
+weighed by that position's positive gradient, ReLU(sum_k ReLU(dy^c/dA_kij) A_kij), instead of one
+spatial mean per channel. At the layer feeding the pooling the gradient is spatially constant, so
+LayerCAM is Grad-CAM with ReLU'd weights and keeps the one-pass path; at a shallower layer (where
+Grad-CAM's spatial mean mixes the gradient of the lesion with that of the skin around it) the two
+differ, and LayerCAM is the variant its authors built for such layers. The map
 maths of the ensemble (upsample, normalise, weighted average) lives here too; pictures for
 people are `skin.render`'s, and how well maps point at lesions is `skin.metrics`'.
 """
@@ -22,6 +29,8 @@ import torch.nn.functional as F
 
 from .registry import Member
 
+CAM_METHODS = ("gradcam", "layercam")
+
 
 class GradCAM:
     """Grad-CAM maps of all classes at feature resolution, as a context manager whose hooks are
@@ -33,8 +42,10 @@ class GradCAM:
     """
 
     def __init__(self, member: Member, layer: str | None = None, fast: bool | None = None,
-                 dense: Member | None = None) -> None:
-        self.member = member
+                 dense: Member | None = None, method: str = "gradcam") -> None:
+        if method not in CAM_METHODS:
+            raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+        self.member, self.method = member, method
         # `dense`: the same weights at a finer output stride (skin.registry.restride). The logits and
         # the channel weights alpha (the head's Jacobian) stay the trained member's; eq. 2 is applied
         # to the dense feature map: a higher-resolution view of the same decision.
@@ -85,6 +96,8 @@ class GradCAM:
             eye = torch.eye(c, device=x.device, dtype=logits.dtype)[:, None, :].expand(c, *logits.shape)
             (jac,) = torch.autograd.grad(logits, z, grad_outputs=eye, is_grads_batched=True)  # (C, B, K)
             weights = jac.permute(1, 0, 2) / (h * w)  # (B, C, K): alpha of eq. 1
+            if self.method == "layercam":  # the same gradient at every position: ReLU(grad) = ReLU(alpha)
+                weights = torch.relu(weights)
             maps = torch.relu(torch.einsum("bck,bkhw->bchw", weights, cam_feats))
         return logits.detach(), maps.detach()
 
@@ -97,10 +110,18 @@ class GradCAM:
             maps = []
             for c in range(logits.shape[1]):
                 (grad,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=True)
-                alpha = grad.float().mean(dim=(2, 3), keepdim=True)
-                maps.append(torch.relu((alpha * act.float()).sum(1)))
+                maps.append(weigh(act, grad, self.method))
         self._activation = None
         return logits.detach(), torch.stack(maps, 1).detach()
+
+
+def weigh(activation: torch.Tensor, grad: torch.Tensor, method: str = "gradcam") -> torch.Tensor:
+    """(B, K, h, w) feature map and the class score's gradient at it -> (B, h, w) map: Grad-CAM
+    weighs each channel by its gradient's spatial mean (eq. 1-2), LayerCAM each position by its
+    positive gradient."""
+    grad = grad.float()
+    alpha = torch.relu(grad) if method == "layercam" else grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((alpha * activation.float()).sum(1))
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .device import autocast, configure_device
-from .gradcam import GradCAM
+from .gradcam import CAM_METHODS, GradCAM
 from .registry import Member, restride
 
 
@@ -41,10 +41,14 @@ class MemberRunner:
     `cam_layer` (default: the layer feeding the pooling, the one-pass path) takes the maps at another
     layer of that model instead, by Grad-CAM's general path (its own gradients, one backward per
     class): for members whose last stage gathers the evidence away from where it lies.
+    `cam_method`: "gradcam" (default) or "layercam" (skin.gradcam): how the gradient weighs the
+    feature map; the answer never depends on it.
     """
 
     def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
-                 cam_stride: int | None = None, cam_layer: str | None = None) -> None:
+                 cam_stride: int | None = None, cam_layer: str | None = None, cam_method: str = "gradcam") -> None:
+        if cam_method not in CAM_METHODS:
+            raise ValueError(f"unknown explanation method {cam_method!r}; choose one of {', '.join(CAM_METHODS)}")
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
@@ -52,6 +56,7 @@ class MemberRunner:
         self.cam_layer = cam_layer if cam_layer and cam_layer != member.spec.cam_layer else None
         if self.cam_layer:
             self.cam_member.get_submodule(self.cam_layer)  # fails here, not at the first request
+        self.cam_method = cam_method
         self.temperature = float(temperature)
         self.device = next(member.parameters()).device
         self.bf16 = configure_device(self.device, amp)  # False where the device lacks native bf16
@@ -63,7 +68,7 @@ class MemberRunner:
         at the bundle's stored explanation stride for it, else at its trained stride."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         e = bundle.entry(name)
-        return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer)
+        return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer, e.cam_method or "gradcam")
 
     @property
     def cam_stride(self) -> int:
@@ -74,10 +79,10 @@ class MemberRunner:
         if cam and self.cam_layer:  # the answer from the trained member, the maps by the general path
             with torch.inference_mode():
                 logits = member_logits(self.member, x, self.bf16)
-            with GradCAM(self.cam_member, layer=self.cam_layer, fast=False) as g, autocast(x.device, self.bf16):
+            with GradCAM(self.cam_member, layer=self.cam_layer, fast=False, method=self.cam_method) as g, autocast(x.device, self.bf16):
                 maps = g(x)[1].cpu()
         elif cam:  # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
-            with GradCAM(self.member, dense=self.cam_member) as g, autocast(x.device, self.bf16):
+            with GradCAM(self.member, dense=self.cam_member, method=self.cam_method) as g, autocast(x.device, self.bf16):
                 logits, maps = g(x)
             maps = maps.cpu()
         else:

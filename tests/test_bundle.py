@@ -249,3 +249,33 @@ def test_cam_layer_travels_with_the_bundle_and_never_changes_the_answer(random_b
         derive_bundle(b, tmp_path / "bad", cam_layers={"mobilenetv2": "backbone.nope"})
     with pytest.raises(BundleError, match="not in the bundle"):
         derive_bundle(b, tmp_path / "bad2", cam_layers={"vgg": "backbone.blocks.3"})
+
+
+def test_cam_method_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
+    from skin.bundle import derive_bundle
+    b = Bundle.load(random_bundle)
+    layer = {"resnet50": "backbone.layer2"}
+    grad = derive_bundle(b, tmp_path / "grad", cam_layers=layer)
+    assert derive_bundle(b, tmp_path / "grad2", cam_layers=layer, cam_methods={"resnet50": "gradcam"}).id == grad.id
+    assert "cam_method" not in (grad.root / "bundle.json").read_text()  # the default is stored as no key
+    lc = Bundle.load(derive_bundle(b, tmp_path / "lc", cam_layers=layer, cam_methods={"resnet50": "layercam"}).root)
+    assert {e.name: e.cam_method for e in lc.members} == {"mobilenetv2": None, "efficientnet_b1": None,
+                                                            "resnet50": "layercam"}
+    assert lc.id != grad.id  # the id covers the method
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
+    g, l = Predictor(grad).member_outputs(imgs, cam=True), Predictor(lc).member_outputs(imgs, cam=True)
+    for n in b.member_names:
+        np.testing.assert_array_equal(l[n][0], g[n][0])
+    assert not np.allclose(l["resnet50"][1].numpy(), g["resnet50"][1].numpy())
+    np.testing.assert_array_equal(l["mobilenetv2"][1].numpy(), g["mobilenetv2"][1].numpy())
+    with pytest.raises(BundleError, match="one of gradcam, layercam"):
+        derive_bundle(b, tmp_path / "bad", cam_methods={"resnet50": "scorecam"})
+    with pytest.raises(BundleError, match="not in the bundle"):
+        derive_bundle(b, tmp_path / "bad2", cam_methods={"vgg": "layercam"})
+    # a hand-edited method is refused on load
+    import json
+    d = json.loads((lc.root / "bundle.json").read_text())
+    d["members"][2]["cam_method"] = "scorecam"
+    (lc.root / "bundle.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError):
+        Bundle.load(lc.root)

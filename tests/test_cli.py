@@ -34,7 +34,16 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "bl"), "--stride", "8",
                  "--layer", "mobilenetv2=backbone.blocks.3"]) == 0
-    assert "mobilenetv2 stride 8 at backbone.blocks.3" in capsys.readouterr().out
+    assert "mobilenetv2 Grad-CAM stride 8 at backbone.blocks.3" in capsys.readouterr().out
+    assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "lc"), "--method", "all=layercam",
+                 "--method", "resnet50=gradcam"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenetv2 LayerCAM" in out and "efficientnet_b1 LayerCAM" in out and "resnet50 Grad-CAM" in out, out
+    for method, says in (("resnet50=scorecam", "one of gradcam, layercam"), ("layercam", "NAME=METHOD")):
+        assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "lm"), "--method", method]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "lm").exists()
 
 
 def test_cli_errors_are_readable(tmp_path, capsys):

@@ -210,3 +210,44 @@ def test_map_at_another_layer_matches_pytorch_grad_cam_on_the_dense_model_and_ke
     assert MemberRunner(member, cam_layer=member.spec.cam_layer).cam_layer is None
     with pytest.raises(AttributeError):
         MemberRunner(member, cam_layer="backbone.blocks.99")
+
+
+def test_layercam_matches_pytorch_grad_cam_at_a_shallow_layer_and_keeps_the_answer():
+    """cam_method="layercam": per position, ReLU(gradient) x activation (Jiang et al. 2021), equal to
+    pytorch-grad-cam's LayerCAM on the model the map is computed from; the answer stays the trained
+    stride's, exactly; at a shallow layer it differs from Grad-CAM."""
+    from pytorch_grad_cam import LayerCAM as ReferenceLayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    member, x = _member("resnet50")
+    run = MemberRunner(member, cam_stride=8, cam_layer="backbone.layer2", cam_method="layercam")
+    probs, maps = run(x, cam=True)
+    np.testing.assert_array_equal(probs, MemberRunner(member)(x)[0])
+    dense = run.cam_member
+    with ReferenceLayerCAM(model=dense, target_layers=[dense.get_submodule("backbone.layer2")]) as ref:
+        for k in (0, 3, 5):
+            expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
+            ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
+            assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, k
+    grad = MemberRunner(member, cam_stride=8, cam_layer="backbone.layer2")(x, cam=True)[1]
+    assert not torch.allclose(normalize(grad), normalize(maps), atol=1e-2)
+    with pytest.raises(ValueError, match="one of gradcam, layercam"):
+        MemberRunner(member, cam_method="scorecam")
+
+
+def test_layercam_keeps_the_one_pass_path_where_the_gradient_is_constant(member_and_input):
+    """At the layer feeding the pooling the gradient is the same at every position: LayerCAM is
+    Grad-CAM with ReLU'd channel weights, from the one pass, equal to pytorch-grad-cam's LayerCAM."""
+    from pytorch_grad_cam import LayerCAM as ReferenceLayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    member, x = member_and_input
+    with GradCAM(member, method="layercam") as cam:
+        assert cam.fast
+        _, fast = cam(x)
+    with GradCAM(member, fast=False, method="layercam") as cam:
+        _, general = cam(x)
+    assert ((fast - general).abs().max() / general.abs().max()) < 1e-4
+    with ReferenceLayerCAM(model=member, target_layers=[member.get_submodule(member.spec.cam_layer)]) as ref:
+        for k in (1, 4):
+            expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
+            ours = normalize(upsample(fast[:, k], (SIZE, SIZE))).numpy()
+            assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, k

@@ -142,6 +142,13 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
         a, b = run.member.state_dict(), fresh.member.state_dict()
         assert a.keys() == b.keys()
         assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith("conv1.weight") or k.endswith("0.weight"))
+    # ... and its explanation method: a LayerCAM bundle's untrained copies are explained by LayerCAM
+    from skin.bundle import Bundle, derive_bundle
+    lc = derive_bundle(Bundle.load(random_bundle), tmp_path / "lc", cam_layers={"resnet50": "backbone.layer2"},
+                       cam_methods={"resnet50": "layercam"})
+    scorer = BatchScorer(str(lc.root))
+    assert scorer.runners["resnet50"].cam_method == scorer.untrained["resnet50"].cam_method == "layercam"
+    assert scorer.untrained["mobilenetv2"].cam_method == "gradcam"
 
 
 def test_contrast_map_finds_what_stands_out_from_the_skin():

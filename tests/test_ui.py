@@ -51,6 +51,7 @@ def test_upload_shows_class_confidence_bars_and_overlay(api, monkeypatch):
     assert len(at.get("image")) == 2  # the photograph and the overlay
     assert any("has not been measured for this bundle" in c.value for c in at.caption)  # random bundle: no figure
     assert at.selectbox[0].value == metric.value  # the map shown is the predicted class's
+    assert at.selectbox[0].label == "Grad-CAM of class"
     at.selectbox[0].select("Malign")
     at.run()
     assert not at.exception
@@ -74,6 +75,8 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
                                                 "masks": "synthetic lesions (skin data synth)",
                                                 "baseline": {"centre_pointing": 0.4, "flat_energy": 0.09,
                                                              "contrast_pointing": 0.8, "untrained_pointing": 0.31}}}
+            for m in data["members"]:
+                m["cam_method"] = "layercam"
             resp._content = json.dumps(data).encode()
         return resp
     monkeypatch.setattr(requests, "request", with_faithfulness)
@@ -92,6 +95,7 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
     assert "Pointing game 0.84 on synthetic lesions" in caption and "not measured on real photographs" in caption
     assert "a map fixed on the image centre: 0.40" in caption  # the baselines the figure must beat
     assert "a colour-contrast map with no model: 0.80" in caption and "untrained models: 0.31" in caption
+    assert at.selectbox[0].label == "LayerCAM of class"  # the method the bundle explains with
     st.cache_data.clear()
 
 

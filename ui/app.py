@@ -131,6 +131,12 @@ def faithfulness_caption(info: dict | None) -> str:
             + "); not measured on real photographs." + baseline_caption(f.get("baseline") or {}))
 
 
+def explanation_name(info: dict | None) -> str:
+    """The method the bundle's members explain with (/v1/info): Grad-CAM, LayerCAM or both."""
+    methods = {m.get("cam_method", "gradcam") for m in (info or {}).get("members", [])} or {"gradcam"}
+    return " / ".join({"gradcam": "Grad-CAM", "layercam": "LayerCAM"}.get(m, m) for m in sorted(methods))
+
+
 def baseline_caption(b: dict) -> str:
     """What maps that know less scored on the same images (older bundles store only the centre map)."""
     parts = [f"{what}: {b[k]:.2f}" for k, what in (
@@ -157,7 +163,7 @@ def show_result(name: str, image: Image.Image, result: dict, alpha: float, info:
     if maps:
         classes = list(maps)
         default = classes.index(gc["class"]) if gc.get("class") in classes else 0
-        shown = right.selectbox("Grad-CAM of class", classes, index=default, key=f"cls-{name}")
+        shown = right.selectbox(f"{explanation_name(info)} of class", classes, index=default, key=f"cls-{name}")
         overlay = blend(image, decode_png(maps[shown]), alpha)
         right.image(overlay, caption=f"where the ensemble looked for {shown}", width="stretch")
         right.caption(faithfulness_caption(info))

@@ -1,0 +1,132 @@
+"""Which layer and method should each member's explanation use? A search on the val split, its
+winner read on the test split.
+
+For every candidate layer of each member (at --stride, from the same weights: skin.registry.restride)
+and each method (Grad-CAM, LayerCAM: skin.gradcam.weigh), the map of the ensemble's predicted class
+for every image with a lesion mask; then every combination of one (layer) per member is scored as
+the served ensemble map (skin.gradcam.ensemble_map: per member min-max, bundle weights) by the
+pointing game. Beside each: the same combination on the other split, and the same maps of
+untrained copies (how much of the score the architecture gives with no training). Answers are the
+bundle's, unchanged; the winner goes into a bundle with `skin bundle cam-stride --layer --method`.
+
+    python benchmarks/explanation_search.py --bundle demo/train/bundle-tuned-t [--split val --read test]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from _harness import synthetic_split_args
+from skin.bundle import Bundle
+from skin.data import load_manifest
+from skin.ensemble import combine
+from skin.evaluation import attach_masks
+from skin.gradcam import CAM_METHODS, ensemble_map, input_size, weigh
+from skin.images import DATASET_LIMITS, load_image
+from skin.inference import MemberRunner
+from skin.metrics import energy_inside, pointing_hit
+from skin.presets import to_batch
+from skin.registry import restride, untrained_copy
+
+CANDIDATES = {"mobilenetv2": [f"backbone.blocks.{i}" for i in (2, 3, 4, 5)],
+              "efficientnet_b1": [f"backbone.blocks.{i}" for i in (2, 3, 4, 5)],
+              "resnet50": [f"backbone.layer{i}" for i in (1, 2, 3)]}
+
+
+def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, batch: int = 32) -> dict:
+    """Masks, labels, the ensemble's answers and every candidate's map of the answered class,
+    trained and untrained: {"maps": {(untrained, member, layer, method): (N, h, w)}, ...}."""
+    df = attach_masks(load_manifest(data, split), Path(synth) / "manifest.csv")
+    df = df[df["mask"] != ""]
+    if df.empty:
+        raise SystemExit(f"no {split} image of {data} has a mask in {synth}/manifest.csv")
+    images = [load_image(p, DATASET_LIMITS) for p in df["path"]]
+    masks = [np.asarray(Image.open(m).convert("L").resize(im.size, Image.Resampling.NEAREST)) > 127
+             for m, im in zip(df["mask"], images)]
+    runners = {n: MemberRunner.from_bundle(bundle, n) for n in bundle.member_names}
+    x = {n: to_batch(images, r.member.data_config) for n, r in runners.items()}
+    probs = {n: r(x[n])[0] for n, r in runners.items()}
+    answer = combine(probs, bundle.weights_map, bundle.ensemble_temperature).argmax(1)
+    maps = {}
+    for n, run in runners.items():
+        for untrained, base in ((False, run.member), (True, untrained_copy(run.member).eval())):
+            model = restride(base, stride)
+            for layer in CANDIDATES.get(n, []):
+                kept = {}
+                hook = model.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.update(a=o))
+                out = {k: [] for k in CAM_METHODS}
+                try:
+                    for s in range(0, len(images), batch):
+                        with torch.enable_grad():
+                            logits = model(x[n][s:s + batch])
+                            target = logits.gather(1, torch.as_tensor(answer[s:s + batch])[:, None]).sum()
+                            (grad,) = torch.autograd.grad(target, kept["a"])
+                        for k in CAM_METHODS:
+                            out[k].append(weigh(kept["a"].detach(), grad, k))
+                finally:
+                    hook.remove()
+                for k in CAM_METHODS:
+                    maps[(untrained, n, layer, k)] = torch.cat(out[k])
+    return {"maps": maps, "masks": masks, "labels": df["label_index"].to_numpy(), "answer": answer,
+            "work": input_size({n: r.member for n, r in runners.items()})}
+
+
+def score(s: dict, bundle: Bundle, choice: dict, untrained: bool = False) -> tuple[float, float, np.ndarray]:
+    """Pointing game, energy in the mask and per-image hits of the ensemble map for `choice`
+    {member: (layer, method)}."""
+    hits, energy = [], []
+    for i, mask in enumerate(s["masks"]):
+        m = ensemble_map({n: s["maps"][(untrained, n, *lm)][i] for n, lm in choice.items()}, bundle.weights_map,
+                         mask.shape, s["work"])
+        hits.append(pointing_hit(m, mask))
+        energy.append(energy_inside(m, mask))
+    return float(np.mean(hits)), float(np.mean(energy)), np.array(hits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synthetic_split_args(ap, "demo/train/bundle-tuned-t")
+    ap.set_defaults(split="val")
+    ap.add_argument("--read", default="test", help="the split the winners are read on (not searched)")
+    ap.add_argument("--stride", type=int, choices=(8, 16, 32), default=8, help="explanation stride of every candidate")
+    ap.add_argument("--top", type=int, default=3, help="combinations shown per method")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bundle = Bundle.load(a.bundle)
+    t0 = time.perf_counter()
+    splits = {sp: split_maps(bundle, a.data, a.synth, sp, a.stride) for sp in (a.split, a.read)}
+    names = [n for n in bundle.member_names if n in CANDIDATES]
+    print(f"bundle {bundle.id}, maps at stride {a.stride}, {len(splits[a.split]['masks'])} {a.split} / "
+          f"{len(splits[a.read]['masks'])} {a.read} images with masks, {time.perf_counter() - t0:.0f} s of maps")
+    print(f"\neach member alone, pointing game on {a.split} (trained / untrained):")
+    for n in names:
+        print(f"  {n:<16}" + "  ".join(
+            f"{layer.split('.', 1)[1]} " + " ".join(
+                f"{k} {score(splits[a.split], bundle, {n: (layer, k)})[0]:.3f}/"
+                f"{score(splits[a.split], bundle, {n: (layer, k)}, True)[0]:.3f}" for k in CAM_METHODS)
+            for layer in CANDIDATES[n]))
+    print(f"\nensemble map, every combination of layers, the best {a.top} per method on {a.split}:")
+    print(f"{'method':<10}{'layers':<30}{a.split:>7}{a.read:>7}{'energy':>8}{'untrained ' + a.split:>17}{a.read:>6}")
+    for k in CAM_METHODS:
+        ranked = sorted(((score(splits[a.split], bundle, dict(zip(names, ((lay, k) for lay in c))))[0], c)
+                         for c in itertools.product(*(CANDIDATES[n] for n in names))), reverse=True)
+        for searched, combo in ranked[:a.top]:
+            choice = dict(zip(names, ((lay, k) for lay in combo)))
+            read, energy, hits = score(splits[a.read], bundle, choice)
+            se = float(np.sqrt(read * (1 - read) / len(hits)))
+            print(f"{k:<10}{', '.join(lay.split('.', 1)[1] for lay in combo):<30}{searched:>7.3f}"
+                  f"{read:>7.3f}{energy:>8.3f}{score(splits[a.split], bundle, choice, True)[0]:>17.3f}"
+                  f"{score(splits[a.read], bundle, choice, True)[0]:>6.3f}   (+-{se:.3f})")
+    print(f"\n(pointing game: the ensemble map's peak inside the lesion mask; the {a.read} column is read, not searched; "
+          "+- one standard error of the read figure)")
+
+
+if __name__ == "__main__":
+    main()
