@@ -71,6 +71,7 @@ bench: $(STAMP)
 	  d="--data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth"; \
 	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
 	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle-tuned-t --cam-strides 32 8 $$d && \
+	  $(PY) benchmarks/explanation_search.py --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d && \
 	  $(PY) benchmarks/gradcam_distractors.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
 	  $(PY) benchmarks/lesion_removed.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
 	  $(PY) benchmarks/map_border_check.py --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d; \

@@ -9,7 +9,10 @@ pointing game, and what the maps that know less score (centre, colour contrast, 
 of untrained members). A map that follows the model should keep pointing at the lesion where the
 model ignores the artefacts; the contrast map should not.
 
-    python benchmarks/gradcam_distractors.py --bundle demo/train/bundle-tuned [--artefacts 3]
+    python benchmarks/gradcam_distractors.py --bundle demo/train/bundle-tuned [--artefacts 3] [--also B2 ...]
+
+--also scores more bundles (e.g. the same members with other explanation layers or methods) on the
+same images in the same run.
 """
 from __future__ import annotations
 
@@ -31,16 +34,24 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=200, help="as the demo's `skin data synth` (same seed 0)")
     ap.add_argument("--size", type=int, default=160, help="as the demo's `skin data synth`")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--also", nargs="*", default=[], metavar="BUNDLE", help="more bundles scored on the same images")
     a = ap.parse_args()
-    bundle = Bundle.load(a.bundle)
+    bundles = [Bundle.load(b) for b in [a.bundle, *a.also]]
     with tempfile.TemporaryDirectory(prefix="skinray-distractors-") as tmp:
         tmp = Path(tmp)
         write_dataset(tmp / "synth", a.per_class, a.size, seed=0, workers=a.workers, progress=False,
                       artefacts=a.artefacts)
         scan(tmp / "synth", tmp / "data", ScanOptions(workers=a.workers), progress=False)
-        rows = {"plain": measure(bundle, a.data, a.synth, a.split),
-                f"1..{a.artefacts} artefacts": measure(bundle, tmp / "data", tmp / "synth", a.split)}
-    print(f"bundle {bundle.id}, {a.split} split, maps at {rows['plain']['cam_strides']}")
+        for bundle in bundles:
+            rows = {"plain": measure(bundle, a.data, a.synth, a.split),
+                    f"1..{a.artefacts} artefacts": measure(bundle, tmp / "data", tmp / "synth", a.split)}
+            report(bundle, rows, a.split)
+
+
+def report(bundle: Bundle, rows: dict, split: str) -> None:
+    methods = sorted({e.cam_method or "gradcam" for e in bundle.members})
+    print(f"bundle {bundle.id}, {split} split, maps ({'/'.join(methods)}) at {rows['plain']['cam_strides']}, layers "
+          + ", ".join(e.cam_layer or "pooled" for e in bundle.members))
     print(f"{'images':<16}{'n':>5}{'accuracy':>10}{'pointing':>10}{'energy':>8} | {'centre':>7}{'contrast':>9}{'untrained':>10}")
     for name, r in rows.items():
         b = r["baseline"]
@@ -49,6 +60,9 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name}: per class pointing " + ", ".join(f"{c} {v['pointing']:.2f}" for c, v in r["per_class"].items())
               + "; contrast map " + ", ".join(f"{v['contrast_pointing']:.2f}" for v in r["per_class"].values()))
+    for name, r in rows.items():
+        print(f"{name}: members' own maps " + ", ".join(f"{m} {p:.2f}" for m, p in r["members_pointing"].items()),
+              flush=True)
 
 
 if __name__ == "__main__":

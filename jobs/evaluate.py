@@ -109,7 +109,7 @@ def main(argv=None) -> int:
               f"({cal['level']:.0%} bootstrap interval {lo:+.4f} to {hi:+.4f})")
     f = metrics.get("faithfulness")
     if f:
-        print(f"Grad-CAM of the ensemble: pointing game {f['pointing']:.3f}, energy in the mask {f['energy']:.3f} "
+        print(f"{f['method']} of the ensemble: pointing game {f['pointing']:.3f}, energy in the mask {f['energy']:.3f} "
               f"({f['images']} images with masks); maps that know less: centre {f['baseline']['centre_pointing']:.3f}, "
               f"colour contrast (no model) {f['baseline']['contrast_pointing']:.3f}, untrained members "
               f"{f['baseline']['untrained_pointing']:.3f}; a flat map's energy {f['baseline']['flat_energy']:.3f}")

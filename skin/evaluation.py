@@ -23,7 +23,7 @@ from .inference import MemberRunner
 from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
                       pointing_hit, reliability_figure)
 from .presets import to_batch
-from .registry import untrained_copy
+from .registry import get_spec, untrained_copy
 
 
 # per row; NaN without a mask. Each measurement beside what maps that know less score on the same row.
@@ -214,14 +214,30 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
     untrained = {m: float(rows[f"pointing:untrained:{m}"].mean()) for m in bundle.member_names
                  if f"pointing:untrained:{m}" in rows}
     strides = {e.name: cam_stride or e.cam_stride or e.output_stride for e in bundle.members}
+    methods = {e.name: e.cam_method or "gradcam" for e in bundle.members}
+    layers = {e.name: e.cam_layer or get_spec(e.backbone).cam_layer for e in bundle.members}
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
             "per_class": per_class, "members_pointing": members, "members_untrained_pointing": untrained,
             "baseline": baseline(rows) | {
                 "what": "maps that know less, on the same images: one always peaking at the image centre; a flat "
                         "one (its energy = the lesion's share of the image); the colour that stands out from the "
-                        "skin, no model (contrast); the same Grad-CAM of freshly initialised members (untrained)"},
-            "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
+                        "skin, no model (contrast); the same maps of freshly initialised members (untrained)"},
+            "method": method_name(methods.values()), "cam_methods": methods, "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
+
+
+def method_name(methods: Iterable[str]) -> str:
+    """What the maps are, for people: Grad-CAM, LayerCAM, or both when members differ."""
+    names = {"gradcam": "Grad-CAM", "layercam": "LayerCAM"}
+    return " / ".join(names.get(m, m) for m in sorted(set(methods)))
+
+
+def _where(f: dict, member: str) -> str:
+    """A member's explanation as stored with the faithfulness (older metrics: the stride only)."""
+    where = f"stride {f['cam_strides'][member]}"
+    if "cam_layers" in f:
+        where = f"{method_name([f['cam_methods'][member]])} at {f['cam_layers'][member]}, " + where
+    return where
 
 
 def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str | Path, split: str) -> Path:
@@ -272,13 +288,14 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
     f = metrics.get("faithfulness")
     if f:
         b = f["baseline"]
-        lines += ["", f"## Grad-CAM faithfulness ({f['images']} images with lesion masks: {f['masks']})", "",
+        method = f.get("method", "Grad-CAM")
+        lines += ["", f"## Explanation faithfulness: {method} ({f['images']} images with lesion masks: {f['masks']})", "",
                   f"Pointing game {f['pointing']:.3f} (share of maps whose peak lies in the lesion), energy in the "
                   f"mask {f['energy']:.3f}. {f['note'].capitalize()}.", "",
                   "What maps that know less score on the same images: a map peaking at the centre points at "
                   f"{b['centre_pointing']:.3f} of lesions; a flat map's energy in the mask is {b['flat_energy']:.3f}; "
                   f"a colour-contrast map with no model (skin.metrics.contrast_map) points at {b['contrast_pointing']:.3f}; "
-                  f"the same Grad-CAM of freshly initialised members at {b['untrained_pointing']:.3f}. A pointing game "
+                  f"the same {method} of freshly initialised members at {b['untrained_pointing']:.3f}. A pointing game "
                   "no higher than the contrast map's does not show that the map follows the model; the gap to the "
                   "untrained members is what the training put into it (Adebayo et al. 2018, model randomisation).", "",
                   "| class | pointing game | energy in mask | images | centre map | flat map: energy | contrast map "
@@ -287,7 +304,7 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
                   f"{v['flat_energy']:.3f} | {v['contrast_pointing']:.3f} | {v['untrained_pointing']:.3f} |"
                   for c, v in f["per_class"].items()]
         lines += ["", "Each member's own map (of the ensemble's class), trained / untrained: " + ", ".join(
-            f"{m} {p:.3f} / {f['members_untrained_pointing'].get(m, float('nan')):.3f} (stride {f['cam_strides'][m]})"
+            f"{m} {p:.3f} / {f['members_untrained_pointing'].get(m, float('nan')):.3f} ({_where(f, m)})"
             for m, p in f["members_pointing"].items()) + "."]
     free = metrics.get("lesion_free")
     if free:

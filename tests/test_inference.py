@@ -149,6 +149,12 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     scorer = BatchScorer(str(lc.root))
     assert scorer.runners["resnet50"].cam_method == scorer.untrained["resnet50"].cam_method == "layercam"
     assert scorer.untrained["mobilenetv2"].cam_method == "gradcam"
+    f = faithfulness(_to_frame([scorer({"path": np.array(paths[:2]), "label_index": np.zeros(2, int),
+                                        "mask": np.array(masks[:2])})], lc.member_names), lc)
+    assert f["method"] == "Grad-CAM / LayerCAM" and f["cam_methods"]["resnet50"] == "layercam"
+    from skin.registry import get_spec
+    assert f["cam_layers"] == {"mobilenetv2": get_spec("mobilenetv2").cam_layer,
+                               "efficientnet_b1": get_spec("efficientnet_b1").cam_layer, "resnet50": "backbone.layer2"}
 
 
 def test_contrast_map_finds_what_stands_out_from_the_skin():
