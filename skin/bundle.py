@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
-from .gradcam import CAM_METHODS
+from .gradcam import check_cam_method
 from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, check_output_stride, get_spec,
                        member_from_metadata)
 
@@ -321,12 +321,6 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
                   files, metrics if metrics is not None else dict(src.metrics), prov, src.untrained,
                   overwrite=False, ensemble_temperature=src.ensemble_temperature if ensemble_temperature is None
                   else ensemble_temperature)
-
-
-def check_cam_method(method: str) -> str:
-    if method not in CAM_METHODS:
-        raise ValueError(f"explanation method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
-    return method
 
 
 def _stored_method(method: str | None) -> str | None:

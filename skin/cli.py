@@ -169,6 +169,7 @@ def cmd_bundle_inspect(a) -> int:
 
 def cmd_bundle_cam_stride(a) -> int:
     from .bundle import Bundle, BundleError, derive_bundle
+    from .gradcam import method_name
     from .registry import OUTPUT_STRIDES
     src = Bundle.load(a.dir)
     strides = {n: a.stride for n in src.member_names} if a.stride else {}
@@ -196,7 +197,7 @@ def cmd_bundle_cam_stride(a) -> int:
                         provenance={"cam_strides": strides} | ({"cam_layers": layers} if layers else {})
                         | ({"cam_methods": methods} if methods else {}))
     print(f"wrote bundle {new.id} to {a.out}: "
-          + ", ".join(f"{e.name} {'LayerCAM' if e.cam_method == 'layercam' else 'Grad-CAM'} stride "
+          + ", ".join(f"{e.name} {method_name(e.cam_method or 'gradcam')} stride "
                       f"{e.cam_stride or e.output_stride}" + (f" at {e.cam_layer}" if e.cam_layer else "")
                       for e in new.members)
           + f" (answers unchanged; source {src.id} untouched)")

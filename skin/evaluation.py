@@ -17,7 +17,7 @@ import torch
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
 from .ensemble import assemble, combine, describe
-from .gradcam import ensemble_map, input_size
+from .gradcam import ensemble_map, input_size, method_name
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
 from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
@@ -226,17 +226,11 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
 
 
-def method_name(methods: Iterable[str]) -> str:
-    """What the maps are, for people: Grad-CAM, LayerCAM, or both when members differ."""
-    names = {"gradcam": "Grad-CAM", "layercam": "LayerCAM"}
-    return " / ".join(names.get(m, m) for m in sorted(set(methods)))
-
-
 def _where(f: dict, member: str) -> str:
     """A member's explanation as stored with the faithfulness (older metrics: the stride only)."""
     where = f"stride {f['cam_strides'][member]}"
     if "cam_layers" in f:
-        where = f"{method_name([f['cam_methods'][member]])} at {f['cam_layers'][member]}, " + where
+        where = f"{method_name(f['cam_methods'][member])} at {f['cam_layers'][member]}, " + where
     return where
 
 

@@ -30,6 +30,19 @@ import torch.nn.functional as F
 from .registry import Member
 
 CAM_METHODS = ("gradcam", "layercam")
+_METHOD_NAMES = {"gradcam": "Grad-CAM", "layercam": "LayerCAM"}
+
+
+def check_cam_method(method: str) -> str:
+    """`method` is one of CAM_METHODS, else ValueError saying which ones are."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"explanation method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    return method
+
+
+def method_name(methods) -> str:
+    """What the maps are, for people: Grad-CAM, LayerCAM, or both (members may differ)."""
+    return " / ".join(_METHOD_NAMES.get(m, m) for m in sorted({methods} if isinstance(methods, str) else set(methods)))
 
 
 class GradCAM:
@@ -43,9 +56,7 @@ class GradCAM:
 
     def __init__(self, member: Member, layer: str | None = None, fast: bool | None = None,
                  dense: Member | None = None, method: str = "gradcam") -> None:
-        if method not in CAM_METHODS:
-            raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(CAM_METHODS)}")
-        self.member, self.method = member, method
+        self.member, self.method = member, check_cam_method(method)
         # `dense`: the same weights at a finer output stride (skin.registry.restride). The logits and
         # the channel weights alpha (the head's Jacobian) stay the trained member's; eq. 2 is applied
         # to the dense feature map: a higher-resolution view of the same decision.

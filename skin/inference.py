@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .device import autocast, configure_device
-from .gradcam import CAM_METHODS, GradCAM
+from .gradcam import GradCAM, check_cam_method
 from .registry import Member, restride
 
 
@@ -47,8 +47,7 @@ class MemberRunner:
 
     def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
                  cam_stride: int | None = None, cam_layer: str | None = None, cam_method: str = "gradcam") -> None:
-        if cam_method not in CAM_METHODS:
-            raise ValueError(f"unknown explanation method {cam_method!r}; choose one of {', '.join(CAM_METHODS)}")
+        check_cam_method(cam_method)
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
