@@ -23,7 +23,16 @@ def synthetic_split_args(ap, bundle: str = "demo/train/bundle-tuned") -> None:
     ap.add_argument("--bundle", default=bundle)
     ap.add_argument("--data", default="demo/data", help="`skin data scan` output of the synthetic set")
     ap.add_argument("--synth", default="demo/synth", help="the `skin data synth` folder (masks + manifest.csv)")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="a split, several joined by commas, or `all` (train,val,test: "
+                    "for a fresh synthetic set that no bundle has seen, e.g. `skin data synth --seed 1`)")
+
+
+def load_splits(data: str | Path, split: str):
+    """The manifest of one split, of several (`val,test`) or of `all`, as one table."""
+    import pandas as pd
+    from skin.data import load_manifest
+    names = ["train", "val", "test"] if split == "all" else split.split(",")
+    return pd.concat([load_manifest(data, s) for s in names], ignore_index=True)
 
 
 def random_bundle(root: Path, size: int) -> Path:

@@ -10,6 +10,15 @@ a flat one (energy = the lesion's share of the image), the colour that stands ou
 (the model-randomisation check of Adebayo et al. 2018).
 
     python benchmarks/gradcam_faithfulness.py --bundle demo/train/bundle --data demo/data --synth demo/synth
+
+The demo's test split has 30 images a class (one standard error of the pointing game: about 0.03).
+For a tighter figure, score the same bundle on a fresh synthetic set from another seed, which no
+member and no choice of layer has seen, all of its splits at once:
+
+    skin data synth --out /tmp/fresh/synth --per-class 200 --size 160 --seed 1 --workers 2
+    skin data scan /tmp/fresh/synth --out /tmp/fresh/data
+    python benchmarks/gradcam_faithfulness.py --bundle demo/train/bundle-tuned \
+        --data /tmp/fresh/data --synth /tmp/fresh/synth --split all
 """
 from __future__ import annotations
 
@@ -18,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _harness import synthetic_split_args
+from _harness import load_splits, synthetic_split_args
 from skin.bundle import Bundle
-from skin.data import load_manifest
 from skin.ensemble import combine
 from skin.evaluation import attach_masks, faithfulness, score_locally
 
@@ -29,7 +37,7 @@ def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "t
             cam_stride: int | None = None) -> dict:
     """Per class, per member and overall: pointing game and energy in the mask; plus accuracy and time."""
     import time
-    df = attach_masks(load_manifest(data, split), Path(synth) / "manifest.csv")
+    df = attach_masks(load_splits(data, split), Path(synth) / "manifest.csv")
     t0 = time.perf_counter()
     scored = score_locally(str(bundle.root), df, batch, cam_stride=cam_stride)
     seconds = time.perf_counter() - t0
@@ -70,6 +78,8 @@ def main() -> None:
                   f"{v['contrast_pointing']:>9.3f}{v['untrained_pointing']:>10.3f}")
         print("(pointing-game target >= 0.80; right of |, maps that know less: one fixed on the centre, a flat one, "
               "the colour that stands out from the skin with no model, the same Grad-CAM of untrained members)")
+        se = float(np.sqrt(r["pointing"] * (1 - r["pointing"]) / r["images"]))
+        print(f"pointing game {r['pointing']:.3f} +- {se:.3f} (one standard error, {r['images']} images)")
         print("members' own maps, trained / untrained: " + ", ".join(
             f"{m} {p:.3f} / {r['members_untrained_pointing'][m]:.3f}" for m, p in r["members_pointing"].items()), flush=True)
 

@@ -143,12 +143,18 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*lead, *size)
 
 
-def normalize(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Min-max each map to [0, 1] (a flat map becomes zeros)."""
-    flat = maps.flatten(-2)
+def normalize(maps: torch.Tensor, rel: float = 1e-6) -> torch.Tensor:
+    """Min-max each map to [0, 1]; one whose span is within float noise of its values (`rel` of its
+    largest magnitude) is flat and becomes zeros. Independent of the map's scale: an absolute
+    epsilon (pytorch-grad-cam's 1e-7) squeezes a map whose values are all small (an untrained
+    member's: spans of 1e-8 are usual) below 1, which weighed it down in an ensemble map."""
+    flat = maps.flatten(-2).float()
     lo = flat.min(-1, keepdim=True).values
     hi = flat.max(-1, keepdim=True).values
-    return ((flat - lo) / (hi - lo + eps)).reshape(maps.shape)
+    span = hi - lo
+    flat_map = span <= rel * torch.maximum(hi.abs(), lo.abs())
+    out = (flat - lo) / torch.where(flat_map, torch.ones_like(span), span)
+    return out.masked_fill(flat_map, 0.0).reshape(maps.shape)
 
 
 def ensemble_map(member_maps: Mapping[str, torch.Tensor], weights: Mapping[str, float],

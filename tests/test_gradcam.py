@@ -137,6 +137,22 @@ def test_maps_have_the_image_size_and_overlay():
     assert np.abs(got - want).max() <= 1  # float32 blending vs float64: rounding at .5 only
 
 
+def test_normalisation_ignores_the_maps_scale():
+    # an untrained member's maps span ~1e-8: an absolute epsilon squeezed them below 1 and so
+    # weighed that member down in the ensemble map (the untrained-copy baseline read too high)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 8, 8, generator=g)
+    for scale in (1e-9, 1e-3, 1e4):
+        assert torch.allclose(normalize(maps * scale), normalize(maps), atol=1e-5), scale
+    small = {"a": maps[0] * 3e-8, "b": maps[1]}
+    same = {"a": maps[0], "b": maps[1]}
+    w = {"a": 0.5, "b": 0.5}
+    assert np.abs(ensemble_map(small, w, (16, 16)) - ensemble_map(same, w, (16, 16))).max() < 1e-4
+    # flat maps (zero, constant, or constant up to float noise) become zeros, not noise blown up to 1
+    for flat in (torch.zeros(8, 8), torch.full((8, 8), 5.0), 5.0 + 1e-7 * torch.rand(8, 8, generator=g)):
+        assert normalize(flat).abs().max() == 0
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_png_bytes_round_trip_exactly(mode):
     rng = np.random.default_rng(0)
