@@ -9,7 +9,13 @@ pointing game. Beside each: the same combination on the other split, and the sam
 untrained copies (how much of the score the architecture gives with no training). Answers are the
 bundle's, unchanged; the winner goes into a bundle with `skin bundle cam-stride --layer --method`.
 
-    python benchmarks/explanation_search.py --bundle demo/train/bundle-tuned-t [--split val --read test]
+--fuse mean|max also tries LayerCAM's own proposal (Jiang et al. 2021, section III-C): each member's
+map fused from two of its layers (each min-max normalised, then their mean or element-wise max),
+every pair of candidates of every member in every combination. The ranking is vectorised over the
+images; the rows shown are scored again image by image with skin.gradcam.ensemble_map, the served
+code path (the script stops if the two disagree).
+
+    python benchmarks/explanation_search.py --bundle demo/train/bundle-tuned-t [--split val --read test] [--fuse mean]
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from skin.bundle import Bundle
 from skin.data import load_manifest
 from skin.ensemble import combine
 from skin.evaluation import attach_masks
-from skin.gradcam import CAM_METHODS, ensemble_map, input_size, weigh
+from skin.gradcam import CAM_METHODS, ensemble_map, input_size, normalize, upsample, weigh
 from skin.images import DATASET_LIMITS, load_image
 from skin.inference import MemberRunner
 from skin.metrics import energy_inside, pointing_hit
@@ -73,20 +79,73 @@ def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, b
                     hook.remove()
                 for k in CAM_METHODS:
                     maps[(untrained, n, layer, k)] = torch.cat(out[k])
-    return {"maps": maps, "masks": masks, "labels": df["label_index"].to_numpy(), "answer": answer,
-            "work": input_size({n: r.member for n, r in runners.items()})}
+    work = input_size({n: r.member for n, r in runners.items()})
+    return {"maps": maps, "masks": masks, "labels": df["label_index"].to_numpy(), "answer": answer, "work": work,
+            "norm": {key: normalize(upsample(m, work)) for key, m in maps.items()}}
 
 
-def score(s: dict, bundle: Bundle, choice: dict, untrained: bool = False) -> tuple[float, float, np.ndarray]:
+def _layers(layer) -> tuple[str, ...]:
+    return (layer,) if isinstance(layer, str) else tuple(layer)
+
+
+def member_map(s: dict, untrained: bool, name: str, layer, method: str, rule: str, i=slice(None)) -> torch.Tensor:
+    """A member's map(s) at the work size: one layer's, or several layers' fused by `rule`."""
+    maps = torch.stack([s["norm"][(untrained, name, lay, method)][i] for lay in _layers(layer)])
+    return maps[0] if len(maps) == 1 else normalize(maps.mean(0) if rule == "mean" else maps.amax(0))
+
+
+def score(s: dict, bundle: Bundle, choice: dict, untrained: bool = False, rule: str = "mean"
+          ) -> tuple[float, float, np.ndarray]:
     """Pointing game, energy in the mask and per-image hits of the ensemble map for `choice`
-    {member: (layer, method)}."""
+    {member: (layer or layers, method)}, image by image through skin.gradcam.ensemble_map."""
     hits, energy = [], []
     for i, mask in enumerate(s["masks"]):
-        m = ensemble_map({n: s["maps"][(untrained, n, *lm)][i] for n, lm in choice.items()}, bundle.weights_map,
-                         mask.shape, s["work"])
+        m = ensemble_map({n: member_map(s, untrained, n, lay, k, rule, i) for n, (lay, k) in choice.items()},
+                         bundle.weights_map, mask.shape, s["work"])
         hits.append(pointing_hit(m, mask))
         energy.append(energy_inside(m, mask))
     return float(np.mean(hits)), float(np.mean(energy)), np.array(hits)
+
+
+def fast_pointing(s: dict, bundle: Bundle, choice: dict, untrained: bool = False, rule: str = "mean") -> float:
+    """score()'s pointing game, the images of each mask size at once (for ranking thousands of combinations)."""
+    if "by_size" not in s:  # {mask shape: (image indices, flattened masks)}
+        shapes = sorted({m.shape for m in s["masks"]})
+        s["by_size"] = {sh: (torch.tensor([i for i, m in enumerate(s["masks"]) if m.shape == sh]),
+                             torch.as_tensor(np.stack([m.reshape(-1) for m in s["masks"] if m.shape == sh])))
+                        for sh in shapes}
+    total = sum(bundle.weights_map[n] for n in choice)
+    acc = sum(bundle.weights_map[n] / total * member_map(s, untrained, n, lay, k, rule) for n, (lay, k) in choice.items())
+    hits = 0
+    for shape, (idx, masks) in s["by_size"].items():
+        peaks = upsample(acc[idx], shape).flatten(1).argmax(1)
+        hits += int(masks.gather(1, peaks[:, None]).sum())
+    return hits / len(s["masks"])
+
+
+def search(splits: dict, bundle: Bundle, names: list[str], a, rule: str | None) -> None:
+    """Rank every combination on a.split (one layer per member, or with `rule` also fused pairs), show the
+    best a.top per method with their read on a.read and the same maps of untrained copies."""
+    options = {n: [(lay,) for lay in CANDIDATES[n]] + (list(itertools.combinations(CANDIDATES[n], 2)) if rule else [])
+               for n in names}
+    how = rule or "mean"  # no pair is fused without a rule: single layers score the same by either
+    print(f"\nensemble map, every combination of layers{f' (and of pairs fused by their {rule})' if rule else ''}, "
+          f"the best {a.top} per method on {a.split}:")
+    print(f"{'method':<10}{'layers':<34}{a.split:>7}{a.read:>7}{'energy':>8}{'untrained ' + a.split:>17}{a.read:>6}")
+    for k in CAM_METHODS:
+        ranked = sorted(((fast_pointing(splits[a.split], bundle, dict(zip(names, ((c, k) for c in combo))), rule=how),
+                          -sum(map(len, combo)), combo) for combo in itertools.product(*(options[n] for n in names))),
+                        reverse=True)  # ties: fewer layers first
+        for searched, _, combo in ranked[:a.top]:
+            choice = dict(zip(names, ((c, k) for c in combo)))
+            again = score(splits[a.split], bundle, choice, rule=how)[0]
+            if abs(again - searched) > 1e-9:
+                raise SystemExit(f"the vectorised ranking ({searched:.4f}) and ensemble_map ({again:.4f}) disagree on {combo}")
+            read, energy, hits = score(splits[a.read], bundle, choice, rule=how)
+            se = float(np.sqrt(read * (1 - read) / len(hits)))
+            print(f"{k:<10}{', '.join('+'.join(lay.split('.', 1)[1] for lay in c) for c in combo):<34}{searched:>7.3f}"
+                  f"{read:>7.3f}{energy:>8.3f}{score(splits[a.split], bundle, choice, True, how)[0]:>17.3f}"
+                  f"{score(splits[a.read], bundle, choice, True, how)[0]:>6.3f}   (+-{se:.3f})")
 
 
 def main() -> None:
@@ -96,6 +155,9 @@ def main() -> None:
     ap.add_argument("--read", default="test", help="the split the winners are read on (not searched)")
     ap.add_argument("--stride", type=int, choices=(8, 16, 32), default=8, help="explanation stride of every candidate")
     ap.add_argument("--top", type=int, default=3, help="combinations shown per method")
+    ap.add_argument("--fuse", nargs="+", choices=("mean", "max"), default=[], help="also fuse pairs of a member's "
+                    "layers (LayerCAM's multi-layer fusion) by the mean and/or the element-wise max of their min-max "
+                    "normalised maps; each rule is its own search")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -112,18 +174,8 @@ def main() -> None:
                 f"{k} {score(splits[a.split], bundle, {n: (layer, k)})[0]:.3f}/"
                 f"{score(splits[a.split], bundle, {n: (layer, k)}, True)[0]:.3f}" for k in CAM_METHODS)
             for layer in CANDIDATES[n]))
-    print(f"\nensemble map, every combination of layers, the best {a.top} per method on {a.split}:")
-    print(f"{'method':<10}{'layers':<30}{a.split:>7}{a.read:>7}{'energy':>8}{'untrained ' + a.split:>17}{a.read:>6}")
-    for k in CAM_METHODS:
-        ranked = sorted(((score(splits[a.split], bundle, dict(zip(names, ((lay, k) for lay in c))))[0], c)
-                         for c in itertools.product(*(CANDIDATES[n] for n in names))), reverse=True)
-        for searched, combo in ranked[:a.top]:
-            choice = dict(zip(names, ((lay, k) for lay in combo)))
-            read, energy, hits = score(splits[a.read], bundle, choice)
-            se = float(np.sqrt(read * (1 - read) / len(hits)))
-            print(f"{k:<10}{', '.join(lay.split('.', 1)[1] for lay in combo):<30}{searched:>7.3f}"
-                  f"{read:>7.3f}{energy:>8.3f}{score(splits[a.split], bundle, choice, True)[0]:>17.3f}"
-                  f"{score(splits[a.read], bundle, choice, True)[0]:>6.3f}   (+-{se:.3f})")
+    for rule in a.fuse or [None]:
+        search(splits, bundle, names, a, rule)
     print(f"\n(pointing game: the ensemble map's peak inside the lesion mask; the {a.read} column is read, not searched; "
           "+- one standard error of the read figure)")
 
