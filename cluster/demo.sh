@@ -76,8 +76,9 @@ submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bu
 # Grad-CAM and LayerCAM, each beside the same maps of untrained copies), read once on test. LayerCAM
 # (per-position positive gradients, built for layers before the last) at MobileNetV2 blocks.4,
 # EfficientNet-B1 blocks.2 and ResNet50 layer1 of the stride-8 copies: ensemble pointing game val 0.89,
-# test 0.79 (Grad-CAM's best: 0.76 / 0.67); untrained copies 0.69 / 0.62, a colour-contrast map with
-# no model 0.82 / 0.79, a map fixed on the centre 0.38 / 0.44. Answers unchanged.
+# test 0.79 (Grad-CAM's best: 0.76 / 0.68); untrained copies 0.62 / 0.53, a colour-contrast map with
+# no model 0.82 / 0.79, a map fixed on the centre 0.38 / 0.44. Answers unchanged. On 1,200 fresh images
+# (skin data synth --seed 1): 0.84 +- 0.01 (benchmarks/results/gradcam_faithfulness_fresh_cpu.txt).
 skin bundle cam-stride "$DIR/train/bundle-tuned-t" --out "$DIR/train/bundle-tuned" --stride 8 --method all=layercam \
   --layer mobilenetv2=backbone.blocks.4 --layer efficientnet_b1=backbone.blocks.2 --layer resnet50=backbone.layer1
 BUNDLE=$DIR/train/bundle-tuned
