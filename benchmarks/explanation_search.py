@@ -47,7 +47,8 @@ CANDIDATES = {"mobilenetv2": [f"backbone.blocks.{i}" for i in (2, 3, 4, 5)],
 
 def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, batch: int = 32) -> dict:
     """Masks, labels, the ensemble's answers and every candidate's map of the answered class,
-    trained and untrained: {"maps": {(untrained, member, layer, method): (N, h, w)}, ...}."""
+    trained and untrained, upsampled to the work size and min-max normalised (the first steps of
+    skin.gradcam.ensemble_map): {"norm": {(untrained, member, layer, method): (N, W, W)}, ...}."""
     df = attach_masks(load_manifest(data, split), Path(synth) / "manifest.csv")
     df = df[df["mask"] != ""]
     if df.empty:
@@ -80,7 +81,7 @@ def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, b
                 for k in CAM_METHODS:
                     maps[(untrained, n, layer, k)] = torch.cat(out[k])
     work = input_size({n: r.member for n, r in runners.items()})
-    return {"maps": maps, "masks": masks, "labels": df["label_index"].to_numpy(), "answer": answer, "work": work,
+    return {"masks": masks, "labels": df["label_index"].to_numpy(), "answer": answer, "work": work,
             "norm": {key: normalize(upsample(m, work)) for key, m in maps.items()}}
 
 
