@@ -128,7 +128,7 @@ class MemberModel:
             from skin.inference import MemberRunner
             base = self.runs[None]
             self.runs[cam_stride] = MemberRunner(base.member, base.temperature, self.amp, cam_stride, base.cam_layer,
-                                                   base.cam_method)
+                                                   base.cam_method, base.cam_smooth)
         return self.runs[cam_stride]
 
     def _run(self, batch: np.ndarray, cam_stride: Optional[int] = None):
@@ -315,7 +315,7 @@ class Ensemble:
                 "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
                              "input_size": e.data_config.input_size, "output_stride": e.output_stride,
                              "cam_stride": e.cam_stride or e.output_stride, "cam_layer": e.cam_layer or get_spec(e.backbone).cam_layer,
-                             "cam_method": e.cam_method or "gradcam"}
+                             "cam_method": e.cam_method or "gradcam", "cam_smooth": e.cam_smooth or "none"}
                             for e, w in zip(b.members, b.weights)],
                 "weights": self.weights, "ensemble_temperature": b.ensemble_temperature, "metrics": b.metrics, "provenance": b.provenance,
                 "limits": {"max_upload_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,

@@ -15,7 +15,10 @@ every pair of candidates of every member in every combination. The ranking is ve
 images; the rows shown are scored again image by image with skin.gradcam.ensemble_map, the served
 code path (the script stops if the two disagree).
 
-    python benchmarks/explanation_search.py --bundle demo/train/bundle-tuned-t [--split val --read test] [--fuse mean]
+--smooth flips scores every candidate's maps averaged over the image's four flips (the bundle's
+cam_smooth="flips"; LayerCAM's or Grad-CAM's map of each flipped view, normalised, flipped back).
+
+    python benchmarks/explanation_search.py --bundle demo/train/bundle-tuned-t [--split val --read test] [--fuse mean] [--smooth flips]
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from skin.bundle import Bundle
 from skin.data import load_manifest
 from skin.ensemble import combine
 from skin.evaluation import attach_masks
-from skin.gradcam import CAM_METHODS, ensemble_map, input_size, normalize, upsample, weigh
+from skin.gradcam import CAM_METHODS, CAM_SMOOTHS, FLIPS, ensemble_map, input_size, normalize, upsample, weigh
 from skin.images import DATASET_LIMITS, load_image
 from skin.inference import MemberRunner
 from skin.metrics import energy_inside, pointing_hit
@@ -45,10 +48,13 @@ CANDIDATES = {"mobilenetv2": [f"backbone.blocks.{i}" for i in (2, 3, 4, 5)],
               "resnet50": [f"backbone.layer{i}" for i in (1, 2, 3)]}
 
 
-def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, batch: int = 32) -> dict:
+def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, batch: int = 32,
+               smooth: str = "none") -> dict:
     """Masks, labels, the ensemble's answers and every candidate's map of the answered class,
     trained and untrained, upsampled to the work size and min-max normalised (the first steps of
-    skin.gradcam.ensemble_map): {"norm": {(untrained, member, layer, method): (N, W, W)}, ...}."""
+    skin.gradcam.ensemble_map): {"norm": {(untrained, member, layer, method): (N, W, W)}, ...}.
+    smooth="flips": each map the mean of the four flips' maps, each normalised and flipped back
+    (skin.gradcam.flip_smoothed, as a bundle with cam_smooth="flips" serves it)."""
     df = attach_masks(load_manifest(data, split), Path(synth) / "manifest.csv")
     df = df[df["mask"] != ""]
     if df.empty:
@@ -68,14 +74,22 @@ def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, b
                 kept = {}
                 hook = model.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.update(a=o))
                 out = {k: [] for k in CAM_METHODS}
+                views = FLIPS if smooth == "flips" else FLIPS[:1]
                 try:
                     for s in range(0, len(images), batch):
-                        with torch.enable_grad():
-                            logits = model(x[n][s:s + batch])
-                            target = logits.gather(1, torch.as_tensor(answer[s:s + batch])[:, None]).sum()
-                            (grad,) = torch.autograd.grad(target, kept["a"])
+                        acc = dict.fromkeys(CAM_METHODS, 0.0)
+                        for dims in views:
+                            xb = x[n][s:s + batch]
+                            with torch.enable_grad():
+                                logits = model(xb.flip(dims) if dims else xb)
+                                target = logits.gather(1, torch.as_tensor(answer[s:s + batch])[:, None]).sum()
+                                (grad,) = torch.autograd.grad(target, kept["a"])
+                            for k in CAM_METHODS:
+                                m = weigh(kept["a"].detach(), grad, k)
+                                m = m.flip(dims) if dims else m
+                                acc[k] = acc[k] + (normalize(m) if smooth == "flips" else m)
                         for k in CAM_METHODS:
-                            out[k].append(weigh(kept["a"].detach(), grad, k))
+                            out[k].append(acc[k] / len(views))
                 finally:
                     hook.remove()
                 for k in CAM_METHODS:
@@ -159,14 +173,16 @@ def main() -> None:
     ap.add_argument("--fuse", nargs="+", choices=("mean", "max"), default=[], help="also fuse pairs of a member's "
                     "layers (LayerCAM's multi-layer fusion) by the mean and/or the element-wise max of their min-max "
                     "normalised maps; each rule is its own search")
+    ap.add_argument("--smooth", choices=CAM_SMOOTHS, default="none", help="flips: every candidate's maps averaged "
+                    "over the image's four flips (cam_smooth='flips'; 4x the maps' cost)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     bundle = Bundle.load(a.bundle)
     t0 = time.perf_counter()
-    splits = {sp: split_maps(bundle, a.data, a.synth, sp, a.stride) for sp in (a.split, a.read)}
+    splits = {sp: split_maps(bundle, a.data, a.synth, sp, a.stride, smooth=a.smooth) for sp in (a.split, a.read)}
     names = [n for n in bundle.member_names if n in CANDIDATES]
-    print(f"bundle {bundle.id}, maps at stride {a.stride}, {len(splits[a.split]['masks'])} {a.split} / "
+    print(f"bundle {bundle.id}, maps at stride {a.stride}{' averaged over the four flips' if a.smooth == 'flips' else ''}, {len(splits[a.split]['masks'])} {a.split} / "
           f"{len(splits[a.read]['masks'])} {a.read} images with masks, {time.perf_counter() - t0:.0f} s of maps")
     print(f"\neach member alone, pointing game on {a.split} (trained / untrained):")
     for n in names:

@@ -15,6 +15,9 @@ its min-max spread:
                      model at that explanation stride, by --cam-method (default the demo bundle's
                      choice: LayerCAM at MobileNetV2 blocks.4, EfficientNet-B1 blocks.2, ResNet50
                      layer1, all of the stride-8 copies)
+  flips / forward    the same maps averaged over the image's four flips (cam_smooth="flips", what
+                     the demo bundle serves): the trained pass for the answer, the maps of the
+                     image and of its three flips (one batch of 3)
   general / ours     skin.gradcam's general path: one forward with autograd, six backwards
   pgc(6) / ours      pytorch-grad-cam's GradCAM, one forward + backward per class, six classes
 
@@ -80,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     print(f"{'member':<16}{'batch':>6}{'forward ms':>11}{'ours ms':>9}{'ours/fwd (min-max)':>22}"
-          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer/fwd':>12}{'general/ours':>13}{'pgc(6)/ours':>12}")
+          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer/fwd':>12}{'flips/fwd':>10}{'general/ours':>13}{'pgc(6)/ours':>12}")
     for name in DEFAULT_MEMBERS:
         torch.manual_seed(0)
         m = create_model(name, 6, pretrained="none", input_size=a.size).eval().to(device)
@@ -109,6 +112,11 @@ def main() -> None:
                                                     cam_method=a.cam_method)):
                     run(x, cam=True)
                 fns["layer"] = layer_cam
+
+                def flips_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0],
+                                                    cam_method=a.cam_method, cam_smooth="flips")):
+                    run(x, cam=True)
+                fns["flips"] = flips_cam
             ref = None
             if not a.no_reference:
                 from pytorch_grad_cam import GradCAM as Reference
@@ -127,7 +135,8 @@ def main() -> None:
             print(f"{name:<16}{batch:>6}{statistics.median(t['forward']) * 1e3:>11.1f}"
                   f"{statistics.median(t['ours']) * 1e3:>9.1f}{f'{med:.2f} ({lo:.2f}-{hi:.2f})':>22}"
                   + "".join(f"{ratio(t[f'@{s}'], t['forward'])[0]:>9.2f}" for s in a.cam_strides)
-                  + (f"{ratio(t['layer'], t['forward'])[0]:>12.2f}" if "layer" in t else f"{'-':>12}")
+                  + (f"{ratio(t['layer'], t['forward'])[0]:>12.2f}{ratio(t['flips'], t['forward'])[0]:>10.2f}"
+                     if "layer" in t else f"{'-':>12}{'-':>10}")
                   + f"{ratio(t['general'], t['ours'])[0]:>13.1f}{pgc}", flush=True)
 
 

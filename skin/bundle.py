@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
-from .gradcam import check_cam_method
+from .gradcam import check_cam_method, check_cam_smooth
 from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, check_output_stride, get_spec,
                        member_from_metadata)
 
@@ -56,6 +56,7 @@ class MemberEntry:
     cam_stride: int | None = None  # Grad-CAM maps at this stride (same weights, dilated); None: output_stride
     cam_layer: str | None = None  # Grad-CAM at this layer (general path); None: the layer feeding the pooling
     cam_method: str | None = None  # "layercam" (skin.gradcam.CAM_METHODS); None: Grad-CAM
+    cam_smooth: str | None = None  # "flips" (skin.gradcam.CAM_SMOOTHS); None: the unflipped image's maps only
 
     def to_json(self) -> dict:
         return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
@@ -65,7 +66,8 @@ class MemberEntry:
                 "classes": list(self.classes), "temperature": self.temperature} | (
                     {"cam_stride": self.cam_stride} if self.cam_stride else {}) | (
                     {"cam_layer": self.cam_layer} if self.cam_layer else {}) | (
-                    {"cam_method": self.cam_method} if self.cam_method else {})
+                    {"cam_method": self.cam_method} if self.cam_method else {}) | (
+                    {"cam_smooth": self.cam_smooth} if self.cam_smooth else {})
 
     @classmethod
     def from_json(cls, d: dict) -> "MemberEntry":
@@ -74,7 +76,8 @@ class MemberEntry:
                    str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
                    float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)),
                    int(d["cam_stride"]) if d.get("cam_stride") else None, str(d["cam_layer"]) if d.get("cam_layer") else None,
-                   str(d["cam_method"]) if d.get("cam_method") else None)
+                   str(d["cam_method"]) if d.get("cam_method") else None,
+                   str(d["cam_smooth"]) if d.get("cam_smooth") else None)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ def _from_json(root: Path, d: dict) -> Bundle:
                 check_output_stride(m.cam_stride)
             if m.cam_method:
                 check_cam_method(m.cam_method)
+            if m.cam_smooth:
+                check_cam_smooth(m.cam_smooth)
         except ValueError as e:
             raise BundleError(f"member {m.name}: {e}") from None
         if not (m.temperature > 0 and math.isfinite(m.temperature)):
@@ -296,11 +301,12 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
                   temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
                   provenance: dict | None = None, ensemble_temperature: float | None = None,
                   cam_strides: Mapping[str, int] | None = None, cam_layers: Mapping[str, str] | None = None,
-                  cam_methods: Mapping[str, str] | None = None) -> Bundle:
+                  cam_methods: Mapping[str, str] | None = None, cam_smooths: Mapping[str, str] | None = None) -> Bundle:
     """A new bundle version from an existing one (new weights / temperatures / ensemble temperature /
-    metrics / explanation strides, layers and methods); the member files are copied and re-hashed,
+    metrics / explanation strides, layers, methods and smoothing); the member files are copied and re-hashed,
     the source bundle is left untouched."""
-    unknown = (set(cam_strides or {}) | set(cam_layers or {}) | set(cam_methods or {})) - set(src.member_names)
+    unknown = (set(cam_strides or {}) | set(cam_layers or {}) | set(cam_methods or {})
+               | set(cam_smooths or {})) - set(src.member_names)
     if unknown:
         raise BundleError(f"members {sorted(unknown)} are not in the bundle; it has {src.member_names}")
     strides = {n: check_output_stride(s) for n, s in (cam_strides or {}).items()}
@@ -308,12 +314,14 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
         check_cam_layer(src.load_member(name), layer)
     try:
         methods = {n: check_cam_method(m) for n, m in (cam_methods or {}).items()}
+        smooths = {n: check_cam_smooth(m) for n, m in (cam_smooths or {}).items()}
     except ValueError as e:
         raise BundleError(str(e)) from None
     entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)),
                        cam_stride=strides.get(e.name, e.cam_stride),
                        cam_layer=(cam_layers or {}).get(e.name, e.cam_layer) or None,
-                       cam_method=_stored_method(methods.get(e.name, e.cam_method))) for e in src.members]
+                       cam_method=_stored_method(methods.get(e.name, e.cam_method)),
+                       cam_smooth=_stored_default(smooths.get(e.name, e.cam_smooth), "none")) for e in src.members]
     files = {e.name: (lambda path, e=e: _copy(src.root / e.weights_file, path)) for e in entries}
     prov = dict(src.provenance) | {"parent": src.id, "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (provenance or {})
@@ -325,7 +333,12 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
 
 def _stored_method(method: str | None) -> str | None:
     """Grad-CAM, the default, is stored as no key: bundles written before methods existed keep their id."""
-    return None if method in (None, "gradcam") else method
+    return _stored_default(method, "gradcam")
+
+
+def _stored_default(value: str | None, default: str) -> str | None:
+    """A default setting is stored as no key, so bundles written before the setting existed keep their id."""
+    return None if value in (None, default) else value
 
 
 def check_cam_layer(member, layer: str) -> str:

@@ -158,7 +158,8 @@ def cmd_bundle_inspect(a) -> int:
     print(f"classes: {', '.join(b.classes)}")
     for m, w in zip(b.members, b.weights):
         print(f"  {m.name:<16} weight {w:.3f}  T={m.temperature:.3f}  input {m.data_config.input_size}px "
-              f"stride {m.output_stride} (maps: {m.cam_method or 'gradcam'} stride {m.cam_stride or m.output_stride}"
+              f"stride {m.output_stride} (maps: {m.cam_method or 'gradcam'}{' flip-averaged' if m.cam_smooth == 'flips' else ''} "
+              f"stride {m.cam_stride or m.output_stride}"
               f"{' at ' + m.cam_layer if m.cam_layer else ''})  "
               f"({m.data_config.normalize})  {m.weights_file} sha256 {m.sha256[:12]}  ok")
     ens = (b.metrics or {}).get("ensemble")
@@ -185,23 +186,32 @@ def cmd_bundle_cam_stride(a) -> int:
         if not value:
             raise BundleError(f"--layer takes NAME=LAYER, such as mobilenetv2=backbone.blocks.3; got {item!r}")
         layers[name] = value
-    methods = {}
-    for item in a.method or []:
-        name, _, value = item.partition("=")
-        if not value:
-            raise BundleError(f"--method takes NAME=METHOD, such as resnet50=layercam or all=layercam; got {item!r}")
-        methods.update(dict.fromkeys(src.member_names, value) if name == "all" else {name: value})
-    if not strides and not layers and not methods:
-        raise BundleError("give --stride S (every member), --member NAME=S, --layer NAME=LAYER and/or --method NAME=METHOD")
-    new = derive_bundle(src, a.out, cam_strides=strides, cam_layers=layers, cam_methods=methods,
+    methods = _per_member(src, a.method, "--method", "METHOD", "resnet50=layercam or all=layercam")
+    smooths = _per_member(src, a.smooth, "--smooth", "SMOOTH", "all=flips or resnet50=none")
+    if not strides and not layers and not methods and not smooths:
+        raise BundleError("give --stride S (every member), --member NAME=S, --layer NAME=LAYER, --method NAME=METHOD "
+                          "and/or --smooth NAME=SMOOTH")
+    new = derive_bundle(src, a.out, cam_strides=strides, cam_layers=layers, cam_methods=methods, cam_smooths=smooths,
                         provenance={"cam_strides": strides} | ({"cam_layers": layers} if layers else {})
-                        | ({"cam_methods": methods} if methods else {}))
+                        | ({"cam_methods": methods} if methods else {}) | ({"cam_smooths": smooths} if smooths else {}))
     print(f"wrote bundle {new.id} to {a.out}: "
-          + ", ".join(f"{e.name} {method_name(e.cam_method or 'gradcam')} stride "
+          + ", ".join(f"{e.name} {method_name(e.cam_method or 'gradcam', e.cam_smooth)} stride "
                       f"{e.cam_stride or e.output_stride}" + (f" at {e.cam_layer}" if e.cam_layer else "")
                       for e in new.members)
           + f" (answers unchanged; source {src.id} untouched)")
     return 0
+
+
+def _per_member(src, items: list[str] | None, flag: str, word: str, example: str) -> dict[str, str]:
+    """NAME=VALUE items (NAME may be 'all') -> {member: value}."""
+    from .bundle import BundleError
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if not value:
+            raise BundleError(f"{flag} takes NAME={word}, such as {example}; got {item!r}")
+        out.update(dict.fromkeys(src.member_names, value) if name == "all" else {name: value})
+    return out
 
 
 def cmd_predict(a) -> int:
@@ -322,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-image-norm", action="store_true", help="standardise each image by its own statistics")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_bundle_random)
-    s = bundle.add_parser("cam-stride", help="a new bundle whose Grad-CAM maps use a finer stride, another layer "
-                          "and/or LayerCAM (answers unchanged)")
+    s = bundle.add_parser("cam-stride", help="a new bundle whose Grad-CAM maps use a finer stride, another layer, "
+                          "LayerCAM and/or flip-averaging (answers unchanged)")
     s.add_argument("dir", help="source bundle (left untouched)")
     s.add_argument("--out", required=True, help="the new bundle's folder (never overwritten)")
     s.add_argument("--stride", type=int, choices=(8, 16, 32), help="for every member")
@@ -335,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how one member's gradient weighs its feature map: gradcam (one weight per channel, the "
                         "default) or layercam (per position, Jiang et al. 2021; built for layers before the last), "
                         "e.g. resnet50=layercam (repeatable; NAME may be 'all')")
+    s.add_argument("--smooth", action="append", metavar="NAME=SMOOTH",
+                   help="flips: one member's maps averaged over the image's four flips, each normalised and "
+                        "flipped back (test-time augmentation of the map, pytorch-grad-cam's aug_smooth; 4x the "
+                        "map's cost, the answer unchanged); none: the image's own maps (the default), "
+                        "e.g. all=flips (repeatable; NAME may be 'all')")
     s.set_defaults(fn=cmd_bundle_cam_stride)
     s = bundle.add_parser("inspect", help="validate a bundle (schema, hashes, class maps, weights); non-zero exit when invalid")
     s.add_argument("dir")

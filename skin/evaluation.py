@@ -16,8 +16,8 @@ import torch
 
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
-from .ensemble import assemble, combine, describe
-from .gradcam import ensemble_map, input_size, method_name
+from .ensemble import combine, describe
+from .gradcam import ensemble_map, input_size, method_name, normalize, upsample
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
 from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
@@ -55,11 +55,11 @@ class BatchScorer:
 
     @property
     def untrained(self) -> dict[str, MemberRunner]:
-        """Each member's architecture, explanation stride, layer and method with fresh weights (built on
+        """Each member's architecture, explanation stride, layer, method and smoothing with fresh weights (built on
         the first batch with masks)."""
         if self._untrained is None:
             self._untrained = {n: MemberRunner(untrained_copy(r.member), 1.0, "off", r.cam_stride, r.cam_layer,
-                                                r.cam_method)
+                                                r.cam_method, r.cam_smooth)
                                for n, r in self.runners.items()}
         return self._untrained
 
@@ -77,49 +77,52 @@ class BatchScorer:
                "ok": np.array(ok)}
         explain = any(m for m, good in zip(masks, ok) if good)
         c = len(self.bundle.classes)
-        maps, inputs = {}, {}
+        inputs = {}
         for name, run in self.runners.items():
             probs = np.full((len(paths), c), np.nan, dtype=np.float32)
             if images:
                 inputs[name] = to_batch(images, run.member.data_config)
-                probs[np.array(ok)], maps[name] = run(inputs[name], cam=explain)
+                probs[np.array(ok)] = run(inputs[name])[0]
             out[name] = probs
         for k in FAITH_COLUMNS + member_faith_columns(list(self.runners)):
             out[k] = np.full(len(paths), np.nan)
-        if explain:  # the untrained copies see the same input tensors
-            untrained = {n: run(inputs[n], cam=True)[1] for n, run in self.untrained.items()}
-            self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, untrained,
-                               np.nonzero(ok)[0])
+        if explain:
+            rows = np.nonzero(ok)[0]
+            # the ensemble's class (assemble's), then each image's map of that class only, from the members
+            # and from their untrained copies (which see the same input tensors)
+            answer = combine({n: out[n][rows] for n in self.runners}, self.bundle.weights_map,
+                             self.bundle.ensemble_temperature).argmax(1)
+            maps = {n: run.class_maps(inputs[n], answer) for n, run in self.runners.items()}
+            untrained = {n: run.class_maps(inputs[n], answer) for n, run in self.untrained.items()}
+            self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, untrained, rows)
         return out
 
     def _faithfulness(self, out: dict, masks: list[str], images: list, maps: dict, untrained: dict,
                       rows: np.ndarray) -> None:
+        """`maps`, `untrained`: {member: (N, h, w)}, each image's map of the ensemble's class."""
         from PIL import Image
+        weights = self.bundle.weights_map
         for i, (mask_path, img, row) in enumerate(zip(masks, images, rows)):
             if not mask_path:
                 continue
-            answer = assemble({n: out[n][row] for n in self.runners}, self.bundle.weights_map,
-                              self.bundle.classes.names, member_maps={n: m[i] for n, m in maps.items()},
-                              size=(img.size[1], img.size[0]), work=self.work, each_member=True,
-                              ensemble_temperature=self.bundle.ensemble_temperature)
             mask = Image.open(mask_path).convert("L")
             if mask.size != img.size:
                 mask = mask.resize(img.size, Image.Resampling.NEAREST)
             mask = np.asarray(mask) > 127
-            out["pointing"][row] = float(pointing_hit(answer["gradcam"]["map"], mask))
-            out["energy"][row] = energy_inside(answer["gradcam"]["map"], mask)
-            for n, m in answer["gradcam"]["members"].items():  # each member's map of the ensemble's class
-                out[f"pointing:{n}"][row] = float(pointing_hit(m, mask))
+            own = {n: m[i] for n, m in maps.items()}
+            cam = ensemble_map(own, weights, mask.shape, self.work)  # as assemble() builds the served map
+            out["pointing"][row] = float(pointing_hit(cam, mask))
+            out["energy"][row] = energy_inside(cam, mask)
+            for n, m in own.items():  # each member's map of the ensemble's class
+                out[f"pointing:{n}"][row] = float(pointing_hit(normalize(upsample(m[None], mask.shape)[0]).numpy(), mask))
             out["pointing:centre"][row] = float(mask[mask.shape[0] // 2, mask.shape[1] // 2])
             out["energy:flat"][row] = float(mask.mean())
             out["pointing:contrast"][row] = float(pointing_hit(contrast_map(np.asarray(img)), mask))
-            k = self.bundle.classes.names.index(answer["gradcam"]["class"])
-            fresh = {n: m[i, k] for n, m in untrained.items()}
-            out["pointing:untrained"][row] = float(pointing_hit(
-                ensemble_map(fresh, self.bundle.weights_map, mask.shape, self.work), mask))
+            fresh = {n: m[i] for n, m in untrained.items()}
+            out["pointing:untrained"][row] = float(pointing_hit(ensemble_map(fresh, weights, mask.shape, self.work), mask))
             for n, m in fresh.items():
                 out[f"pointing:untrained:{n}"][row] = float(pointing_hit(
-                    ensemble_map({n: m}, self.bundle.weights_map, mask.shape, self.work), mask))
+                    ensemble_map({n: m}, weights, mask.shape, self.work), mask))
 
 
 def member_faith_columns(members: list[str]) -> list[str]:
@@ -215,6 +218,7 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
                  if f"pointing:untrained:{m}" in rows}
     strides = {e.name: cam_stride or e.cam_stride or e.output_stride for e in bundle.members}
     methods = {e.name: e.cam_method or "gradcam" for e in bundle.members}
+    smooths = {e.name: e.cam_smooth or "none" for e in bundle.members}
     layers = {e.name: e.cam_layer or get_spec(e.backbone).cam_layer for e in bundle.members}
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
             "per_class": per_class, "members_pointing": members, "members_untrained_pointing": untrained,
@@ -222,7 +226,8 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
                 "what": "maps that know less, on the same images: one always peaking at the image centre; a flat "
                         "one (its energy = the lesion's share of the image); the colour that stands out from the "
                         "skin, no model (contrast); the same maps of freshly initialised members (untrained)"},
-            "method": method_name(methods.values()), "cam_methods": methods, "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
+            "method": method_name(methods.values(), smooths.values()), "cam_methods": methods, "cam_smooths": smooths,
+            "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
 
 
@@ -230,7 +235,8 @@ def _where(f: dict, member: str) -> str:
     """A member's explanation as stored with the faithfulness (older metrics: the stride only)."""
     where = f"stride {f['cam_strides'][member]}"
     if "cam_layers" in f:
-        where = f"{method_name(f['cam_methods'][member])} at {f['cam_layers'][member]}, " + where
+        where = (f"{method_name(f['cam_methods'][member], f.get('cam_smooths', {}).get(member))} "
+                 f"at {f['cam_layers'][member]}, " + where)
     return where
 
 

@@ -15,13 +15,18 @@ weighed by that position's positive gradient, ReLU(sum_k ReLU(dy^c/dA_kij) A_kij
 spatial mean per channel. At the layer feeding the pooling the gradient is spatially constant, so
 LayerCAM is Grad-CAM with ReLU'd weights and keeps the one-pass path; at a shallower layer (where
 Grad-CAM's spatial mean mixes the gradient of the lesion with that of the skin around it) the two
-differ, and LayerCAM is the variant its authors built for such layers. The map
+differ, and LayerCAM is the variant its authors built for such layers.
+
+`smooth="flips"` (`flip_smoothed`) averages a member's maps over the four flips of the image
+(none, left-right, up-down, both), each map min-max normalised and flipped back: test-time
+augmentation of the explanation (pytorch-grad-cam's `aug_smooth`, here with the flips our members
+are trained to ignore). The answer is never taken from a flipped view. The map
 maths of the ensemble (upsample, normalise, weighted average) lives here too; pictures for
 people are `skin.render`'s, and how well maps point at lesions is `skin.metrics`'.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +35,8 @@ import torch.nn.functional as F
 from .registry import Member
 
 CAM_METHODS = ("gradcam", "layercam")
+CAM_SMOOTHS = ("none", "flips")
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # the image's dims each view flips: none, left-right, up-down, both
 _METHOD_NAMES = {"gradcam": "Grad-CAM", "layercam": "LayerCAM"}
 
 
@@ -40,9 +47,32 @@ def check_cam_method(method: str) -> str:
     return method
 
 
-def method_name(methods) -> str:
-    """What the maps are, for people: Grad-CAM, LayerCAM, or both (members may differ)."""
-    return " / ".join(_METHOD_NAMES.get(m, m) for m in sorted({methods} if isinstance(methods, str) else set(methods)))
+def check_cam_smooth(smooth: str) -> str:
+    """`smooth` is one of CAM_SMOOTHS, else ValueError saying which ones are."""
+    if smooth not in CAM_SMOOTHS:
+        raise ValueError(f"explanation smoothing must be one of {', '.join(CAM_SMOOTHS)}, got {smooth!r}")
+    return smooth
+
+
+def flip_smoothed(maps_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  maps: torch.Tensor) -> torch.Tensor:
+    """The mean over the four flips of x of each class's map, each min-max normalised and flipped
+    back onto x. `maps` (B, C, h, w) are x's own; `maps_of` gives the maps of a batch (the flipped
+    views go through it as one batch of 3B). Equal to pytorch-grad-cam's aug_smooth with
+    ttach's HorizontalFlip + VerticalFlip, at the maps' resolution (tested)."""
+    b, views = len(x), maps_of(torch.cat([x.flip(d) for d in FLIPS[1:]]))
+    out = normalize(maps)
+    for k, dims in enumerate(FLIPS[1:]):
+        out += normalize(views[k * b:(k + 1) * b].flip(dims))
+    return out / len(FLIPS)
+
+
+def method_name(methods, smooths=None) -> str:
+    """What the maps are, for people: Grad-CAM, LayerCAM, or both (members may differ), "(flip-averaged)"
+    when `smooths` (one value or the members') is "flips" for every member, "(partly flip-averaged)" for some."""
+    name = " / ".join(_METHOD_NAMES.get(m, m) for m in sorted({methods} if isinstance(methods, str) else set(methods)))
+    flips = [s == "flips" for s in ([smooths] if smooths is None or isinstance(smooths, str) else list(smooths))]
+    return name + (" (flip-averaged)" if all(flips) else " (partly flip-averaged)" if any(flips) else "")
 
 
 class GradCAM:
@@ -90,10 +120,17 @@ class GradCAM:
     def _keep(self, module, inputs, output) -> None:
         self._activation = output
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, C), maps (B, C, h, w)); with `classes` (B,), each image's map of its class only,
+        (B, 1, h, w): one backward on the general path instead of C."""
         if self.member.training:
             raise RuntimeError("GradCAM needs the member in eval mode: call member.eval() first")
-        return self._fast(x) if self.fast else self._general(x)
+        if self.fast:
+            logits, maps = self._fast(x)
+            if classes is not None:
+                maps = maps.gather(1, classes.view(-1, 1, 1, 1).to(maps.device).expand(-1, 1, *maps.shape[-2:]))
+            return logits, maps
+        return self._general(x, classes)
 
     def _fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -112,15 +149,19 @@ class GradCAM:
             maps = torch.relu(torch.einsum("bck,bkhw->bchw", weights, cam_feats))
         return logits.detach(), maps.detach()
 
-    def _general(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _general(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._handles:
             raise RuntimeError("use the general path inside `with GradCAM(...) as cam:`")
         with torch.enable_grad():
             logits = self.member(x)
             act = self._activation
             maps = []
-            for c in range(logits.shape[1]):
-                (grad,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=True)
+            # one backward per class, or one in all when each image asks for one class: an image's score
+            # depends on its own activations only (eval mode), so the gradient of the sum is each one's
+            targets = [logits[:, c] for c in range(logits.shape[1])] if classes is None else \
+                [logits.gather(1, classes.view(-1, 1).to(logits.device))[:, 0]]
+            for target in targets:
+                (grad,) = torch.autograd.grad(target.sum(), act, retain_graph=True)
                 maps.append(weigh(act, grad, self.method))
         self._activation = None
         return logits.detach(), torch.stack(maps, 1).detach()

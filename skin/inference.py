@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .device import autocast, configure_device
-from .gradcam import GradCAM, check_cam_method
+from .gradcam import GradCAM, check_cam_method, check_cam_smooth, flip_smoothed
 from .registry import Member, restride
 
 
@@ -43,11 +43,16 @@ class MemberRunner:
     class): for members whose last stage gathers the evidence away from where it lies.
     `cam_method`: "gradcam" (default) or "layercam" (skin.gradcam): how the gradient weighs the
     feature map; the answer never depends on it.
+    `cam_smooth`: "none" (default) or "flips": each map is the mean of the maps of the image's four
+    flips, each normalised and flipped back (skin.gradcam.flip_smoothed); the answer is the
+    unflipped image's, exactly.
     """
 
     def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
-                 cam_stride: int | None = None, cam_layer: str | None = None, cam_method: str = "gradcam") -> None:
+                 cam_stride: int | None = None, cam_layer: str | None = None, cam_method: str = "gradcam",
+                 cam_smooth: str = "none") -> None:
         check_cam_method(cam_method)
+        self.cam_smooth = check_cam_smooth(cam_smooth)
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
@@ -67,7 +72,8 @@ class MemberRunner:
         at the bundle's stored explanation stride for it, else at its trained stride."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         e = bundle.entry(name)
-        return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer, e.cam_method or "gradcam")
+        return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer, e.cam_method or "gradcam",
+                   e.cam_smooth or "none")
 
     @property
     def cam_stride(self) -> int:
@@ -75,16 +81,37 @@ class MemberRunner:
 
     def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
         x = x.to(self.device)
-        if cam and self.cam_layer:  # the answer from the trained member, the maps by the general path
-            with torch.inference_mode():
-                logits = member_logits(self.member, x, self.bf16)
-            with GradCAM(self.cam_member, layer=self.cam_layer, fast=False, method=self.cam_method) as g, autocast(x.device, self.bf16):
-                maps = g(x)[1].cpu()
-        elif cam:  # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
-            with GradCAM(self.member, dense=self.cam_member, method=self.cam_method) as g, autocast(x.device, self.bf16):
-                logits, maps = g(x)
+        if cam:
+            logits, maps = self._maps(x, answer=True)
+            if self.cam_smooth == "flips":  # the flipped views give maps only, never the answer
+                maps = flip_smoothed(lambda v: self._maps(v, answer=False)[1], x, maps)
             maps = maps.cpu()
         else:
             with torch.inference_mode():
                 logits, maps = member_logits(self.member, x, self.bf16), None
         return calibrated(logits, self.temperature).cpu().numpy(), maps
+
+    def class_maps(self, x: torch.Tensor, classes) -> torch.Tensor:
+        """Each image's map of one class, (B, h, w) on the CPU: `self(x, cam=True)[1][i, classes[i]]`,
+        at one backward on the general path instead of one per class (what scoring a map needs)."""
+        x, classes = x.to(self.device), torch.as_tensor(np.asarray(classes), device=self.device).long()
+        maps = self._maps(x, answer=False, classes=classes)[1]
+        if self.cam_smooth == "flips":
+            maps = flip_smoothed(lambda v: self._maps(v, answer=False, classes=classes.repeat(len(v) // len(x)))[1],
+                                 x, maps)
+        return maps[:, 0].cpu()
+
+    def _maps(self, x: torch.Tensor, answer: bool, classes: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits of the trained member, or None unless `answer`; every class's maps, or with `classes`
+        (B,) each image's map of its class, (B, 1, h, w))."""
+        if self.cam_layer:  # the answer from the trained member, the maps by the general path
+            logits = None
+            if answer:
+                with torch.inference_mode():
+                    logits = member_logits(self.member, x, self.bf16)
+            with GradCAM(self.cam_member, layer=self.cam_layer, fast=False, method=self.cam_method) as g, autocast(x.device, self.bf16):
+                return logits, g(x, classes)[1]
+        # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
+        with GradCAM(self.member, dense=self.cam_member, method=self.cam_method) as g, autocast(x.device, self.bf16):
+            return g(x, classes)

@@ -279,3 +279,30 @@ def test_cam_method_travels_with_the_bundle_and_never_changes_the_answer(random_
     (lc.root / "bundle.json").write_text(json.dumps(d))
     with pytest.raises(BundleError):
         Bundle.load(lc.root)
+
+
+def test_cam_smooth_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
+    """Flip-averaged maps (cam_smooth="flips") are stored per member, covered by the id, used by every
+    path that loads the bundle, and leave every member's probabilities as they were."""
+    import json
+    from skin.bundle import derive_bundle
+    b = Bundle.load(random_bundle)
+    assert derive_bundle(b, tmp_path / "same", cam_smooths=dict.fromkeys(b.member_names, "none")).id == b.id
+    assert "cam_smooth" not in (tmp_path / "same" / "bundle.json").read_text()  # the default is stored as no key
+    sm = Bundle.load(derive_bundle(b, tmp_path / "sm", cam_smooths={"mobilenetv2": "flips"}).root)
+    assert {e.name: e.cam_smooth for e in sm.members} == {"mobilenetv2": "flips", "efficientnet_b1": None,
+                                                            "resnet50": None}
+    assert sm.id != b.id
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
+    p, s = Predictor(b).member_outputs(imgs, cam=True), Predictor(sm).member_outputs(imgs, cam=True)
+    for n in b.member_names:
+        np.testing.assert_array_equal(s[n][0], p[n][0])
+    assert not np.allclose(s["mobilenetv2"][1].numpy(), p["mobilenetv2"][1].numpy())
+    np.testing.assert_array_equal(s["resnet50"][1].numpy(), p["resnet50"][1].numpy())
+    with pytest.raises(BundleError, match="one of none, flips"):
+        derive_bundle(b, tmp_path / "bad", cam_smooths={"resnet50": "rotations"})
+    d = json.loads((sm.root / "bundle.json").read_text())
+    d["members"][0]["cam_smooth"] = "rotations"  # a hand-edited value is refused on load
+    (sm.root / "bundle.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match="mobilenetv2"):
+        Bundle.load(sm.root)

@@ -44,6 +44,15 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "lm").exists()
+    assert main(["bundle", "cam-stride", str(tmp_path / "lc"), "--out", str(tmp_path / "sm"), "--smooth", "all=flips",
+                 "--smooth", "resnet50=none"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenetv2 LayerCAM (flip-averaged)" in out and "resnet50 Grad-CAM stride" in out, out
+    for smooth, says in (("all=rotations", "one of none, flips"), ("flips", "NAME=SMOOTH")):
+        assert main(["bundle", "cam-stride", str(random_bundle), "--out", str(tmp_path / "ls"), "--smooth", smooth]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ls").exists()
 
 
 def test_cli_errors_are_readable(tmp_path, capsys):

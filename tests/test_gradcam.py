@@ -267,3 +267,64 @@ def test_layercam_keeps_the_one_pass_path_where_the_gradient_is_constant(member_
             expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
             ours = normalize(upsample(fast[:, k], (SIZE, SIZE))).numpy()
             assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, k
+
+
+def _aug_smooth_reference(cls, model, layer: str, x: torch.Tensor, k: int, size: tuple[int, int]) -> np.ndarray:
+    """pytorch-grad-cam's aug_smooth over ttach's four flips, its maps kept at the feature size `size`
+    (its per-view min-max normalisation then happens where ours does; no resize)."""
+    import ttach as tta
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    with cls(model=model, target_layers=[model.get_submodule(layer)]) as ref:
+        ref.tta_transforms = tta.Compose([tta.HorizontalFlip(), tta.VerticalFlip()])  # its subclasses take no argument for it
+        ref.get_target_width_height = lambda t: (size[1], size[0])
+        return ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x), aug_smooth=True)
+
+
+@pytest.mark.parametrize("name, layer, method", [("mobilenetv2", "backbone.blocks.3", "layercam"),
+                                                  ("resnet50", None, "gradcam")])
+def test_flip_smoothed_maps_match_pytorch_grad_cam_aug_smooth_and_keep_the_answer(name, layer, method):
+    """cam_smooth="flips": each map the mean of the four flips' maps, each normalised and flipped back:
+    pytorch-grad-cam's aug_smooth with ttach's flips, on the model the map comes from (the general
+    path at a shallow layer of the stride-8 copy; the one-pass path at the pooled layer). The answer
+    is the unflipped image's, exactly."""
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM, LayerCAM as ReferenceLayerCAM
+    member, x = _member(name)
+    x = x[:, :, :, : SIZE - 32]  # not square: a flip that swapped the axes would show
+    # a shallow layer: the general path on the stride-8 copy; the pooled layer: the one pass on the trained model
+    run = MemberRunner(member, cam_stride=8 if layer else None, cam_layer=layer, cam_method=method, cam_smooth="flips")
+    probs, maps = run(x, cam=True)
+    np.testing.assert_array_equal(probs, MemberRunner(member)(x)[0])
+    model = run.cam_member if layer else member
+    cls = ReferenceLayerCAM if method == "layercam" else ReferenceGradCAM
+    for k in (0, 3):
+        expected = _aug_smooth_reference(cls, model, layer or member.spec.cam_layer, x, k, tuple(maps.shape[-2:]))
+        assert np.abs(maps[:, k].numpy() - expected).max() <= 1e-4, (name, k)
+
+
+def test_flip_smoothed_maps_follow_a_flip_of_the_image():
+    """The smoothed map of a flipped image is the flipped map of the image (the four views are a
+    group); the unsmoothed maps of the stride-8 copy are not (strided convolutions are not
+    flip-symmetric), so the property is the smoothing's."""
+    member, x = _member("efficientnet_b1")
+    smooth = MemberRunner(member, cam_stride=8, cam_layer="backbone.blocks.2", cam_method="layercam", cam_smooth="flips")
+    plain = MemberRunner(member, cam_stride=8, cam_layer="backbone.blocks.2", cam_method="layercam")
+    for dims in ((-1,), (-2,)):
+        torch.testing.assert_close(smooth(x.flip(dims), cam=True)[1], smooth(x, cam=True)[1].flip(dims),
+                                   rtol=1e-4, atol=1e-5)
+        a, b = normalize(plain(x.flip(dims), cam=True)[1]), normalize(plain(x, cam=True)[1]).flip(dims)
+        assert (a - b).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="one of none, flips"):
+        MemberRunner(member, cam_smooth="rotations")
+
+
+@pytest.mark.parametrize("layer, smooth", [(None, "none"), ("backbone.blocks.3", "none"), ("backbone.blocks.3", "flips")])
+def test_class_maps_are_the_all_class_maps_at_each_images_class(layer, smooth):
+    """MemberRunner.class_maps (one backward on the general path, for scoring) gives each image the
+    map the all-class path gives it for that class: one-pass, general, flip-averaged."""
+    member, x = _member("mobilenetv2")
+    run = MemberRunner(member, cam_stride=8, cam_layer=layer, cam_method="layercam", cam_smooth=smooth)
+    classes = torch.tensor([4, 1])
+    want = run(x, cam=True)[1][torch.arange(len(x)), classes]
+    got = run.class_maps(x, classes)
+    assert got.shape == want.shape == (len(x), SIZE // 8, SIZE // 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

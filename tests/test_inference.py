@@ -117,12 +117,14 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     assert one["pointing:contrast"][0] == 1.0 and one["pointing:centre"][0] == 0.0
     # the untrained column reads the untrained copies' maps: copies whose maps peak on the patch hit,
     # copies whose maps peak in the far corner miss, whatever the bundle's own maps do
-    def fake(cell):
-        def run(x, cam=False):
-            maps = torch.zeros(len(x), len(scorer.bundle.classes), 8, 8)
-            maps[:, :, cell[0], cell[1]] = 1.0
-            return np.full((len(x), maps.shape[1]), 1 / maps.shape[1], np.float32), maps
-        return run
+    class fake:  # an untrained copy whose every map peaks at `cell`
+        def __init__(self, cell):
+            self.cell = cell
+
+        def class_maps(self, x, classes):
+            maps = torch.zeros(len(x), 8, 8)
+            maps[:, self.cell[0], self.cell[1]] = 1.0
+            return maps
     real_untrained = scorer.untrained
     for cell, hit in (((6, 1), 1.0), ((0, 7), 0.0)):
         scorer._untrained = {n: fake(cell) for n in scorer.runners}
@@ -142,19 +144,49 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
         a, b = run.member.state_dict(), fresh.member.state_dict()
         assert a.keys() == b.keys()
         assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith("conv1.weight") or k.endswith("0.weight"))
-    # ... and its explanation method: a LayerCAM bundle's untrained copies are explained by LayerCAM
+    # ... and its explanation method and smoothing: a flip-averaged LayerCAM bundle's untrained copies are
+    # explained by flip-averaged LayerCAM
     from skin.bundle import Bundle, derive_bundle
     lc = derive_bundle(Bundle.load(random_bundle), tmp_path / "lc", cam_layers={"resnet50": "backbone.layer2"},
-                       cam_methods={"resnet50": "layercam"})
+                       cam_methods={"resnet50": "layercam"}, cam_smooths={"resnet50": "flips"})
     scorer = BatchScorer(str(lc.root))
     assert scorer.runners["resnet50"].cam_method == scorer.untrained["resnet50"].cam_method == "layercam"
-    assert scorer.untrained["mobilenetv2"].cam_method == "gradcam"
+    assert scorer.runners["resnet50"].cam_smooth == scorer.untrained["resnet50"].cam_smooth == "flips"
+    assert scorer.untrained["mobilenetv2"].cam_method == "gradcam" and scorer.untrained["mobilenetv2"].cam_smooth == "none"
     f = faithfulness(_to_frame([scorer({"path": np.array(paths[:2]), "label_index": np.zeros(2, int),
                                         "mask": np.array(masks[:2])})], lc.member_names), lc)
-    assert f["method"] == "Grad-CAM / LayerCAM" and f["cam_methods"]["resnet50"] == "layercam"
+    assert f["method"] == "Grad-CAM / LayerCAM (partly flip-averaged)" and f["cam_methods"]["resnet50"] == "layercam"
+    assert f["cam_smooths"] == {"mobilenetv2": "none", "efficientnet_b1": "none", "resnet50": "flips"}
     from skin.registry import get_spec
     assert f["cam_layers"] == {"mobilenetv2": get_spec("mobilenetv2").cam_layer,
                                "efficientnet_b1": get_spec("efficientnet_b1").cam_layer, "resnet50": "backbone.layer2"}
+
+
+def test_scorer_scores_the_maps_the_service_draws(random_bundle, tmp_path):
+    """The evaluation's pointing game and energy are those of the map `skin explain` and the API
+    return (assemble's ensemble map of the predicted class), and each member's too: with maps at a
+    shallow layer and flip-averaged, where the scorer computes only the answered class's map."""
+    from skin.bundle import Bundle, derive_bundle
+    from skin.evaluation import BatchScorer
+    from skin.metrics import energy_inside, pointing_hit
+    b = derive_bundle(Bundle.load(random_bundle), tmp_path / "b", cam_strides={"mobilenetv2": 8},
+                      cam_layers={"mobilenetv2": "backbone.blocks.3"}, cam_methods={"mobilenetv2": "layercam"},
+                      cam_smooths={"mobilenetv2": "flips", "resnet50": "flips"})
+    samples = [make_sample(k, 2, k, 96) for k in range(4)]
+    paths, masks = [], []
+    for k, s in enumerate(samples):
+        paths.append(str(tmp_path / f"{k}.png"))
+        masks.append(str(tmp_path / f"{k}-mask.png"))
+        s.image.save(paths[-1])
+        s.mask.save(masks[-1])
+    out = BatchScorer(str(b.root))({"path": np.array(paths), "label_index": np.arange(4), "mask": np.array(masks)})
+    answers = Predictor(b).answers([s.image for s in samples], cam=True, each_member=True)
+    for k, (a, s) in enumerate(zip(answers, samples)):
+        mask = np.asarray(s.mask) > 127
+        assert out["pointing"][k] == pointing_hit(a["gradcam"]["map"], mask), k
+        assert out["energy"][k] == pytest.approx(energy_inside(a["gradcam"]["map"], mask), abs=1e-5), k
+        for n, m in a["gradcam"]["members"].items():
+            assert out[f"pointing:{n}"][k] == pointing_hit(m, mask), (k, n)
 
 
 def test_contrast_map_finds_what_stands_out_from_the_skin():

@@ -190,4 +190,4 @@ def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
     members = requests.get(api + "/v1/info", timeout=30).json()["members"]
     assert all(m["cam_stride"] == m["output_stride"] == 32 for m in members)
     assert {m["name"]: m["cam_layer"] for m in members}["resnet50"] == "backbone.layer4"  # the default: pooled layer
-    assert {m["cam_method"] for m in members} == {"gradcam"}
+    assert {m["cam_method"] for m in members} == {"gradcam"} and {m["cam_smooth"] for m in members} == {"none"}

@@ -76,7 +76,7 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
                                                 "baseline": {"centre_pointing": 0.4, "flat_energy": 0.09,
                                                              "contrast_pointing": 0.8, "untrained_pointing": 0.31}}}
             for m in data["members"]:
-                m["cam_method"] = "layercam"
+                m["cam_method"], m["cam_smooth"] = "layercam", "flips"
             resp._content = json.dumps(data).encode()
         return resp
     monkeypatch.setattr(requests, "request", with_faithfulness)
@@ -95,7 +95,7 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
     assert "Pointing game 0.84 on synthetic lesions" in caption and "not measured on real photographs" in caption
     assert "a map fixed on the image centre: 0.40" in caption  # the baselines the figure must beat
     assert "a colour-contrast map with no model: 0.80" in caption and "untrained models: 0.31" in caption
-    assert at.selectbox[0].label == "LayerCAM of class"  # the method the bundle explains with
+    assert at.selectbox[0].label == "LayerCAM (flip-averaged) of class"  # the method the bundle explains with
     st.cache_data.clear()
 
 

@@ -132,9 +132,13 @@ def faithfulness_caption(info: dict | None) -> str:
 
 
 def explanation_name(info: dict | None) -> str:
-    """The method the bundle's members explain with (/v1/info): Grad-CAM, LayerCAM or both."""
-    methods = {m.get("cam_method", "gradcam") for m in (info or {}).get("members", [])} or {"gradcam"}
-    return " / ".join({"gradcam": "Grad-CAM", "layercam": "LayerCAM"}.get(m, m) for m in sorted(methods))
+    """The method the bundle's members explain with (/v1/info): Grad-CAM, LayerCAM or both, and whether
+    their maps are averaged over the image's flips (all members, or some)."""
+    members = (info or {}).get("members", [])
+    methods = {m.get("cam_method", "gradcam") for m in members} or {"gradcam"}
+    name = " / ".join({"gradcam": "Grad-CAM", "layercam": "LayerCAM"}.get(m, m) for m in sorted(methods))
+    flips = [m.get("cam_smooth", "none") == "flips" for m in members]
+    return name + (" (flip-averaged)" if flips and all(flips) else " (partly flip-averaged)" if any(flips) else "")
 
 
 def baseline_caption(b: dict) -> str:
