@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -38,6 +38,7 @@ _LIMITS = ImageLimits()
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MEMBER_CPUS = 0.5  # Serve replicas default to 1 CPU: three of them never fit 2 cores
+DEFAULT_OPTIONS = (True, None, None)  # what a member computes for a plain image: (maps, the bundle's stride, smoothing)
 
 
 # --------------------------------------------------------------------------- typed builder args
@@ -121,25 +122,29 @@ class MemberModel:
     def reconfigure(self, config: Dict[str, Any]) -> None:
         self.fault_drill = bool((config or {}).get("fault_drill", False))
 
-    def _runner(self, cam_stride: Optional[int]):
-        """The member with its maps at `cam_stride` (None: the bundle's explanation stride); built once
-        per stride asked for, sharing the member's weights (the answer never depends on it)."""
-        if cam_stride not in self.runs:
+    def _runner(self, cam_stride: Optional[int] = None, cam_smooth: Optional[str] = None):
+        """The member with its maps at `cam_stride` and smoothed by `cam_smooth` (None: the bundle's);
+        built once per setting asked for, sharing the member's weights (the answer never depends on it)."""
+        key = (cam_stride, cam_smooth) if cam_stride or cam_smooth else None
+        if key not in self.runs:
             from skin.inference import MemberRunner
             base = self.runs[None]
-            self.runs[cam_stride] = MemberRunner(base.member, base.temperature, self.amp, cam_stride, base.cam_layer,
-                                                   base.cam_method, base.cam_smooth)
-        return self.runs[cam_stride]
+            self.runs[key] = MemberRunner(base.member, base.temperature, self.amp, cam_stride, base.cam_layer,
+                                          base.cam_method, cam_smooth or base.cam_smooth)
+        return self.runs[key]
 
-    def _run(self, batch: np.ndarray, cam_stride: Optional[int] = None):
+    def _run(self, batch: np.ndarray, options: Tuple[bool, Optional[int], Optional[str]] = DEFAULT_OPTIONS):
+        """(probabilities, maps or None, ms) of a batch; `options` = (cam, cam_stride, cam_smooth)."""
         t0 = time.perf_counter()
+        cam, cam_stride, cam_smooth = options
         x = self.pixels(self.torch.from_numpy(batch).to(self.device))
-        probs, maps = self._runner(cam_stride)(x, cam=True)  # skin.inference: as `skin predict` / `skin explain`
-        return probs, maps.numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
+        probs, maps = self._runner(cam_stride, cam_smooth)(x, cam=cam)  # skin.inference: as `skin predict` / `skin explain`
+        return probs, None if maps is None else maps.numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, inputs: List[Any]) -> List[Dict[str, np.ndarray]]:
-        """Each input: the resized uint8 image, or (image, cam_stride) to ask for maps at another stride."""
+        """Each input: the resized uint8 image (answer and the bundle's maps), or (image, (cam, cam_stride,
+        cam_smooth)): no maps, or maps at another stride or smoothing."""
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
         # Computed on this replica's user-code event loop, not in a worker thread: Serve forms the next
@@ -147,13 +152,14 @@ class MemberModel:
         # of one (measured: batch 1 at 16 concurrent requests). Holding the loop until the batch is done
         # makes the next batch everything that arrived meanwhile (6-8 under load; no added wait when idle).
         # Serve's own loop (health checks, routing) runs in another thread and stays responsive.
-        items = [x if isinstance(x, tuple) else (x, None) for x in inputs]
+        items = [x if isinstance(x, tuple) else (x, DEFAULT_OPTIONS) for x in inputs]
         out: List[Any] = [None] * len(items)
-        for stride in dict.fromkeys(s for _, s in items):  # one forward per stride asked for in this batch
-            idx = [i for i, (_, s) in enumerate(items) if s == stride]
-            probs, maps, ms = self._run(np.stack([items[i][0] for i in idx]), stride)
+        for options in dict.fromkeys(o for _, o in items):  # one pass per setting asked for in this batch
+            idx = [i for i, (_, o) in enumerate(items) if o == options]
+            probs, maps, ms = self._run(np.stack([items[i][0] for i in idx]), options)
             for j, i in enumerate(idx):
-                out[i] = {"probs": probs[j], "maps": maps[j], "compute_ms": ms, "batch": len(inputs)}
+                out[i] = {"probs": probs[j], "maps": None if maps is None else maps[j], "compute_ms": ms,
+                          "batch": len(inputs)}
         return out
 
 
@@ -331,11 +337,17 @@ class Ensemble:
                       class_name: Optional[str] = Query(None, alias="class", description="explain this class instead"),
                       cam_stride: Optional[int] = Query(None, description="resolution of the Grad-CAM maps: 8, 16 "
                                                         "or 32 px of the member's input per map cell (default: the "
-                                                        "bundle's, per member); the answer does not change")):
+                                                        "bundle's, per member); the answer does not change"),
+                      cam_smooth: Optional[str] = Query(None, description="flips: each member's maps averaged over the "
+                                                        "image's four flips (4x the maps' cost); none: the image's own "
+                                                        "maps (default: the bundle's, per member); the answer does not "
+                                                        "change")):
         from skin.images import ImageError, load_image
         t0 = time.perf_counter()
         if cam_stride is not None and cam_stride not in (8, 16, 32):
             raise ApiError(422, "invalid_request", f"cam_stride must be 8, 16 or 32, got {cam_stride}")
+        if cam_smooth is not None and cam_smooth not in ("none", "flips"):
+            raise ApiError(422, "invalid_request", f"cam_smooth must be none or flips, got {cam_smooth!r}")
         if class_name is not None and class_name not in self.bundle.classes.names:
             raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
         form = await request.form()  # already parsed for `file`; Starlette caches it
@@ -349,8 +361,9 @@ class Ensemble:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
         inputs = await asyncio.to_thread(prepare_inputs, self.data_configs, image)
-        results, missing = await self._fan_out(inputs if cam_stride is None else
-                                               {n: (x, cam_stride) for n, x in inputs.items()})
+        options = (cam, cam_stride, cam_smooth)  # without `cam` the members compute no maps
+        results, missing = await self._fan_out(inputs if options == DEFAULT_OPTIONS else
+                                               {n: (x, options) for n, x in inputs.items()})
         t_members = time.perf_counter()
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
         answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)

@@ -256,8 +256,8 @@ def cmd_explain(a) -> int:
     if a.class_name:
         bundle.classes.index(a.class_name)  # unknown names list the valid ones
     img = load_image(a.image)
-    r = Predictor(bundle, amp=a.amp, cam_stride=a.cam_stride).answers([img], cam=True, class_name=a.class_name,
-                                                                      each_member=a.members)[0]
+    r = Predictor(bundle, amp=a.amp, cam_stride=a.cam_stride, cam_smooth=a.cam_smooth).answers(
+        [img], cam=True, class_name=a.class_name, each_member=a.members)[0]
     g = r["gradcam"]
     out = Path(a.out)
     out.write_bytes(png_bytes(overlay(img, g["map"], a.alpha)))
@@ -377,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--members", action="store_true", help="also write OUT-<member>.png for each member")
     s.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
     add_cam_stride_argument(s)
+    s.add_argument("--cam-smooth", choices=("none", "flips"), default=None,
+                   help="flips: each member's maps averaged over the image's four flips, each normalised and flipped "
+                        "back (4x the maps' cost); none: the image's own maps (default: the bundle's, per member); "
+                        "the answer does not change")
     add_amp_argument(s)
     s.set_defaults(fn=cmd_explain)
     return p

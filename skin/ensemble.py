@@ -91,13 +91,15 @@ class Predictor:
     """Load a bundle once; answer (and explain) lists of RGB images in-process."""
 
     def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None, device: str = "cpu",
-                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off", cam_stride: int | None = None) -> None:
+                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off", cam_stride: int | None = None,
+                 cam_smooth: str | None = None) -> None:
         """`cam_stride`: the Grad-CAM maps' stride for every member (default: each member's stored
-        explanation stride, else its trained one); answers never depend on it."""
+        explanation stride, else its trained one); `cam_smooth` ("none" / "flips"): the maps' smoothing
+        for every member (default: each member's stored one); answers never depend on either."""
         self.bundle = bundle
         self.device = torch.device(device)
         given = members or {}
-        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, cam_stride, given.get(n))
+        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, cam_stride, given.get(n), cam_smooth)
                         for n in (given or bundle.member_names)}
         self.weights = {n: bundle.weight_of(n) for n in self.runners}
         self.work = input_size({n: r.member for n, r in self.runners.items()})

@@ -67,13 +67,15 @@ class MemberRunner:
 
     @classmethod
     def from_bundle(cls, bundle, name: str, device: str | torch.device = "cpu", amp: str = "off",
-                    cam_stride: int | None = None, member: Member | None = None) -> "MemberRunner":
+                    cam_stride: int | None = None, member: Member | None = None,
+                    cam_smooth: str | None = None) -> "MemberRunner":
         """A bundle's member (loaded, unless given) with its temperature; maps at `cam_stride`, else
-        at the bundle's stored explanation stride for it, else at its trained stride."""
+        at the bundle's stored explanation stride for it, else at its trained stride; smoothed by
+        `cam_smooth`, else by the bundle's stored smoothing for it."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         e = bundle.entry(name)
         return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer, e.cam_method or "gradcam",
-                   e.cam_smooth or "none")
+                   cam_smooth or e.cam_smooth or "none")
 
     @property
     def cam_stride(self) -> int:

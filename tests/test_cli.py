@@ -18,6 +18,10 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
     assert main(["predict", str(img), "--bundle", str(random_bundle), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert abs(sum(out["probabilities"].values()) - 1) < 1e-6
+    for smooth in ("none", "flips"):  # the overlay of the image's own maps, and of the maps averaged over its flips
+        assert main(["explain", str(img), "--bundle", str(random_bundle), "--cam-smooth", smooth,
+                     "--out", str(tmp_path / f"{smooth}.png")]) == 0
+    assert (tmp_path / "none.png").read_bytes() != (tmp_path / "flips.png").read_bytes()
     # a folder, batched, into jobs/predict.py's table
     assert main(["predict", str(tmp_path / "s" / "test"), "--bundle", str(random_bundle), "--out",
                  str(tmp_path / "p.csv"), "--batch-size", "4"]) == 0
@@ -88,6 +92,7 @@ BAD_ARGS = [
     ["predict", "{t}/x.jpg", "--bundle", "{t}", "--uncertain-below", "7"],
     ["explain", "{t}/x.jpg", "--bundle", "{t}", "--alpha", "2"],
     ["explain", "{t}/x.jpg", "--bundle", "{t}", "--cam-stride", "12"],
+    ["explain", "{t}/x.jpg", "--bundle", "{t}", "--cam-smooth", "rotations"],
     ["predict", "{t}/x.jpg", "--bundle", "{t}", "--batch-size", "0"],
     ["bundle", "cam-stride", "{t}/none", "--out", "{t}/o", "--stride", "8"],
     ["models", "--num-classes", "0"],

@@ -187,6 +187,15 @@ def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
     assert a["gradcam"]["map_png"] != b["gradcam"]["map_png"]
     bad = post(api, data, params={"cam_stride": 12})
     assert bad.status_code == 422 and "cam_stride" in bad.json()["error"]["message"]
+    c = post(api, data, params={"cam_smooth": "flips"})  # maps averaged over the four flips: same answer
+    assert c.status_code == 200, c.text
+    c = c.json()
+    assert a["probabilities"] == c["probabilities"] and a["gradcam"]["map_png"] != c["gradcam"]["map_png"]
+    bad = post(api, data, params={"cam_smooth": "rotations"})
+    assert bad.status_code == 422 and "cam_smooth must be none or flips" in bad.json()["error"]["message"]
+    plain = post(api, data, params={"cam": "false"}).json()  # no maps asked for: none computed, the same answer
+    assert plain.get("gradcam") is None and plain["class"] == a["class"]
+    assert max(abs(plain["probabilities"][k] - p) for k, p in a["probabilities"].items()) < 1e-6
     members = requests.get(api + "/v1/info", timeout=30).json()["members"]
     assert all(m["cam_stride"] == m["output_stride"] == 32 for m in members)
     assert {m["name"]: m["cam_layer"] for m in members}["resnet50"] == "backbone.layer4"  # the default: pooled layer

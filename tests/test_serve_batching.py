@@ -51,3 +51,24 @@ def test_requests_that_arrive_during_a_batch_form_the_next_batch(random_bundle, 
         assert o["probs"].shape == (6,) and abs(float(o["probs"].sum()) - 1) < 1e-5
         assert o["maps"].ndim == 3 and o["maps"].shape[0] == 6
     np.testing.assert_allclose(outs[1]["probs"], outs[0]["probs"], atol=1e-5)  # batching changes nothing
+
+
+def test_member_computes_maps_only_when_asked(random_bundle, monkeypatch):
+    """A plain image gets the bundle's maps; (image, (cam, cam_stride, cam_smooth)) gets none without
+    `cam`, or maps at another stride / smoothed over the flips; the answer never changes."""
+    import ray.serve.batching
+    monkeypatch.setattr(ray.serve.batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    threads = torch.get_num_threads()
+    member = MemberModel.func_or_class(str(random_bundle), "efficientnet_b1", num_cpus=1.0)
+    torch.set_num_threads(threads)
+    x = eval_geometry(Bundle.load(random_bundle).entry("efficientnet_b1").data_config)(
+        make_sample(2, 0, 0, 64).image).numpy()[None]
+    probs, maps, _ = member._run(x)
+    assert maps.shape[:2] == (1, 6)
+    for options, shape in (((False, None, None), None), ((True, 8, None), (1, 6, 8, 8)), ((True, None, "flips"), maps.shape)):
+        p, m, _ = member._run(x, options)
+        np.testing.assert_allclose(p, probs, atol=1e-6)
+        assert (m is None) if shape is None else m.shape == shape, options
+    smoothed = member._run(x, (True, None, "flips"))[1]
+    assert not np.allclose(smoothed, maps)
