@@ -1,5 +1,6 @@
 """Which layer and method should each member's explanation use? A search on the val split, its
-winner read on the test split.
+winner read on the test split. Ties on the searched split go to fewer layers, then to the larger
+lead over the untrained copies' same maps (the map that owes more to training).
 
 For every candidate layer of each member (at --stride, from the same weights: skin.registry.restride)
 and each method (Grad-CAM, LayerCAM: skin.gradcam.weigh), the map of the ensemble's predicted class
@@ -148,10 +149,12 @@ def search(splits: dict, bundle: Bundle, names: list[str], a, rule: str | None) 
           f"the best {a.top} per method on {a.split}:")
     print(f"{'method':<10}{'layers':<34}{a.split:>7}{a.read:>7}{'energy':>8}{'untrained ' + a.split:>17}{a.read:>6}")
     for k in CAM_METHODS:
-        ranked = sorted(((fast_pointing(splits[a.split], bundle, dict(zip(names, ((c, k) for c in combo))), rule=how),
-                          -sum(map(len, combo)), combo) for combo in itertools.product(*(options[n] for n in names))),
-                        reverse=True)  # ties: fewer layers first
-        for searched, _, combo in ranked[:a.top]:
+        def key(combo):  # ties: fewer layers first, then the larger lead over the untrained copies' same maps
+            choice = dict(zip(names, ((c, k) for c in combo)))
+            p = fast_pointing(splits[a.split], bundle, choice, rule=how)
+            return p, -sum(map(len, combo)), p - fast_pointing(splits[a.split], bundle, choice, True, how)
+        ranked = sorted(((key(combo), combo) for combo in itertools.product(*(options[n] for n in names))), reverse=True)
+        for (searched, _, _), combo in ranked[:a.top]:
             choice = dict(zip(names, ((c, k) for c in combo)))
             again = score(splits[a.split], bundle, choice, rule=how)[0]
             if abs(again - searched) > 1e-9:
@@ -180,7 +183,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     bundle = Bundle.load(a.bundle)
     t0 = time.perf_counter()
-    splits = {sp: split_maps(bundle, a.data, a.synth, sp, a.stride, smooth=a.smooth) for sp in (a.split, a.read)}
+    splits = {sp: split_maps(bundle, a.data, a.synth, sp, a.stride, smooth=a.smooth) for sp in dict.fromkeys((a.split, a.read))}
     names = [n for n in bundle.member_names if n in CANDIDATES]
     print(f"bundle {bundle.id}, maps at stride {a.stride}{' averaged over the four flips' if a.smooth == 'flips' else ''}, {len(splits[a.split]['masks'])} {a.split} / "
           f"{len(splits[a.read]['masks'])} {a.read} images with masks, {time.perf_counter() - t0:.0f} s of maps")

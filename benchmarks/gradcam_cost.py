@@ -13,7 +13,7 @@ its min-max spread:
   layer / forward    what a bundle with a `cam_layer` serves (skin.inference.MemberRunner): the
                      trained pass for the answer, then the general path at that layer of the
                      model at that explanation stride, by --cam-method (default the demo bundle's
-                     choice: LayerCAM at MobileNetV2 blocks.4, EfficientNet-B1 blocks.2, ResNet50
+                     choice: LayerCAM at MobileNetV2 blocks.5, EfficientNet-B1 blocks.2, ResNet50
                      layer1, all of the stride-8 copies)
   flips / forward    the same maps averaged over the image's four flips (cam_smooth="flips", what
                      the demo bundle serves): the trained pass for the answer, the maps of the
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--cam-strides", type=int, nargs="*", default=[16, 8], help="finer explanation strides to time")
     ap.add_argument("--cam-layers", nargs="*", metavar="NAME=LAYER",
-                    default=["mobilenetv2=backbone.blocks.4", "efficientnet_b1=backbone.blocks.2",
+                    default=["mobilenetv2=backbone.blocks.5", "efficientnet_b1=backbone.blocks.2",
                              "resnet50=backbone.layer1"],
                     help="members' explanation layers to time (the general path), NAME=LAYER[@STRIDE], "
                          "stride 8 unless given; default: the demo bundle's choice")

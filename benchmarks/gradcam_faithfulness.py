@@ -48,6 +48,26 @@ def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "t
         "accuracy": float((probs.argmax(1) == good["label_index"].to_numpy()).mean()), "seconds": seconds}
 
 
+def flip_agreement(bundle: Bundle, data: str | Path, split: str = "test") -> dict:
+    """How far the ensemble's answer ignores the image's flips (the premise of cam_smooth="flips"): the
+    share of images whose class is the same for all four flips, and the mean of the largest change of a
+    class probability between an image and its flips."""
+    import torch
+    from skin.gradcam import FLIPS
+    from skin.images import DATASET_LIMITS, load_image
+    from skin.inference import MemberRunner
+    from skin.presets import to_batch
+    images = [load_image(p, DATASET_LIMITS) for p in load_splits(data, split)["path"]]
+    runners = {n: MemberRunner.from_bundle(bundle, n) for n in bundle.member_names}
+    x = {n: to_batch(images, r.member.data_config) for n, r in runners.items()}
+    probs = [combine({n: r(x[n].flip(d) if d else x[n])[0] for n, r in runners.items()}, bundle.weights_map,
+                     bundle.ensemble_temperature) for d in FLIPS]
+    classes = np.stack([p.argmax(1) for p in probs])
+    shift = np.stack([np.abs(p - probs[0]).max(1) for p in probs[1:]]).max(0)
+    return {"same_class": float((classes == classes[0]).all(0).mean()), "mean_max_shift": float(shift.mean()),
+            "images": len(images)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap, "demo/train/bundle")
@@ -57,8 +77,13 @@ def main() -> None:
     ap.add_argument("--cam-layers", nargs="+", default=[], metavar="NAME=LAYER",
                     help="measure with these members' maps at another layer (a temporary derived bundle), "
                          "e.g. mobilenetv2=backbone.blocks.3")
+    ap.add_argument("--flips", action="store_true", help="also: how far the answers ignore the image's flips")
     a = ap.parse_args()
     bundle = Bundle.load(a.bundle)
+    if a.flips:
+        f = flip_agreement(bundle, a.data, a.split)
+        print(f"answers under the image's four flips ({f['images']} {a.split} images): the same class for "
+              f"{f['same_class']:.3f} of them; largest change of a class probability {f['mean_max_shift']:.3f} on average")
     if a.cam_layers:
         import tempfile
         from skin.bundle import derive_bundle
