@@ -18,6 +18,8 @@ its min-max spread:
   flips / forward    the same maps averaged over the image's four flips (cam_smooth="flips", what
                      the demo bundle serves): the trained pass for the answer, the maps of the
                      image and of its three flips (one batch of 3)
+  1 class / forward  what evaluation computes (MemberRunner.class_maps): the flip-averaged map of one
+                     class per image (one backward per view instead of one per class)
   general / ours     skin.gradcam's general path: one forward with autograd, six backwards
   pgc(6) / ours      pytorch-grad-cam's GradCAM, one forward + backward per class, six classes
 
@@ -83,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     print(f"{'member':<16}{'batch':>6}{'forward ms':>11}{'ours ms':>9}{'ours/fwd (min-max)':>22}"
-          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer/fwd':>12}{'flips/fwd':>10}{'general/ours':>13}{'pgc(6)/ours':>12}")
+          + "".join(f"{f'@{s}/fwd':>9}" for s in a.cam_strides) + f"{'layer/fwd':>12}{'flips/fwd':>10}{'1 class/fwd':>12}{'general/ours':>13}{'pgc(6)/ours':>12}")
     for name in DEFAULT_MEMBERS:
         torch.manual_seed(0)
         m = create_model(name, 6, pretrained="none", input_size=a.size).eval().to(device)
@@ -117,6 +119,11 @@ def main() -> None:
                                                     cam_method=a.cam_method, cam_smooth="flips")):
                     run(x, cam=True)
                 fns["flips"] = flips_cam
+
+                def class_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0],
+                                                    cam_method=a.cam_method, cam_smooth="flips")):
+                    run.class_maps(x, torch.zeros(len(x), dtype=torch.long))
+                fns["class"] = class_cam
             ref = None
             if not a.no_reference:
                 from pytorch_grad_cam import GradCAM as Reference
@@ -136,7 +143,7 @@ def main() -> None:
                   f"{statistics.median(t['ours']) * 1e3:>9.1f}{f'{med:.2f} ({lo:.2f}-{hi:.2f})':>22}"
                   + "".join(f"{ratio(t[f'@{s}'], t['forward'])[0]:>9.2f}" for s in a.cam_strides)
                   + (f"{ratio(t['layer'], t['forward'])[0]:>12.2f}{ratio(t['flips'], t['forward'])[0]:>10.2f}"
-                     if "layer" in t else f"{'-':>12}{'-':>10}")
+                     f"{ratio(t['class'], t['forward'])[0]:>12.2f}" if "layer" in t else f"{'-':>12}{'-':>10}{'-':>12}")
                   + f"{ratio(t['general'], t['ours'])[0]:>13.1f}{pgc}", flush=True)
 
 
