@@ -251,6 +251,16 @@ def test_cam_layer_travels_with_the_bundle_and_never_changes_the_answer(random_b
         derive_bundle(b, tmp_path / "bad2", cam_layers={"vgg": "backbone.blocks.3"})
 
 
+def _only_maps_change(before: Bundle, after: Bundle, changed: str, unchanged: str) -> None:
+    """Every member answers the same in both bundles; `changed`'s maps differ, `unchanged`'s do not."""
+    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
+    a, b = Predictor(before).member_outputs(imgs, cam=True), Predictor(after).member_outputs(imgs, cam=True)
+    for n in before.member_names:
+        np.testing.assert_array_equal(b[n][0], a[n][0])
+    assert not np.allclose(b[changed][1].numpy(), a[changed][1].numpy())
+    np.testing.assert_array_equal(b[unchanged][1].numpy(), a[unchanged][1].numpy())
+
+
 def test_cam_method_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
     from skin.bundle import derive_bundle
     b = Bundle.load(random_bundle)
@@ -262,12 +272,7 @@ def test_cam_method_travels_with_the_bundle_and_never_changes_the_answer(random_
     assert {e.name: e.cam_method for e in lc.members} == {"mobilenetv2": None, "efficientnet_b1": None,
                                                             "resnet50": "layercam"}
     assert lc.id != grad.id  # the id covers the method
-    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
-    g, l = Predictor(grad).member_outputs(imgs, cam=True), Predictor(lc).member_outputs(imgs, cam=True)
-    for n in b.member_names:
-        np.testing.assert_array_equal(l[n][0], g[n][0])
-    assert not np.allclose(l["resnet50"][1].numpy(), g["resnet50"][1].numpy())
-    np.testing.assert_array_equal(l["mobilenetv2"][1].numpy(), g["mobilenetv2"][1].numpy())
+    _only_maps_change(grad, lc, changed="resnet50", unchanged="mobilenetv2")
     with pytest.raises(BundleError, match="one of gradcam, layercam"):
         derive_bundle(b, tmp_path / "bad", cam_methods={"resnet50": "scorecam"})
     with pytest.raises(BundleError, match="not in the bundle"):
@@ -293,12 +298,7 @@ def test_cam_smooth_travels_with_the_bundle_and_never_changes_the_answer(random_
     assert {e.name: e.cam_smooth for e in sm.members} == {"mobilenetv2": "flips", "efficientnet_b1": None,
                                                             "resnet50": None}
     assert sm.id != b.id
-    imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
-    p, s = Predictor(b).member_outputs(imgs, cam=True), Predictor(sm).member_outputs(imgs, cam=True)
-    for n in b.member_names:
-        np.testing.assert_array_equal(s[n][0], p[n][0])
-    assert not np.allclose(s["mobilenetv2"][1].numpy(), p["mobilenetv2"][1].numpy())
-    np.testing.assert_array_equal(s["resnet50"][1].numpy(), p["resnet50"][1].numpy())
+    _only_maps_change(b, sm, changed="mobilenetv2", unchanged="resnet50")
     with pytest.raises(BundleError, match="one of none, flips"):
         derive_bundle(b, tmp_path / "bad", cam_smooths={"resnet50": "rotations"})
     d = json.loads((sm.root / "bundle.json").read_text())
