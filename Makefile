@@ -80,7 +80,7 @@ bench: $(STAMP)
 ui: $(STAMP)
 	SKINRAY_API_URL=$${SKINRAY_API_URL:-http://127.0.0.1:8000} $(VENV)/bin/streamlit run ui/app.py \
 	  --server.address 127.0.0.1 --server.port $${SKINRAY_UI_PORT:-8501} --server.headless true \
-	  --browser.gatherUsageStats false
+	  --browser.gatherUsageStats false --client.toolbarMode viewer
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -38,7 +38,7 @@ _LIMITS = ImageLimits()
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MEMBER_CPUS = 0.5  # Serve replicas default to 1 CPU: three of them never fit 2 cores
-DEFAULT_OPTIONS = (True, None, None)  # what a member computes for a plain image: (maps, the bundle's stride, smoothing)
+DEFAULT_OPTIONS = (True, ())  # what a member computes for a plain image: (maps, no change to the bundle's Explanation)
 
 
 # --------------------------------------------------------------------------- typed builder args
@@ -111,9 +111,9 @@ class MemberModel:
         bundle = Bundle.load(bundle_dir)
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.runs = {None: MemberRunner.from_bundle(bundle, name, self.device, amp)}  # the path `skin predict` runs
-        self.pixels = eval_pixels(self.runs[None].member.data_config)  # the ingress sends the resized uint8 image
-        if amp == "bf16" and not self.runs[None].bf16:
+        self.runs = {(): MemberRunner.from_bundle(bundle, name, self.device, amp)}  # the path `skin predict` runs
+        self.pixels = eval_pixels(self.runs[()].member.data_config)  # the ingress sends the resized uint8 image
+        if amp == "bf16" and not self.runs[()].bf16:
             logger.warning("member %s: amp=bf16 asked for, but this CPU has no native bf16: running fp32", name)
         self.fault_drill = False
         self.predict.set_max_batch_size(max_batch_size)
@@ -122,29 +122,25 @@ class MemberModel:
     def reconfigure(self, config: Dict[str, Any]) -> None:
         self.fault_drill = bool((config or {}).get("fault_drill", False))
 
-    def _runner(self, cam_stride: Optional[int] = None, cam_smooth: Optional[str] = None):
-        """The member with its maps at `cam_stride` and smoothed by `cam_smooth` (None: the bundle's);
+    def _runner(self, explain: Tuple[Tuple[str, Any], ...]):
+        """The member with the bundle's Explanation overridden by `explain` ((option, value) pairs);
         built once per setting asked for, sharing the member's weights (the answer never depends on it)."""
-        key = (cam_stride, cam_smooth) if cam_stride or cam_smooth else None
-        if key not in self.runs:
-            from skin.inference import MemberRunner
-            base = self.runs[None]
-            self.runs[key] = MemberRunner(base.member, base.temperature, self.amp, cam_stride, base.cam_layer,
-                                          base.cam_method, cam_smooth or base.cam_smooth)
-        return self.runs[key]
+        if explain not in self.runs:
+            self.runs[explain] = self.runs[()].with_explanation(**dict(explain))
+        return self.runs[explain]
 
-    def _run(self, batch: np.ndarray, options: Tuple[bool, Optional[int], Optional[str]] = DEFAULT_OPTIONS):
-        """(probabilities, maps or None, ms) of a batch; `options` = (cam, cam_stride, cam_smooth)."""
+    def _run(self, batch: np.ndarray, options: Tuple[bool, Tuple[Tuple[str, Any], ...]] = DEFAULT_OPTIONS):
+        """(probabilities, maps or None, ms) of a batch; `options` = (cam, explanation overrides)."""
         t0 = time.perf_counter()
-        cam, cam_stride, cam_smooth = options
+        cam, explain = options
         x = self.pixels(self.torch.from_numpy(batch).to(self.device))
-        probs, maps = self._runner(cam_stride, cam_smooth)(x, cam=cam)  # skin.inference: as `skin predict` / `skin explain`
+        probs, maps = self._runner(explain)(x, cam=cam)  # skin.inference: as `skin predict` / `skin explain`
         return probs, None if maps is None else maps.numpy().astype(np.float32), (time.perf_counter() - t0) * 1e3
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, inputs: List[Any]) -> List[Dict[str, np.ndarray]]:
-        """Each input: the resized uint8 image (answer and the bundle's maps), or (image, (cam, cam_stride,
-        cam_smooth)): no maps, or maps at another stride or smoothing."""
+        """Each input: the resized uint8 image (answer and the bundle's maps), or (image, (cam, explain)):
+        no maps, or maps made otherwise (explain: (option, value) pairs over the bundle's Explanation)."""
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
         # Computed on this replica's user-code event loop, not in a worker thread: Serve forms the next
@@ -273,17 +269,19 @@ class Ensemble:
     def __init__(self, args: AppArgs, members: Dict[str, DeploymentHandle]) -> None:
         import torch
         from skin.bundle import Bundle
+        from skin.ensemble import Predictor
         torch.set_num_threads(1)
         self.args = args  # validated once, by build_app
         self.bundle = Bundle.load(self.args.bundle)
         self.handles = dict(members)
-        self.weights = {n: self.bundle.weight_of(n) for n in self.bundle.member_names}
+        # the ensemble's arithmetic (weights, temperature, the maps' work size), its members being the deployments
+        self.ensemble = Predictor.remote(self.bundle, self.args.uncertain_below)
+        self.weights = self.ensemble.weights
+        self.checked_layers: set = set()  # (member, layer) pairs a request named that exist
         self.limits = ImageLimits(max_bytes=self.args.max_upload_bytes, max_pixels=self.args.max_pixels,
                                   min_side=self.args.min_side)
         self.api_key = self.args.api_key or os.environ.get("SKINRAY_API_KEY") or None
         self.data_configs = {e.name: e.data_config for e in self.bundle.members}
-        side = max(c.input_size for c in self.data_configs.values())
-        self.map_work = (side, side)  # ensemble map built at the members' input size, resized once
 
         # Registered here, not at module level: Serve serves a frozen copy of `api` whose module-level
         # functions are pickled by value, so a module-level middleware cannot see this replica's key
@@ -315,14 +313,20 @@ class Ensemble:
 
     @api.get("/v1/info", responses={401: ERRORS[401]})
     async def info(self) -> Dict[str, Any]:
+        from skin.explanation import COST_NOTE
+        from skin.gradcam import method_name
         from skin.registry import get_spec
         b = self.bundle
         return {"bundle": b.id, "classes": list(b.classes), "untrained": b.untrained,
                 "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
-                             "input_size": e.data_config.input_size, "output_stride": e.output_stride,
-                             "cam_stride": e.cam_stride or e.output_stride, "cam_layer": e.cam_layer or get_spec(e.backbone).cam_layer,
-                             "cam_method": e.cam_method or "gradcam", "cam_smooth": e.cam_smooth or "none"}
+                             "input_size": e.data_config.input_size, "output_stride": e.output_stride}
+                            | {f"cam_{k}": v for k, v in e.explanation.describe(
+                                e.output_stride, get_spec(e.backbone).cam_layer).items() if k != "name"}
+                            | {"explanation": e.explanation.describe(e.output_stride, get_spec(e.backbone).cam_layer)}
                             for e, w in zip(b.members, b.weights)],
+                "explanation": method_name([e.explanation.method for e in b.members],
+                                           [e.explanation.smooth for e in b.members]),
+                "explanation_cost": COST_NOTE,
                 "weights": self.weights, "ensemble_temperature": b.ensemble_temperature, "metrics": b.metrics, "provenance": b.provenance,
                 "limits": {"max_upload_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,
                            "min_side": self.limits.min_side, "formats": sorted(self.limits.formats)},
@@ -338,16 +342,23 @@ class Ensemble:
                       cam_stride: Optional[int] = Query(None, description="resolution of the Grad-CAM maps: 8, 16 "
                                                         "or 32 px of the member's input per map cell (default: the "
                                                         "bundle's, per member); the answer does not change"),
+                      cam_layer: List[str] = Query([], description="MEMBER=LAYER: that member's maps at this layer "
+                                                   "(e.g. resnet50=backbone.layer1; repeatable; default: the bundle's)"),
+                      cam_method: Optional[str] = Query(None, description="gradcam or layercam, every member "
+                                                        "(default: the bundle's, per member)"),
                       cam_smooth: Optional[str] = Query(None, description="flips: each member's maps averaged over the "
                                                         "image's four flips (4x the maps' cost); none: the image's own "
                                                         "maps (default: the bundle's, per member); the answer does not "
                                                         "change")):
+        from skin.explanation import ExplanationError, parse_layers, requested
         from skin.images import ImageError, load_image
         t0 = time.perf_counter()
-        if cam_stride is not None and cam_stride not in (8, 16, 32):
-            raise ApiError(422, "invalid_request", f"cam_stride must be 8, 16 or 32, got {cam_stride}")
-        if cam_smooth is not None and cam_smooth not in ("none", "flips"):
-            raise ApiError(422, "invalid_request", f"cam_smooth must be none or flips, got {cam_smooth!r}")
+        try:
+            explain = requested(self.bundle.member_names, stride=cam_stride, method=cam_method, smooth=cam_smooth,
+                                layers=parse_layers(cam_layer))
+            await asyncio.to_thread(self._check_layers, explain)
+        except ExplanationError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
         if class_name is not None and class_name not in self.bundle.classes.names:
             raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(self.bundle.classes)}")
         form = await request.form()  # already parsed for `file`; Starlette caches it
@@ -361,9 +372,10 @@ class Ensemble:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
         inputs = await asyncio.to_thread(prepare_inputs, self.data_configs, image)
-        options = (cam, cam_stride, cam_smooth)  # without `cam` the members compute no maps
-        results, missing = await self._fan_out(inputs if options == DEFAULT_OPTIONS else
-                                               {n: (x, options) for n, x in inputs.items()})
+        # without `cam` the members compute no maps; `explain` overrides each one's stored Explanation
+        options = {n: (cam, tuple(sorted(explain.get(n, {}).items()))) for n in inputs}
+        results, missing = await self._fan_out({n: x if options[n] == DEFAULT_OPTIONS else (x, options[n])
+                                                for n, x in inputs.items()})
         t_members = time.perf_counter()
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
         answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)
@@ -373,6 +385,13 @@ class Ensemble:
                                 "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3,
                                 **{f"{n}_compute": r["compute_ms"] for n, r in results.items()}}
         return answer
+
+    def _check_layers(self, explain: Dict[str, Dict[str, Any]]) -> None:
+        """The layers a request names exist in their members (ExplanationError), checked once per pair."""
+        new = {n: o for n, o in explain.items() if o.get("layer") and (n, o["layer"]) not in self.checked_layers}
+        if new:
+            self.bundle.check_explain(new)
+            self.checked_layers |= {(n, o["layer"]) for n, o in new.items()}
 
     async def _fan_out(self, inputs: Dict[str, np.ndarray]):
         async def call(name):
@@ -396,20 +415,16 @@ class Ensemble:
 
     def _answer(self, results, missing, image, cam, alpha, all_classes, class_name) -> Dict[str, Any]:
         import torch
-        from skin.ensemble import assemble
         from skin.images import display_copy
         from skin.render import map_image, overlay, png_bytes
 
         def b64(img) -> str:
             return base64.b64encode(png_bytes(img)).decode("ascii")
         disp = display_copy(image, self.args.overlay_max_side) if cam else None
-        out = assemble({n: r["probs"] for n, r in results.items()}, self.weights, self.bundle.classes.names,
-                       member_maps={n: torch.from_numpy(r["maps"]) for n, r in results.items()} if cam else None,
-                       size=(disp.size[1], disp.size[0]) if cam else None, work=self.map_work,
-                       class_name=class_name, all_classes=all_classes, missing=missing,
-                       uncertain_below=self.args.uncertain_below,
-                       ensemble_temperature=self.bundle.ensemble_temperature)
-        out["bundle"] = self.bundle.id
+        out = self.ensemble.answer({n: r["probs"] for n, r in results.items()},
+                                   member_maps={n: torch.from_numpy(r["maps"]) for n, r in results.items()} if cam else None,
+                                   size=(disp.size[1], disp.size[0]) if cam else None, class_name=class_name,
+                                   all_classes=all_classes, missing=missing)
         if cam:
             g = out["gradcam"]
             out["gradcam"] = {"class": g["class"], "overlay_png": b64(overlay(disp, g["map"], alpha)),

@@ -34,6 +34,7 @@ import time
 import torch
 
 from skin.gradcam import CAM_METHODS, GradCAM
+from skin.explanation import Explanation
 from skin.inference import MemberRunner
 from skin.registry import DEFAULT_MEMBERS, create_model, restride
 
@@ -110,18 +111,18 @@ def main() -> None:
                         cam(x)
                 fns[f"@{stride}"] = dense_cam
             if name in layers:
-                def layer_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0],
-                                                    cam_method=a.cam_method)):
+                def layer_cam(run=MemberRunner(m, explanation=Explanation(stride=layers[name][1], layer=layers[name][0],
+                                                    method=a.cam_method))):
                     run(x, cam=True)
                 fns["layer"] = layer_cam
 
-                def flips_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0],
-                                                    cam_method=a.cam_method, cam_smooth="flips")):
+                def flips_cam(run=MemberRunner(m, explanation=Explanation(stride=layers[name][1], layer=layers[name][0],
+                                                    method=a.cam_method, smooth="flips"))):
                     run(x, cam=True)
                 fns["flips"] = flips_cam
 
-                def class_cam(run=MemberRunner(m, cam_stride=layers[name][1], cam_layer=layers[name][0],
-                                                    cam_method=a.cam_method, cam_smooth="flips")):
+                def class_cam(run=MemberRunner(m, explanation=Explanation(stride=layers[name][1], layer=layers[name][0],
+                                                    method=a.cam_method, smooth="flips"))):
                     run.class_maps(x, torch.zeros(len(x), dtype=torch.long))
                 fns["class"] = class_cam
             ref = None

@@ -49,9 +49,9 @@ def main() -> None:
 
 
 def report(bundle: Bundle, rows: dict, split: str) -> None:
-    methods = sorted({e.cam_method or "gradcam" for e in bundle.members})
+    methods = sorted({e.explanation.method for e in bundle.members})
     print(f"bundle {bundle.id}, {split} split, maps ({'/'.join(methods)}) at {rows['plain']['cam_strides']}, layers "
-          + ", ".join(e.cam_layer or "pooled" for e in bundle.members))
+          + ", ".join(e.explanation.layer or "pooled" for e in bundle.members))
     print(f"{'images':<16}{'n':>5}{'accuracy':>10}{'pointing':>10}{'energy':>8} | {'centre':>7}{'contrast':>9}{'untrained':>10}")
     for name, r in rows.items():
         b = r["baseline"]

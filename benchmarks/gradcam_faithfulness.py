@@ -39,12 +39,13 @@ def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "t
     import time
     df = attach_masks(load_splits(data, split), Path(synth) / "manifest.csv")
     t0 = time.perf_counter()
-    scored = score_locally(str(bundle.root), df, batch, cam_stride=cam_stride)
+    explain = {n: {"stride": cam_stride} for n in bundle.member_names} if cam_stride else None
+    scored = score_locally(str(bundle.root), df, batch, explain=explain)
     seconds = time.perf_counter() - t0
     good = scored[scored["ok"].astype(bool)]
     probs = combine({m: np.stack(good[m].to_list()) for m in bundle.member_names}, bundle.weights_map,
                     bundle.ensemble_temperature)
-    return faithfulness(good, bundle, cam_stride) | {
+    return faithfulness(good, bundle, explain) | {
         "accuracy": float((probs.argmax(1) == good["label_index"].to_numpy()).mean()), "seconds": seconds}
 
 
@@ -89,7 +90,8 @@ def main() -> None:
         from skin.bundle import derive_bundle
         layers = dict(item.partition("=")[::2] for item in a.cam_layers)
         derived = tempfile.TemporaryDirectory(prefix="skinray-cam-layers-")  # removed when main returns
-        bundle = derive_bundle(bundle, Path(derived.name) / "bundle", cam_layers=layers)
+        bundle = derive_bundle(bundle, Path(derived.name) / "bundle",
+                               explanations={n: {"layer": v} for n, v in layers.items()})
         print(f"maps at layers {layers} (derived bundle {bundle.id})")
     strides = sorted({e.output_stride for e in bundle.members})
     for cs in a.cam_strides:

@@ -53,7 +53,7 @@ def main() -> None:
     print(f"bundle {bundle.id}, {len(images)} {a.split} images, maps at stride {a.cam_stride}, border band {a.band:.0%}")
     print(f"{'member':<16}{'peaks at border':>16}{'drop: border':>14}{'drop: lesion':>14}{'pointing':>10}")
     for name in bundle.member_names:
-        run = MemberRunner.from_bundle(bundle, name, cam_stride=a.cam_stride)
+        run = MemberRunner.from_bundle(bundle, name, stride=a.cam_stride)
         cfg = run.member.data_config
         border_peaks, d_border, d_lesion, hits = [], [], [], []
         for img, mask in zip(images, masks):

@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from skin.args import explanation_request
 from skin.bundle import Bundle
 from skin.data import load_classes, load_lesion_free, load_manifest
-from skin.evaluation import (BatchScorer, _to_frame, attach_masks, lesion_free_summary, store_in_bundle, summarize,
+from skin.evaluation import (BatchScorer, to_frame, attach_masks, lesion_free_summary, store_in_bundle, summarize,
                              write_report)
 
 
@@ -41,8 +42,8 @@ def parse_args(argv=None):
                    "`skin predict --amp` and a Serve member's amp (default off = fp32)")
     p.add_argument("--masks", metavar="CSV", help="lesion masks (path,mask; the `skin data synth` manifest): also "
                    "measure how well the ensemble's Grad-CAM points at the lesion, stored with the metrics")
-    from skin.cli import add_cam_stride_argument
-    add_cam_stride_argument(p)
+    from skin.args import add_explanation_arguments
+    add_explanation_arguments(p)
     p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
     p.add_argument("--dry-run", action="store_true", help="print the resource plan of the scorer actors and exit "
                    "(0 when each fits a node or a node type the autoscaler can start, 2 when not)")
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         bundle = Bundle.load(a.bundle)
+        explain = explanation_request(a, bundle.member_names)
         classes = load_classes(a.data)
         bundle.classes.check_same(classes, "class maps of the bundle and the dataset")
         df = load_manifest(a.data, a.split, classes)
@@ -86,12 +88,12 @@ def main(argv=None) -> int:
             BatchScorer, batch_size=a.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
                                    "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp,
-                                   "cam_stride": a.cam_stride},
+                                   "explain": explain},
             concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
-        return _to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
+        return to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
 
     frame = score(df[["path", "label_index"] + (["mask"] if a.masks else [])])
-    metrics = summarize(frame, bundle, a.cam_stride)
+    metrics = summarize(frame, bundle, explain)
     free = load_lesion_free(a.data, a.split)
     free = lesion_free_summary(score(free[["path", "label_index"]]), bundle) if free is not None else None
     if free:

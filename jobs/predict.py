@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from skin.cli import add_amp_argument, add_cam_stride_argument, at_least, fraction
+from skin.args import add_amp_argument, add_explanation_arguments, at_least, explanation_request, fraction
 
 
 def parse_args(argv=None):
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (predictions.csv/.parquet, run.json, summary.json, cam/)")
     p.add_argument("--cam", action="store_true", help="also write each Grad-CAM overlay PNG under OUT/cam/")
     p.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity with --cam (default 0.4)")
-    add_cam_stride_argument(p)
+    add_explanation_arguments(p)
     p.add_argument("--workers", type=at_least(1), default=1, help="predictor actors (default 1; one per GPU on a cluster)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per actor, its torch threads follow (default: what the plan gives, up to the node)")
@@ -72,15 +72,17 @@ def main(argv=None) -> int:
     from skin.batch import InputError, PredictionStore, format_summary, list_inputs, summary
     from skin.bundle import Bundle
     from skin.checkpoint import CheckpointError
+    from skin.explanation import ExplanationError
     from skin.images import SERVE_SUFFIXES
     try:
         bundle = Bundle.load(a.bundle)
+        explain = explanation_request(a, bundle.member_names)
         inputs = list_inputs(a.input)
         if not inputs.paths:
             raise InputError(f"no images in {a.input} (looked for {' '.join(SERVE_SUFFIXES)})")
         store = PredictionStore(a.out, bundle)
         done = store.open(write=not a.dry_run)
-    except (InputError, CheckpointError, FileNotFoundError) as e:
+    except (InputError, CheckpointError, ExplanationError, FileNotFoundError) as e:
         print(f"predict.py: {e}", file=sys.stderr)
         return 2
     todo = [p for p in inputs.paths if p not in done]
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
             fn_constructor_kwargs={"bundle_dir": str(bundle.root.resolve()), "threads": max(1, int(cpus)),
                                    "amp": a.amp, "uncertain_below": a.uncertain_below, "alpha": a.alpha,
                                    "cam_dir": str(Path(a.out, "cam").resolve()) if a.cam else None,
-                                   "cam_root": inputs.root, "cam_stride": a.cam_stride},
+                                   "cam_root": inputs.root, "explain": explain},
             concurrency=a.workers, num_cpus=cpus, num_gpus=a.gpus_per_worker or None)
         progress = Progress(len(todo), a.progress_every)
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):

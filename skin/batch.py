@@ -168,17 +168,18 @@ def error_row(path: str, message: str, classes: Sequence[str], members: Sequence
 class BatchPredictor:
     """Callable on a batch {"path": [...]}: one row per path (columns()), scored through
     skin.ensemble.Predictor; with `cam_dir`, each overlay PNG written under it at the path's
-    place relative to `cam_root`."""
+    place relative to `cam_root`, its maps made as `explain` asks (skin.explanation.requested)."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None, amp: str = "off",
                  uncertain_below: float = UNCERTAIN_BELOW, cam_dir: str | None = None, cam_root: str | None = None,
-                 alpha: float = 0.4, limits: ImageLimits = ImageLimits(), cam_stride: int | None = None) -> None:
+                 alpha: float = 0.4, limits: ImageLimits = ImageLimits(),
+                 explain: Mapping[str, Mapping[str, object]] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.predictor = Predictor(self.bundle, device=device, uncertain_below=uncertain_below, amp=amp,
-                                   cam_stride=cam_stride)
+                                   explain=explain)
         self.classes, self.members = self.bundle.classes.names, self.bundle.member_names
         self.cam_dir, self.inputs, self.alpha, self.limits = cam_dir, Inputs([], cam_root), alpha, limits
 

@@ -23,18 +23,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
-from .gradcam import check_cam_method, check_cam_smooth
+from .explanation import Explanation, ExplanationError
 from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, check_output_stride, get_spec,
                        member_from_metadata)
 
 FORMAT = "skinray-bundle"
 FORMAT_VERSION = 2  # 2: the id covers every member entry and the class map (1: names, hashes, weights, T)
+CAM_KEYS = ("cam_stride", "cam_layer", "cam_method", "cam_smooth")  # a member entry's Explanation in JSON
 
 
 class BundleError(CheckpointError):
@@ -53,31 +54,29 @@ class MemberEntry:
     classes: tuple[str, ...]
     temperature: float = 1.0
     output_stride: int = 32
-    cam_stride: int | None = None  # Grad-CAM maps at this stride (same weights, dilated); None: output_stride
-    cam_layer: str | None = None  # Grad-CAM at this layer (general path); None: the layer feeding the pooling
-    cam_method: str | None = None  # "layercam" (skin.gradcam.CAM_METHODS); None: Grad-CAM
-    cam_smooth: str | None = None  # "flips" (skin.gradcam.CAM_SMOOTHS); None: the unflipped image's maps only
+    explanation: Explanation = Explanation()  # how its maps are made (the answer never depends on it)
 
     def to_json(self) -> dict:
+        # the explanation's options as cam_* keys, defaults left out: ids of bundles written before an
+        # option existed stay valid
         return {"name": self.name, "backbone": self.backbone, "num_classes": self.num_classes,
                 "head": self.head.to_json(), "data_config": self.data_config.to_json(),
                 "output_stride": self.output_stride,
                 "weights_file": self.weights_file, "sha256": self.sha256,
-                "classes": list(self.classes), "temperature": self.temperature} | (
-                    {"cam_stride": self.cam_stride} if self.cam_stride else {}) | (
-                    {"cam_layer": self.cam_layer} if self.cam_layer else {}) | (
-                    {"cam_method": self.cam_method} if self.cam_method else {}) | (
-                    {"cam_smooth": self.cam_smooth} if self.cam_smooth else {})
+                "classes": list(self.classes), "temperature": self.temperature} | {
+                    f"cam_{k}": v for k, v in self.explanation.to_json().items()}
 
     @classmethod
     def from_json(cls, d: dict) -> "MemberEntry":
-        return cls(str(d["name"]), str(d["backbone"]), int(d["num_classes"]),
-                   HeadConfig.from_json(d["head"]), DataConfig.from_json(d["data_config"]),
-                   str(d["weights_file"]), str(d["sha256"]), tuple(d["classes"]),
-                   float(d.get("temperature", 1.0)), int(d.get("output_stride", 32)),
-                   int(d["cam_stride"]) if d.get("cam_stride") else None, str(d["cam_layer"]) if d.get("cam_layer") else None,
-                   str(d["cam_method"]) if d.get("cam_method") else None,
-                   str(d["cam_smooth"]) if d.get("cam_smooth") else None)
+        try:
+            explanation = Explanation.from_json({k[4:]: d[k] for k in CAM_KEYS if d.get(k)})
+        except (ExplanationError, TypeError, ValueError) as e:
+            raise ExplanationError(f"member {d.get('name')!r}: {e}") from None
+        return cls(name=str(d["name"]), backbone=str(d["backbone"]), num_classes=int(d["num_classes"]),
+                   head=HeadConfig.from_json(d["head"]), data_config=DataConfig.from_json(d["data_config"]),
+                   weights_file=str(d["weights_file"]), sha256=str(d["sha256"]), classes=tuple(d["classes"]),
+                   temperature=float(d.get("temperature", 1.0)), output_stride=int(d.get("output_stride", 32)),
+                   explanation=explanation)
 
 
 @dataclass(frozen=True)
@@ -115,12 +114,32 @@ class Bundle:
                 return m
         raise BundleError(f"bundle {self.root} has no member {name!r}; it has {self.member_names}")
 
+    def architecture(self, name: str) -> Member:
+        """One member's architecture with random weights (no file read)."""
+        e = self.entry(name)
+        return member_from_metadata({"backbone": e.backbone, "num_classes": e.num_classes,
+                                     "head": e.head.to_json(), "data_config": e.data_config.to_json(),
+                                     "output_stride": e.output_stride})
+
+    def check_explain(self, explain: Mapping[str, Mapping[str, Any]]) -> None:
+        """Every layer named in `explain` ({member: options}) exists in its member, else ExplanationError
+        (checked on architectures built on the meta device: no weights, no memory)."""
+        import torch
+        for name, options in explain.items():
+            layer = options.get("layer")
+            if layer:
+                with torch.device("meta"):
+                    member = self.architecture(name)
+                try:
+                    member.get_submodule(layer)
+                except AttributeError:
+                    raise ExplanationError(f"{member.spec.name} has no layer {layer!r}; give a dotted path such as "
+                                           f"{member.spec.cam_layer}") from None
+
     def load_member(self, name: str) -> Member:
         """Rebuild one member (eval mode) and load its weights, checking the file hash."""
         e = self.entry(name)
-        member = member_from_metadata({"backbone": e.backbone, "num_classes": e.num_classes,
-                                       "head": e.head.to_json(), "data_config": e.data_config.to_json(),
-                                       "output_stride": e.output_stride})
+        member = self.architecture(name)
         load_member_weights(member, self.root / e.weights_file, e.sha256)
         return member.eval()
 
@@ -178,6 +197,8 @@ def _from_json(root: Path, d: dict) -> Bundle:
         classes = ClassMap(tuple(d["classes"]))
         members = tuple(MemberEntry.from_json(m) for m in d["members"])
         weights_map = d["weights"]
+    except ExplanationError as e:
+        raise BundleError(f"{root}/bundle.json: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{root}/bundle.json is malformed: {type(e).__name__}: {e}") from None
     if not members:
@@ -193,12 +214,6 @@ def _from_json(root: Path, d: dict) -> Bundle:
                                 f"{len(classes)} classes")
         try:
             check_output_stride(m.output_stride)
-            if m.cam_stride:
-                check_output_stride(m.cam_stride)
-            if m.cam_method:
-                check_cam_method(m.cam_method)
-            if m.cam_smooth:
-                check_cam_smooth(m.cam_smooth)
         except ValueError as e:
             raise BundleError(f"member {m.name}: {e}") from None
         if not (m.temperature > 0 and math.isfinite(m.temperature)):
@@ -300,28 +315,26 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
 def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None = None,
                   temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
                   provenance: dict | None = None, ensemble_temperature: float | None = None,
-                  cam_strides: Mapping[str, int] | None = None, cam_layers: Mapping[str, str] | None = None,
-                  cam_methods: Mapping[str, str] | None = None, cam_smooths: Mapping[str, str] | None = None) -> Bundle:
+                  explanations: Mapping[str, Mapping[str, Any]] | None = None) -> Bundle:
     """A new bundle version from an existing one (new weights / temperatures / ensemble temperature /
-    metrics / explanation strides, layers, methods and smoothing); the member files are copied and re-hashed,
-    the source bundle is left untouched."""
-    unknown = (set(cam_strides or {}) | set(cam_layers or {}) | set(cam_methods or {})
-               | set(cam_smooths or {})) - set(src.member_names)
+    metrics / explanations); the member files are copied and re-hashed, the source bundle is left
+    untouched. `explanations`: {member: options} that override its stored Explanation, e.g.
+    {"resnet50": {"stride": 8, "layer": "backbone.layer1", "method": "layercam", "smooth": "flips"}}."""
+    explanations = dict(explanations or {})
+    unknown = set(explanations) - set(src.member_names)
     if unknown:
         raise BundleError(f"members {sorted(unknown)} are not in the bundle; it has {src.member_names}")
-    strides = {n: check_output_stride(s) for n, s in (cam_strides or {}).items()}
-    for name, layer in (cam_layers or {}).items():
-        check_cam_layer(src.load_member(name), layer)
-    try:
-        methods = {n: check_cam_method(m) for n, m in (cam_methods or {}).items()}
-        smooths = {n: check_cam_smooth(m) for n, m in (cam_smooths or {}).items()}
-    except ValueError as e:
-        raise BundleError(str(e)) from None
+    new_expl = {}
+    for e in src.members:
+        try:
+            x = e.explanation.override(**explanations.get(e.name, {}))
+        except ExplanationError as err:
+            raise BundleError(f"member {e.name}: {err}") from None
+        if x.layer and x.layer != e.explanation.layer:
+            check_cam_layer(src.load_member(e.name), x.layer)
+        new_expl[e.name] = x
     entries = [replace(e, temperature=float((temperatures or {}).get(e.name, e.temperature)),
-                       cam_stride=strides.get(e.name, e.cam_stride),
-                       cam_layer=(cam_layers or {}).get(e.name, e.cam_layer) or None,
-                       cam_method=_stored_method(methods.get(e.name, e.cam_method)),
-                       cam_smooth=_stored_default(smooths.get(e.name, e.cam_smooth), "none")) for e in src.members]
+                       explanation=new_expl[e.name]) for e in src.members]
     files = {e.name: (lambda path, e=e: _copy(src.root / e.weights_file, path)) for e in entries}
     prov = dict(src.provenance) | {"parent": src.id, "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (provenance or {})
@@ -329,16 +342,6 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
                   files, metrics if metrics is not None else dict(src.metrics), prov, src.untrained,
                   overwrite=False, ensemble_temperature=src.ensemble_temperature if ensemble_temperature is None
                   else ensemble_temperature)
-
-
-def _stored_method(method: str | None) -> str | None:
-    """Grad-CAM, the default, is stored as no key: bundles written before methods existed keep their id."""
-    return _stored_default(method, "gradcam")
-
-
-def _stored_default(value: str | None, default: str) -> str | None:
-    """A default setting is stored as no key, so bundles written before the setting existed keep their id."""
-    return None if value in (None, default) else value
 
 
 def check_cam_layer(member, layer: str) -> str:

@@ -135,7 +135,7 @@ def skip_none_collate(batch):
 def add_cache_parser(data_sub) -> None:
     s = data_sub.add_parser("cache", help="write the resized-image cache training reads (once per manifest)")
     s.add_argument("dir", help="a `skin data scan` output folder")
-    from .cli import at_least
+    from .args import at_least
     s.add_argument("--image-size", type=at_least(16), default=224, help="member input size (cache side = 1.15 x this)")
     from .registry import DEFAULT_MEMBERS, list_backbones
     s.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=list_backbones(),

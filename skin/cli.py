@@ -9,77 +9,18 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .classes import ClassMapError
 from .data import DatasetError
+from .explanation import ExplanationError
 from .images import ImageError
 from .registry import PretrainedWeightsError, UnknownBackboneError
 
 USER_ERRORS = (DatasetError, CheckpointError, ClassMapError, ImageError, UnknownBackboneError,
-               PretrainedWeightsError, FileNotFoundError)
+               PretrainedWeightsError, ExplanationError, FileNotFoundError)
 
 
-def zero_or_at_least(low: int):
-    """argparse type: 0 (off) or an integer >= low."""
-    check = at_least(0)
-
-    def parse(text: str) -> int:
-        v = check(text)
-        if 0 < v < low:
-            raise argparse.ArgumentTypeError(f"must be 0 (none) or at least {low}, got {text}")
-        return v
-    return parse
-
-
-def _split_arg(text: str) -> tuple[float, float, float]:
-    try:
-        parts = [float(p) for p in text.replace(",", "/").split("/")]
-    except ValueError:
-        parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected TRAIN/VAL/TEST such as 70/15/15, got {text!r}")
-    total = sum(parts)
-    return tuple(p / total for p in parts)  # type: ignore[return-value]
-
-
-def at_least(low: int):
-    """argparse type: an integer >= low, with a message that says so."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if low != 1 else
-                                             f"must be a positive integer, got {text}")
-        return v
-    return parse
-
+from .args import (add_amp_argument, add_explanation_arguments, at_least, explanation_request, fraction,
+                   split_arg as _split_arg, zero_or_at_least)
 
 _positive = at_least(1)
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return v
-
-
-def add_amp_argument(parser: argparse.ArgumentParser) -> None:
-    from .device import AMP_CHOICES
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
-                        help="backbone precision: off = fp32 (default); auto = bf16 on a GPU; bf16 = also on "
-                        "a CPU with native bf16 (AVX512-BF16/AMX), as a server member with amp: bf16 runs")
-
-
-def add_cam_stride_argument(parser: argparse.ArgumentParser) -> None:
-    from .registry import OUTPUT_STRIDES
-    parser.add_argument("--cam-stride", type=int, choices=OUTPUT_STRIDES, default=None,
-                        help="Grad-CAM map resolution: input pixels per map cell (default: the bundle's per member, "
-                        "else the trained stride). Finer maps come from the same weights with dilated last stages; "
-                        "the answer does not change")
 
 
 # --------------------------------------------------------------------------- commands
@@ -158,9 +99,7 @@ def cmd_bundle_inspect(a) -> int:
     print(f"classes: {', '.join(b.classes)}")
     for m, w in zip(b.members, b.weights):
         print(f"  {m.name:<16} weight {w:.3f}  T={m.temperature:.3f}  input {m.data_config.input_size}px "
-              f"stride {m.output_stride} (maps: {m.cam_method or 'gradcam'}{' flip-averaged' if m.cam_smooth == 'flips' else ''} "
-              f"stride {m.cam_stride or m.output_stride}"
-              f"{' at ' + m.cam_layer if m.cam_layer else ''})  "
+              f"stride {m.output_stride} (maps: {m.explanation.summary(m.output_stride)})  "
               f"({m.data_config.normalize})  {m.weights_file} sha256 {m.sha256[:12]}  ok")
     ens = (b.metrics or {}).get("ensemble")
     if ens:
@@ -170,7 +109,6 @@ def cmd_bundle_inspect(a) -> int:
 
 def cmd_bundle_cam_stride(a) -> int:
     from .bundle import Bundle, BundleError, derive_bundle
-    from .gradcam import method_name
     from .registry import OUTPUT_STRIDES
     src = Bundle.load(a.dir)
     strides = {n: a.stride for n in src.member_names} if a.stride else {}
@@ -191,13 +129,13 @@ def cmd_bundle_cam_stride(a) -> int:
     if not strides and not layers and not methods and not smooths:
         raise BundleError("give --stride S (every member), --member NAME=S, --layer NAME=LAYER, --method NAME=METHOD "
                           "and/or --smooth NAME=SMOOTH")
-    new = derive_bundle(src, a.out, cam_strides=strides, cam_layers=layers, cam_methods=methods, cam_smooths=smooths,
-                        provenance={"cam_strides": strides} | ({"cam_layers": layers} if layers else {})
-                        | ({"cam_methods": methods} if methods else {}) | ({"cam_smooths": smooths} if smooths else {}))
+    explanations: dict[str, dict] = {}
+    for key, values in (("stride", strides), ("layer", layers), ("method", methods), ("smooth", smooths)):
+        for name, value in values.items():
+            explanations.setdefault(name, {})[key] = value
+    new = derive_bundle(src, a.out, explanations=explanations, provenance={"explanations": explanations})
     print(f"wrote bundle {new.id} to {a.out}: "
-          + ", ".join(f"{e.name} {method_name(e.cam_method or 'gradcam', e.cam_smooth)} stride "
-                      f"{e.cam_stride or e.output_stride}" + (f" at {e.cam_layer}" if e.cam_layer else "")
-                      for e in new.members)
+          + ", ".join(f"{e.name} {e.explanation.summary(e.output_stride)}" for e in new.members)
           + f" (answers unchanged; source {src.id} untouched)")
     return 0
 
@@ -256,7 +194,7 @@ def cmd_explain(a) -> int:
     if a.class_name:
         bundle.classes.index(a.class_name)  # unknown names list the valid ones
     img = load_image(a.image)
-    r = Predictor(bundle, amp=a.amp, cam_stride=a.cam_stride, cam_smooth=a.cam_smooth).answers(
+    r = Predictor(bundle, amp=a.amp, explain=explanation_request(a, bundle.member_names)).answers(
         [img], cam=True, class_name=a.class_name, each_member=a.members)[0]
     g = r["gradcam"]
     out = Path(a.out)
@@ -376,11 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     s.add_argument("--members", action="store_true", help="also write OUT-<member>.png for each member")
     s.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
-    add_cam_stride_argument(s)
-    s.add_argument("--cam-smooth", choices=("none", "flips"), default=None,
-                   help="flips: each member's maps averaged over the image's four flips, each normalised and flipped "
-                        "back (4x the maps' cost); none: the image's own maps (default: the bundle's, per member); "
-                        "the answer does not change")
+    add_explanation_arguments(s)
     add_amp_argument(s)
     s.set_defaults(fn=cmd_explain)
     return p

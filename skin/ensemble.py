@@ -88,26 +88,55 @@ def assemble(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float
 
 
 class Predictor:
-    """Load a bundle once; answer (and explain) lists of RGB images in-process."""
+    """The ensemble over a bundle, the one place its answers are put together: prediction and
+    explanation (`skin predict`, `skin explain`), batch inference (skin.batch), evaluation
+    (skin.evaluation) and the Serve ingress (whose members run elsewhere: `Predictor.remote`).
+
+        p = Predictor(bundle, explain={"resnet50": {"stride": 8}})   # members loaded in-process
+        p.answers(images, cam=True)                                   # the API's JSON, one per image
+    """
 
     def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None, device: str = "cpu",
-                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off", cam_stride: int | None = None,
-                 cam_smooth: str | None = None) -> None:
-        """`cam_stride`: the Grad-CAM maps' stride for every member (default: each member's stored
-        explanation stride, else its trained one); `cam_smooth` ("none" / "flips"): the maps' smoothing
-        for every member (default: each member's stored one); answers never depend on either."""
+                 uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off",
+                 explain: Mapping[str, Mapping[str, object]] | None = None, load: bool = True) -> None:
+        """`members`: given instead of loaded (a subset answers with its weights renormalised);
+        `explain`: {member: options} overriding its stored Explanation (skin.explanation.requested);
+        answers never depend on it. `load=False`: no member in this process (`Predictor.remote`)."""
         self.bundle = bundle
         self.device = torch.device(device)
         given = members or {}
-        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, cam_stride, given.get(n), cam_smooth)
-                        for n in (given or bundle.member_names)}
-        self.weights = {n: bundle.weight_of(n) for n in self.runners}
-        self.work = input_size({n: r.member for n, r in self.runners.items()})
+        names = list(given or bundle.member_names)
+        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, given.get(n), **(explain or {}).get(n, {}))
+                        for n in names} if load else {}
+        self.weights = {n: bundle.weight_of(n) for n in names}
+        # the ensemble map is built at the largest member input size (square, as the eval preset resizes)
+        self.work = input_size([bundle.entry(n).data_config.input_size for n in names])
         self.uncertain_below = uncertain_below
+
+    @classmethod
+    def remote(cls, bundle: Bundle, uncertain_below: float = UNCERTAIN_BELOW) -> "Predictor":
+        """The ensemble's arithmetic without its members (they answer elsewhere, e.g. Serve deployments):
+        `answer` from their outputs."""
+        return cls(bundle, uncertain_below=uncertain_below, load=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.bundle.classes.names)
+
+    def combine(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The ensemble's probabilities from its members' (each (..., C)), as every answer computes them."""
+        return combine(member_probs, self.weights, self.bundle.ensemble_temperature)
+
+    def answer(self, member_probs: Mapping[str, np.ndarray], **kwargs) -> dict:
+        """One image's answer from its members' outputs (`assemble`'s arguments), tagged with the bundle id."""
+        return assemble(member_probs, self.weights, self.classes, work=self.work, uncertain_below=self.uncertain_below,
+                        ensemble_temperature=self.bundle.ensemble_temperature, **kwargs) | {"bundle": self.bundle.id}
 
     def member_outputs(self, images: Sequence[Image.Image], cam: bool = False
                        ) -> dict[str, tuple[np.ndarray, torch.Tensor | None]]:
         """{member: (probabilities (B, C), all-class maps (B, C, h, w) or None)}."""
+        if not self.runners:
+            raise RuntimeError("this Predictor has no members in process (Predictor.remote): use answer()")
         return {n: r(to_batch(list(images), r.member.data_config), cam=cam) for n, r in self.runners.items()}
 
     def member_probs(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
@@ -115,17 +144,13 @@ class Predictor:
 
     def answers(self, images: Sequence[Image.Image], cam: bool = False, class_name: str | None = None,
                 all_classes: bool = False, each_member: bool = False) -> list[dict]:
-        """One `assemble`d answer per image (with its Grad-CAM when `cam`), tagged with the bundle id."""
+        """One answer per image (with its Grad-CAM when `cam`), tagged with the bundle id."""
         outs = self.member_outputs(images, cam)
-        results = []
-        for i, img in enumerate(images):
-            maps = {n: m[i] for n, (_, m) in outs.items()} if cam else None
-            results.append(assemble({n: p[i] for n, (p, _) in outs.items()}, self.weights, self.bundle.classes.names,
-                                    member_maps=maps, size=(img.size[1], img.size[0]), work=self.work,
-                                    class_name=class_name, all_classes=all_classes, each_member=each_member,
-                                    uncertain_below=self.uncertain_below,
-                                    ensemble_temperature=self.bundle.ensemble_temperature) | {"bundle": self.bundle.id})
-        return results
+        return [self.answer({n: p[i] for n, (p, _) in outs.items()},
+                            member_maps={n: m[i] for n, (_, m) in outs.items()} if cam else None,
+                            size=(img.size[1], img.size[0]), class_name=class_name, all_classes=all_classes,
+                            each_member=each_member)
+                for i, img in enumerate(images)]
 
     def predict(self, images: Sequence[Image.Image]) -> list[dict]:
         return self.answers(images)

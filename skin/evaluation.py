@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -16,8 +16,8 @@ import torch
 
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
-from .ensemble import combine, describe
-from .gradcam import ensemble_map, input_size, method_name, normalize, upsample
+from .ensemble import Predictor, combine, describe
+from .gradcam import ensemble_map, method_name, normalize, upsample
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
 from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
@@ -43,14 +43,13 @@ class BatchScorer:
     the same layers and strides, of freshly initialised members: the model-randomisation check)."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None,
-                 amp: str = "off", cam_stride: int | None = None) -> None:
+                 amp: str = "off", explain: Mapping[str, Mapping[str, object]] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.runners = {n: MemberRunner.from_bundle(self.bundle, n, self.device, amp, cam_stride)
-                        for n in self.bundle.member_names}
-        self.work = input_size({n: r.member for n, r in self.runners.items()})
+        self.ensemble = Predictor(self.bundle, device=str(self.device), amp=amp, explain=explain)
+        self.runners = self.ensemble.runners
         self._untrained: dict[str, MemberRunner] | None = None
 
     @property
@@ -58,8 +57,7 @@ class BatchScorer:
         """Each member's architecture, explanation stride, layer, method and smoothing with fresh weights (built on
         the first batch with masks)."""
         if self._untrained is None:
-            self._untrained = {n: MemberRunner(untrained_copy(r.member), 1.0, "off", r.cam_stride, r.cam_layer,
-                                                r.cam_method, r.cam_smooth)
+            self._untrained = {n: MemberRunner(untrained_copy(r.member), 1.0, "off", r.explanation)
                                for n, r in self.runners.items()}
         return self._untrained
 
@@ -90,8 +88,7 @@ class BatchScorer:
             rows = np.nonzero(ok)[0]
             # the ensemble's class (assemble's), then each image's map of that class only, from the members
             # and from their untrained copies (which see the same input tensors)
-            answer = combine({n: out[n][rows] for n in self.runners}, self.bundle.weights_map,
-                             self.bundle.ensemble_temperature).argmax(1)
+            answer = self.ensemble.combine({n: out[n][rows] for n in self.runners}).argmax(1)
             maps = {n: run.class_maps(inputs[n], answer) for n, run in self.runners.items()}
             untrained = {n: run.class_maps(inputs[n], answer) for n, run in self.untrained.items()}
             self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, untrained, rows)
@@ -101,7 +98,7 @@ class BatchScorer:
                       rows: np.ndarray) -> None:
         """`maps`, `untrained`: {member: (N, h, w)}, each image's map of the ensemble's class."""
         from PIL import Image
-        weights = self.bundle.weights_map
+        weights = self.ensemble.weights
         for i, (mask_path, img, row) in enumerate(zip(masks, images, rows)):
             if not mask_path:
                 continue
@@ -110,7 +107,7 @@ class BatchScorer:
                 mask = mask.resize(img.size, Image.Resampling.NEAREST)
             mask = np.asarray(mask) > 127
             own = {n: m[i] for n, m in maps.items()}
-            cam = ensemble_map(own, weights, mask.shape, self.work)  # as assemble() builds the served map
+            cam = ensemble_map(own, weights, mask.shape, self.ensemble.work)  # as assemble() builds the served map
             out["pointing"][row] = float(pointing_hit(cam, mask))
             out["energy"][row] = energy_inside(cam, mask)
             for n, m in own.items():  # each member's map of the ensemble's class
@@ -119,10 +116,10 @@ class BatchScorer:
             out["energy:flat"][row] = float(mask.mean())
             out["pointing:contrast"][row] = float(pointing_hit(contrast_map(np.asarray(img)), mask))
             fresh = {n: m[i] for n, m in untrained.items()}
-            out["pointing:untrained"][row] = float(pointing_hit(ensemble_map(fresh, weights, mask.shape, self.work), mask))
+            out["pointing:untrained"][row] = float(pointing_hit(ensemble_map(fresh, weights, mask.shape, self.ensemble.work), mask))
             for n, m in fresh.items():
                 out[f"pointing:untrained:{n}"][row] = float(pointing_hit(
-                    ensemble_map({n: m}, weights, mask.shape, self.work), mask))
+                    ensemble_map({n: m}, weights, mask.shape, self.ensemble.work), mask))
 
 
 def member_faith_columns(members: list[str]) -> list[str]:
@@ -142,14 +139,14 @@ def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
 
 
 def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: str = "off",
-                  cam_stride: int | None = None) -> pd.DataFrame:
-    scorer = BatchScorer(bundle_dir, amp=amp, cam_stride=cam_stride)
+                  explain: Mapping[str, Mapping[str, object]] | None = None) -> pd.DataFrame:
+    scorer = BatchScorer(bundle_dir, amp=amp, explain=explain)
     cols = [c for c in ("path", "label_index", "mask") if c in df.columns]
     parts = [scorer({c: df[c].iloc[s:s + batch_size].to_numpy() for c in cols}) for s in range(0, len(df), batch_size)]
-    return _to_frame(parts, scorer.bundle.member_names)
+    return to_frame(parts, scorer.bundle.member_names)
 
 
-def _to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
+def to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
     rows = ({"path": [], "label_index": [], "ok": []} | {k: [] for k in FAITH_COLUMNS} | {m: [] for m in members}
             | {k: [] for k in member_faith_columns(members)})
     for p in parts:
@@ -158,23 +155,31 @@ def _to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = None) -> dict:
-    """Metrics of each member and of the ensemble over the readable rows."""
+def readable(scored: pd.DataFrame, bundle: Bundle) -> tuple[pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
+    """The readable rows, their members' probabilities {member: (N, C)} and the ensemble's (N, C)."""
     good = scored[scored["ok"].astype(bool)]
+    member_probs = {m: np.stack(good[m].to_list()) if len(good) else np.zeros((0, len(bundle.classes)))
+                    for m in bundle.member_names}
+    return good, member_probs, Predictor.remote(bundle).combine(member_probs)
+
+
+def summarize(scored: pd.DataFrame, bundle: Bundle,
+              explain: Mapping[str, Mapping[str, object]] | None = None) -> dict:
+    """Metrics of each member and of the ensemble over the readable rows."""
+    good, member_probs, ens = readable(scored, bundle)
     y = good["label_index"].to_numpy(int)
-    member_probs = {m: np.stack(good[m].to_list()) for m in bundle.member_names}
-    weights = {m: bundle.weight_of(m) for m in bundle.member_names}
     out = {"n_skipped": int((~scored["ok"].astype(bool)).sum()), "bundle": bundle.id,
            "members": {m: compute_metrics(y, p, bundle.classes) for m, p in member_probs.items()},
-           "ensemble": compute_metrics(y, combine(member_probs, weights, bundle.ensemble_temperature), bundle.classes),
-           "weights": weights, "ensemble_temperature": bundle.ensemble_temperature}
+           "ensemble": compute_metrics(y, ens, bundle.classes),
+           "weights": bundle.weights_map, "ensemble_temperature": bundle.ensemble_temperature}
     if len(y):
-        out["calibration"] = ece_comparison(y, combine(member_probs, weights, bundle.ensemble_temperature), member_probs)
-    faith = faithfulness(good, bundle, cam_stride)
+        out["calibration"] = ece_comparison(y, ens, member_probs)
+    faith = faithfulness(good, bundle, explain)
     if faith:
         out["faithfulness"] = faith
     if bundle.ensemble_temperature != 1.0:  # what the ensemble temperature bought, on these rows
-        out["ensemble_before_temperature"] = compute_metrics(y, combine(member_probs, weights), bundle.classes)
+        out["ensemble_before_temperature"] = compute_metrics(y, combine(member_probs, bundle.weights_map),
+                                                             bundle.classes)
     return out
 
 
@@ -182,13 +187,10 @@ def lesion_free_summary(scored: pd.DataFrame, bundle: Bundle) -> dict | None:
     """What the ensemble answers on skin images without a lesion (`skin data scan --lesion-free`):
     the share called each class, its mean confidence, and the share the API would flag uncertain
     (the same rule: `skin.ensemble.describe`). None when no such image was readable."""
-    good = scored[scored["ok"].astype(bool)]
+    good, member_probs, ens = readable(scored, bundle)
     if good.empty:
         return None
-    member_probs = {m: np.stack(good[m].to_list()) for m in bundle.member_names}
-    weights = {m: bundle.weight_of(m) for m in bundle.member_names}
-    ens = combine(member_probs, weights, bundle.ensemble_temperature)
-    answers = [describe(ens[i], {m: p[i] for m, p in member_probs.items()}, weights, list(bundle.classes))
+    answers = [describe(ens[i], {m: p[i] for m, p in member_probs.items()}, bundle.weights_map, list(bundle.classes))
                for i in range(len(ens))]
     called = np.bincount(ens.argmax(1), minlength=len(bundle.classes)) / len(ens)
     return {"images": len(ens), "called": {c: float(v) for c, v in zip(bundle.classes, called)},
@@ -196,7 +198,8 @@ def lesion_free_summary(scored: pd.DataFrame, bundle: Bundle) -> dict | None:
             "uncertain": float(np.mean([a["uncertain"] for a in answers]))}
 
 
-def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = None) -> dict | None:
+def faithfulness(scored: pd.DataFrame, bundle: Bundle,
+                 explain: Mapping[str, Mapping[str, object]] | None = None) -> dict | None:
     """Pointing game and energy in the mask of the ensemble's Grad-CAM, overall and per class, over
     the rows that have a lesion mask (None when none has)."""
     if "pointing" not in scored:
@@ -216,10 +219,10 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle, cam_stride: int | None = 
     members = {m: float(rows[f"pointing:{m}"].mean()) for m in bundle.member_names if f"pointing:{m}" in rows}
     untrained = {m: float(rows[f"pointing:untrained:{m}"].mean()) for m in bundle.member_names
                  if f"pointing:untrained:{m}" in rows}
-    strides = {e.name: cam_stride or e.cam_stride or e.output_stride for e in bundle.members}
-    methods = {e.name: e.cam_method or "gradcam" for e in bundle.members}
-    smooths = {e.name: e.cam_smooth or "none" for e in bundle.members}
-    layers = {e.name: e.cam_layer or get_spec(e.backbone).cam_layer for e in bundle.members}
+    used = {e.name: e.explanation.override(**(explain or {}).get(e.name, {})).describe(
+        e.output_stride, get_spec(e.backbone).cam_layer) for e in bundle.members}
+    strides, layers = ({n: d[k] for n, d in used.items()} for k in ("stride", "layer"))
+    methods, smooths = ({n: d[k] for n, d in used.items()} for k in ("method", "smooth"))
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
             "per_class": per_class, "members_pointing": members, "members_untrained_pointing": untrained,
             "baseline": baseline(rows) | {
@@ -246,11 +249,8 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     classes: ClassMap = bundle.classes
-    good = scored[scored["ok"].astype(bool)]
+    good, _, ens = readable(scored, bundle)
     y = good["label_index"].to_numpy(int)
-    weights = {m: bundle.weight_of(m) for m in bundle.member_names}
-    ens = combine({m: np.stack(good[m].to_list()) for m in bundle.member_names}, weights,
-                  bundle.ensemble_temperature)
     import matplotlib.pyplot as plt
     for normalize, suffix in ((False, "counts"), (True, "normalized")):
         fig = confusion_figure(np.array(metrics["ensemble"]["confusion_matrix"]), classes,
@@ -266,7 +266,7 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
     rows += list(metrics["members"].items())
     lines = [f"# Evaluation of bundle `{bundle.id}` on `{split}`", "",
              f"{len(y)} images scored, {metrics['n_skipped']} unreadable skipped. "
-             f"Weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}."
+             f"Weights: {', '.join(f'{k} {v:.2f}' for k, v in bundle.weights_map.items())}."
              + (" **Untrained bundle (random weights).**" if bundle.untrained else ""), "",
              "| model | accuracy | balanced acc | macro-F1 | weighted-F1 | macro-P | macro-R | ROC AUC (ovr) | ECE | NLL |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .device import autocast, configure_device
-from .gradcam import GradCAM, check_cam_method, check_cam_smooth, flip_smoothed
+from .explanation import Explanation, ExplanationError
+from .gradcam import GradCAM, flip_smoothed
 from .registry import Member, restride
 
 
@@ -30,52 +31,49 @@ def calibrated(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 class MemberRunner:
-    """One member ready to answer: in eval mode on its device, with its temperature and precision.
+    """One member ready to answer: in eval mode on its device, with its temperature, precision and
+    Explanation (skin.explanation: how its maps are made; the answer never depends on it).
 
-        run = MemberRunner(member, temperature=1.3, amp="off", cam_stride=8)
+        run = MemberRunner(member, temperature=1.3, explanation=Explanation(stride=8))
         probs, maps = run(x, cam=True)      # (B, C) numpy, (B, C, h, w) tensor on the CPU
 
-    `cam_stride` (8/16/32; default: the member's trained stride) sets the resolution of the maps
-    only: they come from the same weights with dilated last stages (skin.registry.restride),
-    weighted by the trained member's gradients, while the probabilities stay the trained stride's.
-    `cam_layer` (default: the layer feeding the pooling, the one-pass path) takes the maps at another
-    layer of that model instead, by Grad-CAM's general path (its own gradients, one backward per
-    class): for members whose last stage gathers the evidence away from where it lies.
-    `cam_method`: "gradcam" (default) or "layercam" (skin.gradcam): how the gradient weighs the
-    feature map; the answer never depends on it.
-    `cam_smooth`: "none" (default) or "flips": each map is the mean of the maps of the image's four
-    flips, each normalised and flipped back (skin.gradcam.flip_smoothed); the answer is the
-    unflipped image's, exactly.
+    A finer `explanation.stride` takes the maps from the same weights with dilated last stages
+    (skin.registry.restride), weighted by the trained member's gradients, while the probabilities
+    stay the trained stride's. Another `explanation.layer` takes them by Grad-CAM's general path
+    (one backward per class); the layer feeding the pooling keeps the one-pass path. With
+    `smooth="flips"` the answer is the unflipped image's, exactly.
     """
 
     def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
-                 cam_stride: int | None = None, cam_layer: str | None = None, cam_method: str = "gradcam",
-                 cam_smooth: str = "none") -> None:
-        check_cam_method(cam_method)
-        self.cam_smooth = check_cam_smooth(cam_smooth)
+                 explanation: Explanation = Explanation()) -> None:
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
-        self.cam_member = restride(member, cam_stride) if cam_stride else member
-        self.cam_layer = cam_layer if cam_layer and cam_layer != member.spec.cam_layer else None
-        if self.cam_layer:
-            self.cam_member.get_submodule(self.cam_layer)  # fails here, not at the first request
-        self.cam_method = cam_method
-        self.temperature = float(temperature)
+        self.explanation = explanation.at_layer(member.spec.cam_layer)
+        self.cam_member = restride(member, explanation.stride) if explanation.stride else member
+        if self.explanation.layer:
+            try:
+                self.cam_member.get_submodule(self.explanation.layer)  # fails here, not at the first request
+            except AttributeError:
+                raise ExplanationError(f"{member.spec.name} has no layer {self.explanation.layer!r}; give a "
+                                       f"dotted path such as {member.spec.cam_layer}") from None
+        self.temperature, self.amp = float(temperature), amp
         self.device = next(member.parameters()).device
         self.bf16 = configure_device(self.device, amp)  # False where the device lacks native bf16
 
     @classmethod
     def from_bundle(cls, bundle, name: str, device: str | torch.device = "cpu", amp: str = "off",
-                    cam_stride: int | None = None, member: Member | None = None,
-                    cam_smooth: str | None = None) -> "MemberRunner":
-        """A bundle's member (loaded, unless given) with its temperature; maps at `cam_stride`, else
-        at the bundle's stored explanation stride for it, else at its trained stride; smoothed by
-        `cam_smooth`, else by the bundle's stored smoothing for it."""
+                    member: Member | None = None, **explain: object) -> "MemberRunner":
+        """A bundle's member (loaded, unless given) with its temperature and its stored Explanation,
+        overridden by `explain` (stride=, layer=, method=, smooth=; None keeps the stored one)."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         e = bundle.entry(name)
-        return cls(member, e.temperature, amp, cam_stride or e.cam_stride, e.cam_layer, e.cam_method or "gradcam",
-                   cam_smooth or e.cam_smooth or "none")
+        return cls(member, e.temperature, amp, e.explanation.override(**explain))
+
+    def with_explanation(self, **explain: object) -> "MemberRunner":
+        """The same member (weights shared) with its Explanation overridden; itself when nothing changes."""
+        x = self.explanation.override(**explain)
+        return self if x == self.explanation else MemberRunner(self.member, self.temperature, self.amp, x)
 
     @property
     def cam_stride(self) -> int:
@@ -85,7 +83,7 @@ class MemberRunner:
         x = x.to(self.device)
         if cam:
             logits, maps = self._maps(x, answer=True)
-            if self.cam_smooth == "flips":  # the flipped views give maps only, never the answer
+            if self.explanation.smooth == "flips":  # the flipped views give maps only, never the answer
                 maps = flip_smoothed(lambda v: self._maps(v, answer=False)[1], x, maps)
             maps = maps.cpu()
         else:
@@ -98,7 +96,7 @@ class MemberRunner:
         at one backward on the general path instead of one per class (what scoring a map needs)."""
         x, classes = x.to(self.device), torch.as_tensor(np.asarray(classes), device=self.device).long()
         maps = self._maps(x, answer=False, classes=classes)[1]
-        if self.cam_smooth == "flips":
+        if self.explanation.smooth == "flips":
             maps = flip_smoothed(lambda v: self._maps(v, answer=False, classes=classes.repeat(len(v) // len(x)))[1],
                                  x, maps)
         return maps[:, 0].cpu()
@@ -107,13 +105,14 @@ class MemberRunner:
               ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(logits of the trained member, or None unless `answer`; every class's maps, or with `classes`
         (B,) each image's map of its class, (B, 1, h, w))."""
-        if self.cam_layer:  # the answer from the trained member, the maps by the general path
+        layer, method = self.explanation.layer, self.explanation.method
+        if layer:  # the answer from the trained member, the maps by the general path
             logits = None
             if answer:
                 with torch.inference_mode():
                     logits = member_logits(self.member, x, self.bf16)
-            with GradCAM(self.cam_member, layer=self.cam_layer, fast=False, method=self.cam_method) as g, autocast(x.device, self.bf16):
+            with GradCAM(self.cam_member, layer=layer, fast=False, method=method) as g, autocast(x.device, self.bf16):
                 return logits, g(x, classes)[1]
         # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
-        with GradCAM(self.member, dense=self.cam_member, method=self.cam_method) as g, autocast(x.device, self.bf16):
+        with GradCAM(self.member, dense=self.cam_member, method=method) as g, autocast(x.device, self.bf16):
             return g(x, classes)

@@ -209,7 +209,7 @@ def _unwrap(model: nn.Module) -> Member:
     return model.module if hasattr(model, "module") else model
 
 
-def _loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runtime):
+def loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runtime):
     data_dir = cfg.data_dir
     tr_split = training_split(data_dir)
     train_df = load_manifest(data_dir, tr_split, classes)
@@ -356,7 +356,7 @@ def _setup(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None]) -> _R
     member = create_model(cfg.backbone, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
                           input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None,
                           output_stride=cfg.output_stride)
-    train_loader, val_loader, cached, batch_augment, n_free = _loaders(cfg, member, classes, runtime)
+    train_loader, val_loader, cached, batch_augment, n_free = loaders(cfg, member, classes, runtime)
     amp = configure_device(runtime.device, cfg.amp)
     if cfg.amp == "bf16" and not amp:
         log(f"[{cfg.backbone}] amp=bf16 asked for, but this CPU has no native bf16: training in fp32")

@@ -101,12 +101,15 @@ def api(ray_local, random_bundle):
     deploy(random_bundle)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while True:
         try:
             if requests.get(url + "/healthz", timeout=2).status_code == 200:
                 break
         except requests.ConnectionError:
             pass
+        if time.time() > deadline:
+            serve.delete("skinray")
+            pytest.fail(f"the Serve app at {url} did not answer /healthz within 120 s")
         time.sleep(0.5)
     yield url
     serve.delete("skinray")

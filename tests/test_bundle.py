@@ -209,9 +209,9 @@ def test_metrics_do_not_change_the_id_and_version_1_bundles_still_load(random_bu
 def test_cam_stride_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
     from skin.bundle import derive_bundle
     b = Bundle.load(random_bundle)
-    fine = derive_bundle(b, tmp_path / "fine", cam_strides={"resnet50": 8, "mobilenetv2": 16})
+    fine = derive_bundle(b, tmp_path / "fine", explanations={"resnet50": {"stride": 8}, "mobilenetv2": {"stride": 16}})
     loaded = Bundle.load(fine.root)
-    assert {e.name: e.cam_stride for e in loaded.members} == {"mobilenetv2": 16, "efficientnet_b1": None,
+    assert {e.name: e.explanation.stride for e in loaded.members} == {"mobilenetv2": 16, "efficientnet_b1": None,
                                                                 "resnet50": 8}
     assert loaded.id != b.id and all(e.output_stride == 32 for e in loaded.members)
     imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
@@ -221,22 +221,21 @@ def test_cam_stride_travels_with_the_bundle_and_never_changes_the_answer(random_
         np.testing.assert_array_equal(dense[n][0], coarse[n][0])
     assert dense["resnet50"][1].shape[-2:] == (8, 8) and coarse["resnet50"][1].shape[-2:] == (2, 2)
     assert dense["mobilenetv2"][1].shape[-2:] == (4, 4) and dense["efficientnet_b1"][1].shape[-2:] == (2, 2)
-    assert Predictor(b, cam_stride=8).member_outputs(imgs, cam=True)["efficientnet_b1"][1].shape[-2:] == (8, 8)
-    with pytest.raises(ValueError, match="output_stride must be one of"):
-        derive_bundle(b, tmp_path / "bad", cam_strides={"resnet50": 12})
+    assert Predictor(b, explain=dict.fromkeys(b.member_names, {"stride": 8})).member_outputs(imgs, cam=True)["efficientnet_b1"][1].shape[-2:] == (8, 8)
+    with pytest.raises(BundleError, match=r"resnet50: explanation stride \(cam_stride\) must be one of 8, 16, 32"):
+        derive_bundle(b, tmp_path / "bad", explanations={"resnet50": {"stride": 12}})
     with pytest.raises(BundleError, match="not in the bundle"):
-        derive_bundle(b, tmp_path / "bad2", cam_strides={"vgg": 8})
+        derive_bundle(b, tmp_path / "bad2", explanations={"vgg": {"stride": 8}})
 
 
 def test_cam_layer_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
     from skin.bundle import derive_bundle
     b = Bundle.load(random_bundle)
-    other = derive_bundle(b, tmp_path / "layer", cam_strides={"mobilenetv2": 8},
-                          cam_layers={"mobilenetv2": "backbone.blocks.3"})
+    other = derive_bundle(b, tmp_path / "layer", explanations={"mobilenetv2": {"stride": 8, "layer": "backbone.blocks.3"}})
     loaded = Bundle.load(other.root)
-    assert {e.name: e.cam_layer for e in loaded.members} == {"mobilenetv2": "backbone.blocks.3",
+    assert {e.name: e.explanation.layer for e in loaded.members} == {"mobilenetv2": "backbone.blocks.3",
                                                                "efficientnet_b1": None, "resnet50": None}
-    stride_only = derive_bundle(b, tmp_path / "stride", cam_strides={"mobilenetv2": 8})
+    stride_only = derive_bundle(b, tmp_path / "stride", explanations={"mobilenetv2": {"stride": 8}})
     assert loaded.id != stride_only.id  # the id covers the layer
     imgs = [make_sample(k, 0, 0, 96).image for k in range(2)]
     before, after = Predictor(b).member_outputs(imgs, cam=True), Predictor(loaded).member_outputs(imgs, cam=True)
@@ -246,9 +245,9 @@ def test_cam_layer_travels_with_the_bundle_and_never_changes_the_answer(random_b
     pooled = Predictor(stride_only).member_outputs(imgs, cam=True)["mobilenetv2"][1]  # the default layer, same stride
     assert not np.allclose(after["mobilenetv2"][1].numpy(), pooled.numpy())
     with pytest.raises(BundleError, match="has no layer 'backbone.nope'"):
-        derive_bundle(b, tmp_path / "bad", cam_layers={"mobilenetv2": "backbone.nope"})
+        derive_bundle(b, tmp_path / "bad", explanations={"mobilenetv2": {"layer": "backbone.nope"}})
     with pytest.raises(BundleError, match="not in the bundle"):
-        derive_bundle(b, tmp_path / "bad2", cam_layers={"vgg": "backbone.blocks.3"})
+        derive_bundle(b, tmp_path / "bad2", explanations={"vgg": {"layer": "backbone.blocks.3"}})
 
 
 def _only_maps_change(before: Bundle, after: Bundle, changed: str, unchanged: str) -> None:
@@ -264,19 +263,19 @@ def _only_maps_change(before: Bundle, after: Bundle, changed: str, unchanged: st
 def test_cam_method_travels_with_the_bundle_and_never_changes_the_answer(random_bundle, tmp_path):
     from skin.bundle import derive_bundle
     b = Bundle.load(random_bundle)
-    layer = {"resnet50": "backbone.layer2"}
-    grad = derive_bundle(b, tmp_path / "grad", cam_layers=layer)
-    assert derive_bundle(b, tmp_path / "grad2", cam_layers=layer, cam_methods={"resnet50": "gradcam"}).id == grad.id
+    layer = {"layer": "backbone.layer2"}
+    grad = derive_bundle(b, tmp_path / "grad", explanations={"resnet50": layer})
+    assert derive_bundle(b, tmp_path / "grad2", explanations={"resnet50": layer | {"method": "gradcam"}}).id == grad.id
     assert "cam_method" not in (grad.root / "bundle.json").read_text()  # the default is stored as no key
-    lc = Bundle.load(derive_bundle(b, tmp_path / "lc", cam_layers=layer, cam_methods={"resnet50": "layercam"}).root)
-    assert {e.name: e.cam_method for e in lc.members} == {"mobilenetv2": None, "efficientnet_b1": None,
-                                                            "resnet50": "layercam"}
+    lc = Bundle.load(derive_bundle(b, tmp_path / "lc", explanations={"resnet50": layer | {"method": "layercam"}}).root)
+    assert {e.name: e.explanation.method for e in lc.members} == {"mobilenetv2": "gradcam", "efficientnet_b1": "gradcam",
+                                                                    "resnet50": "layercam"}
     assert lc.id != grad.id  # the id covers the method
     _only_maps_change(grad, lc, changed="resnet50", unchanged="mobilenetv2")
     with pytest.raises(BundleError, match="one of gradcam, layercam"):
-        derive_bundle(b, tmp_path / "bad", cam_methods={"resnet50": "scorecam"})
+        derive_bundle(b, tmp_path / "bad", explanations={"resnet50": {"method": "scorecam"}})
     with pytest.raises(BundleError, match="not in the bundle"):
-        derive_bundle(b, tmp_path / "bad2", cam_methods={"vgg": "layercam"})
+        derive_bundle(b, tmp_path / "bad2", explanations={"vgg": {"method": "layercam"}})
     # a hand-edited method is refused on load
     import json
     d = json.loads((lc.root / "bundle.json").read_text())
@@ -292,15 +291,15 @@ def test_cam_smooth_travels_with_the_bundle_and_never_changes_the_answer(random_
     import json
     from skin.bundle import derive_bundle
     b = Bundle.load(random_bundle)
-    assert derive_bundle(b, tmp_path / "same", cam_smooths=dict.fromkeys(b.member_names, "none")).id == b.id
+    assert derive_bundle(b, tmp_path / "same", explanations=dict.fromkeys(b.member_names, {"smooth": "none"})).id == b.id
     assert "cam_smooth" not in (tmp_path / "same" / "bundle.json").read_text()  # the default is stored as no key
-    sm = Bundle.load(derive_bundle(b, tmp_path / "sm", cam_smooths={"mobilenetv2": "flips"}).root)
-    assert {e.name: e.cam_smooth for e in sm.members} == {"mobilenetv2": "flips", "efficientnet_b1": None,
-                                                            "resnet50": None}
+    sm = Bundle.load(derive_bundle(b, tmp_path / "sm", explanations={"mobilenetv2": {"smooth": "flips"}}).root)
+    assert {e.name: e.explanation.smooth for e in sm.members} == {"mobilenetv2": "flips", "efficientnet_b1": "none",
+                                                                    "resnet50": "none"}
     assert sm.id != b.id
     _only_maps_change(b, sm, changed="mobilenetv2", unchanged="resnet50")
     with pytest.raises(BundleError, match="one of none, flips"):
-        derive_bundle(b, tmp_path / "bad", cam_smooths={"resnet50": "rotations"})
+        derive_bundle(b, tmp_path / "bad", explanations={"resnet50": {"smooth": "rotations"}})
     d = json.loads((sm.root / "bundle.json").read_text())
     d["members"][0]["cam_smooth"] = "rotations"  # a hand-edited value is refused on load
     (sm.root / "bundle.json").write_text(json.dumps(d))

@@ -22,6 +22,18 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
         assert main(["explain", str(img), "--bundle", str(random_bundle), "--cam-smooth", smooth,
                      "--out", str(tmp_path / f"{smooth}.png")]) == 0
     assert (tmp_path / "none.png").read_bytes() != (tmp_path / "flips.png").read_bytes()
+    # every explanation option on the command line; a bad one: one line, exit 2, nothing written
+    assert main(["explain", str(img), "--bundle", str(random_bundle), "--cam-layer", "resnet50=backbone.layer2",
+                 "--cam-method", "layercam", "--cam-stride", "16", "--out", str(tmp_path / "lc.png")]) == 0
+    assert (tmp_path / "lc.png").read_bytes() != (tmp_path / "none.png").read_bytes()
+    capsys.readouterr()
+    for layer, says in (("resnet50=backbone.nope", "has no layer 'backbone.nope'"), ("resnet50", "MEMBER=LAYER"),
+                        ("vgg=backbone.layer2", "does not have")):
+        assert main(["explain", str(img), "--bundle", str(random_bundle), "--cam-layer", layer,
+                     "--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad.png").exists()
     # a folder, batched, into jobs/predict.py's table
     assert main(["predict", str(tmp_path / "s" / "test"), "--bundle", str(random_bundle), "--out",
                  str(tmp_path / "p.csv"), "--batch-size", "4"]) == 0

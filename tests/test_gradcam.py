@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from skin.gradcam import GradCAM, ensemble_map, normalize, upsample
+from skin.explanation import Explanation, ExplanationError
 from skin.inference import MemberRunner
 from skin.render import overlay, png_bytes
 from skin.registry import DEFAULT_MEMBERS, create_model
@@ -193,7 +194,7 @@ def test_dense_map_matches_pytorch_grad_cam_on_the_dense_model_and_keeps_the_ans
             ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
             assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, (name, k)
     coarse_p, coarse = MemberRunner(member)(x, cam=True)
-    fine_p, fine = MemberRunner(member, cam_stride=8)(x, cam=True)
+    fine_p, fine = MemberRunner(member, explanation=Explanation(stride=8))(x, cam=True)
     np.testing.assert_array_equal(fine_p, coarse_p)  # the answer never depends on the map's stride
     assert fine.shape[-2:] == (SIZE // 8, SIZE // 8) and coarse.shape[-2:] == (SIZE // 32, SIZE // 32)
     # the dense map is weighted by the trained member's gradient (its Jacobian at the trained pooling)
@@ -212,7 +213,7 @@ def test_map_at_another_layer_matches_pytorch_grad_cam_on_the_dense_model_and_ke
     from pytorch_grad_cam import GradCAM as ReferenceGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     member, x = _member("mobilenetv2")
-    run = MemberRunner(member, cam_stride=8, cam_layer="backbone.blocks.3")
+    run = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.3"))
     probs, maps = run(x, cam=True)
     np.testing.assert_array_equal(probs, MemberRunner(member)(x)[0])
     assert maps.shape == (len(x), 6, SIZE // 8, SIZE // 8)
@@ -223,9 +224,9 @@ def test_map_at_another_layer_matches_pytorch_grad_cam_on_the_dense_model_and_ke
             ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
             assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, k
     # the default layer is the one-pass path: naming it changes nothing
-    assert MemberRunner(member, cam_layer=member.spec.cam_layer).cam_layer is None
-    with pytest.raises(AttributeError):
-        MemberRunner(member, cam_layer="backbone.blocks.99")
+    assert MemberRunner(member, explanation=Explanation(layer=member.spec.cam_layer)).explanation.layer is None
+    with pytest.raises(ExplanationError, match="has no layer 'backbone.blocks.99'"):
+        MemberRunner(member, explanation=Explanation(layer="backbone.blocks.99"))
 
 
 def test_layercam_matches_pytorch_grad_cam_at_a_shallow_layer_and_keeps_the_answer():
@@ -235,7 +236,7 @@ def test_layercam_matches_pytorch_grad_cam_at_a_shallow_layer_and_keeps_the_answ
     from pytorch_grad_cam import LayerCAM as ReferenceLayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     member, x = _member("resnet50")
-    run = MemberRunner(member, cam_stride=8, cam_layer="backbone.layer2", cam_method="layercam")
+    run = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.layer2", method="layercam"))
     probs, maps = run(x, cam=True)
     np.testing.assert_array_equal(probs, MemberRunner(member)(x)[0])
     dense = run.cam_member
@@ -244,10 +245,10 @@ def test_layercam_matches_pytorch_grad_cam_at_a_shallow_layer_and_keeps_the_answ
             expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
             ours = normalize(upsample(maps[:, k], (SIZE, SIZE))).numpy()
             assert np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1.0) <= 1e-4, k
-    grad = MemberRunner(member, cam_stride=8, cam_layer="backbone.layer2")(x, cam=True)[1]
+    grad = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.layer2"))(x, cam=True)[1]
     assert not torch.allclose(normalize(grad), normalize(maps), atol=1e-2)
     with pytest.raises(ValueError, match="one of gradcam, layercam"):
-        MemberRunner(member, cam_method="scorecam")
+        MemberRunner(member, explanation=Explanation(method="scorecam"))
 
 
 def test_layercam_keeps_the_one_pass_path_where_the_gradient_is_constant(member_and_input):
@@ -291,7 +292,7 @@ def test_flip_smoothed_maps_match_pytorch_grad_cam_aug_smooth_and_keep_the_answe
     member, x = _member(name)
     x = x[:, :, :, : SIZE - 32]  # not square: a flip that swapped the axes would show
     # a shallow layer: the general path on the stride-8 copy; the pooled layer: the one pass on the trained model
-    run = MemberRunner(member, cam_stride=8 if layer else None, cam_layer=layer, cam_method=method, cam_smooth="flips")
+    run = MemberRunner(member, explanation=Explanation(stride=8 if layer else None, layer=layer, method=method, smooth="flips"))
     probs, maps = run(x, cam=True)
     np.testing.assert_array_equal(probs, MemberRunner(member)(x)[0])
     model = run.cam_member if layer else member
@@ -306,15 +307,15 @@ def test_flip_smoothed_maps_follow_a_flip_of_the_image():
     group); the unsmoothed maps of the stride-8 copy are not (strided convolutions are not
     flip-symmetric), so the property is the smoothing's."""
     member, x = _member("efficientnet_b1")
-    smooth = MemberRunner(member, cam_stride=8, cam_layer="backbone.blocks.2", cam_method="layercam", cam_smooth="flips")
-    plain = MemberRunner(member, cam_stride=8, cam_layer="backbone.blocks.2", cam_method="layercam")
+    smooth = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.2", method="layercam", smooth="flips"))
+    plain = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.2", method="layercam"))
     for dims in ((-1,), (-2,)):
         torch.testing.assert_close(smooth(x.flip(dims), cam=True)[1], smooth(x, cam=True)[1].flip(dims),
                                    rtol=1e-4, atol=1e-5)
         a, b = normalize(plain(x.flip(dims), cam=True)[1]), normalize(plain(x, cam=True)[1]).flip(dims)
         assert (a - b).abs().max() > 1e-2
     with pytest.raises(ValueError, match="one of none, flips"):
-        MemberRunner(member, cam_smooth="rotations")
+        MemberRunner(member, explanation=Explanation(smooth="rotations"))
 
 
 @pytest.mark.parametrize("layer, smooth", [(None, "none"), ("backbone.blocks.3", "none"), ("backbone.blocks.3", "flips")])
@@ -322,7 +323,7 @@ def test_class_maps_are_the_all_class_maps_at_each_images_class(layer, smooth):
     """MemberRunner.class_maps (one backward on the general path, for scoring) gives each image the
     map the all-class path gives it for that class: one-pass, general, flip-averaged."""
     member, x = _member("mobilenetv2")
-    run = MemberRunner(member, cam_stride=8, cam_layer=layer, cam_method="layercam", cam_smooth=smooth)
+    run = MemberRunner(member, explanation=Explanation(stride=8, layer=layer, method="layercam", smooth=smooth))
     classes = torch.tensor([4, 1])
     want = run(x, cam=True)[1][torch.arange(len(x)), classes]
     got = run.class_maps(x, classes)

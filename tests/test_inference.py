@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from skin.bundle import Bundle, derive_bundle
 from skin.ensemble import Predictor, assemble
+from skin.explanation import Explanation
 from skin.inference import MemberRunner, calibrated
 from skin.synth import make_sample
 
@@ -83,7 +84,7 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     """Pointing game and energy against planted masks: a mask over the whole image holds every
     peak and all the energy; an empty one none; rows without a mask stay unmeasured."""
     from PIL import Image
-    from skin.evaluation import BatchScorer, faithfulness, _to_frame
+    from skin.evaluation import BatchScorer, faithfulness, to_frame
     paths, masks = [], []
     for i, fill in enumerate((255, 0, None)):
         paths.append(str(tmp_path / f"{i}.png"))
@@ -132,7 +133,7 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
                       "mask": np.array([str(tmp_path / "patch-mask.png")])})
         assert got["pointing:untrained"][0] == hit and got["pointing:untrained:resnet50"][0] == hit, cell
     scorer._untrained = real_untrained
-    f = faithfulness(_to_frame([out], scorer.bundle.member_names), scorer.bundle)
+    f = faithfulness(to_frame([out], scorer.bundle.member_names), scorer.bundle)
     assert f["images"] == 2 and f["pointing"] == 0.5
     assert f["baseline"]["centre_pointing"] == 0.5 and f["baseline"]["flat_energy"] == 0.5
     assert f["baseline"]["contrast_pointing"] == 0.5 and f["baseline"]["untrained_pointing"] == 0.5
@@ -140,20 +141,20 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     # the untrained copies: each member's architecture, explanation stride and layer, other weights
     for n, run in scorer.runners.items():
         fresh = scorer.untrained[n]
-        assert (fresh.cam_stride, fresh.cam_layer, fresh.member.spec.name) == (run.cam_stride, run.cam_layer, n)
+        assert (fresh.cam_stride, fresh.explanation, fresh.member.spec.name) == (run.cam_stride, run.explanation, n)
         a, b = run.member.state_dict(), fresh.member.state_dict()
         assert a.keys() == b.keys()
         assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith("conv1.weight") or k.endswith("0.weight"))
     # ... and its explanation method and smoothing: a flip-averaged LayerCAM bundle's untrained copies are
     # explained by flip-averaged LayerCAM
     from skin.bundle import Bundle, derive_bundle
-    lc = derive_bundle(Bundle.load(random_bundle), tmp_path / "lc", cam_layers={"resnet50": "backbone.layer2"},
-                       cam_methods={"resnet50": "layercam"}, cam_smooths={"resnet50": "flips"})
+    lc = derive_bundle(Bundle.load(random_bundle), tmp_path / "lc", explanations={"resnet50": {
+        "layer": "backbone.layer2", "method": "layercam", "smooth": "flips"}})
     scorer = BatchScorer(str(lc.root))
-    assert scorer.runners["resnet50"].cam_method == scorer.untrained["resnet50"].cam_method == "layercam"
-    assert scorer.runners["resnet50"].cam_smooth == scorer.untrained["resnet50"].cam_smooth == "flips"
-    assert scorer.untrained["mobilenetv2"].cam_method == "gradcam" and scorer.untrained["mobilenetv2"].cam_smooth == "none"
-    f = faithfulness(_to_frame([scorer({"path": np.array(paths[:2]), "label_index": np.zeros(2, int),
+    want = Explanation(layer="backbone.layer2", method="layercam", smooth="flips")
+    assert scorer.runners["resnet50"].explanation == scorer.untrained["resnet50"].explanation == want
+    assert scorer.untrained["mobilenetv2"].explanation == Explanation()
+    f = faithfulness(to_frame([scorer({"path": np.array(paths[:2]), "label_index": np.zeros(2, int),
                                         "mask": np.array(masks[:2])})], lc.member_names), lc)
     assert f["method"] == "Grad-CAM / LayerCAM (partly flip-averaged)" and f["cam_methods"]["resnet50"] == "layercam"
     assert f["cam_smooths"] == {"mobilenetv2": "none", "efficientnet_b1": "none", "resnet50": "flips"}
@@ -169,9 +170,9 @@ def test_scorer_scores_the_maps_the_service_draws(random_bundle, tmp_path):
     from skin.bundle import Bundle, derive_bundle
     from skin.evaluation import BatchScorer
     from skin.metrics import energy_inside, pointing_hit
-    b = derive_bundle(Bundle.load(random_bundle), tmp_path / "b", cam_strides={"mobilenetv2": 8},
-                      cam_layers={"mobilenetv2": "backbone.blocks.3"}, cam_methods={"mobilenetv2": "layercam"},
-                      cam_smooths={"mobilenetv2": "flips", "resnet50": "flips"})
+    b = derive_bundle(Bundle.load(random_bundle), tmp_path / "b", explanations={
+        "mobilenetv2": {"stride": 8, "layer": "backbone.blocks.3", "method": "layercam", "smooth": "flips"},
+        "resnet50": {"smooth": "flips"}})
     samples = [make_sample(k, 2, k, 96) for k in range(4)]
     paths, masks = [], []
     for k, s in enumerate(samples):

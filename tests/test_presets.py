@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as F
 from skin.data import load_classes
 from skin.presets import BatchAugment, color_jitter, rotate, shift_hue, train_preset
 from skin.registry import DataConfig, create_model
-from skin.train import LocalRuntime, TrainConfig, _loaders
+from skin.train import LocalRuntime, TrainConfig, loaders
 
 
 @pytest.fixture()
@@ -92,7 +92,7 @@ def test_loader_ships_uint8_to_a_gpu_and_floats_on_a_cpu(scanned, tmp_path):
         rt = LocalRuntime(str(tmp_path / device), device=torch.device(device), cpus=1.0)
         with warnings.catch_warnings():  # pin_memory without an accelerator warns
             warnings.simplefilter("ignore")
-            train, _, _, augment, _ = _loaders(cfg, member, classes, rt)
+            train, _, _, augment, _ = loaders(cfg, member, classes, rt)
             x, y, _ = next(iter(train))
         assert x.dtype == dtype
         assert (augment is not None) == (device == "cuda")

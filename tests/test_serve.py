@@ -192,7 +192,7 @@ def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
     c = c.json()
     assert a["probabilities"] == c["probabilities"] and a["gradcam"]["map_png"] != c["gradcam"]["map_png"]
     bad = post(api, data, params={"cam_smooth": "rotations"})
-    assert bad.status_code == 422 and "cam_smooth must be none or flips" in bad.json()["error"]["message"]
+    assert bad.status_code == 422 and "(cam_smooth) must be one of none, flips" in bad.json()["error"]["message"]
     plain = post(api, data, params={"cam": "false"}).json()  # no maps asked for: none computed, the same answer
     assert plain.get("gradcam") is None and plain["class"] == a["class"]
     assert max(abs(plain["probabilities"][k] - p) for k, p in a["probabilities"].items()) < 1e-6
@@ -200,3 +200,48 @@ def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
     assert all(m["cam_stride"] == m["output_stride"] == 32 for m in members)
     assert {m["name"]: m["cam_layer"] for m in members}["resnet50"] == "backbone.layer4"  # the default: pooled layer
     assert {m["cam_method"] for m in members} == {"gradcam"} and {m["cam_smooth"] for m in members} == {"none"}
+
+
+def test_explanation_options_per_request(api):
+    """cam_layer (MEMBER=LAYER) and cam_method per request: the same answer, other maps; bad values get 422
+    with one line naming the option."""
+    data = _jpeg(3, 1, 128)
+    a = post(api, data).json()
+    b = post(api, data, params={"cam_layer": ["resnet50=backbone.layer2", "mobilenetv2=backbone.blocks.3"],
+                                "cam_method": "layercam"})
+    assert b.status_code == 200, b.text
+    b = b.json()
+    assert a["probabilities"] == b["probabilities"] and a["gradcam"]["map_png"] != b["gradcam"]["map_png"]
+    for params, words in (({"cam_layer": "resnet50"}, "MEMBER=LAYER"),
+                          ({"cam_layer": "vgg16=backbone.layer2"}, "does not have"),
+                          ({"cam_layer": "resnet50=backbone.nope"}, "has no layer 'backbone.nope'"),
+                          ({"cam_method": "scorecam"}, "(cam_method) must be one of gradcam, layercam")):
+        bad = post(api, data, params=params)
+        assert bad.status_code == 422 and words in bad.json()["error"]["message"], (params, bad.text)
+
+
+def test_a_request_overrides_only_what_it_sets(api, random_bundle, tmp_path_factory):
+    """A bundle that stores stride-16 maps keeps them when a request sets only cam_smooth or cam_method
+    (the request's other options come from the bundle, not from the defaults)."""
+    from skin.bundle import derive_bundle
+    src = Bundle.load(random_bundle)
+    b16 = derive_bundle(src, tmp_path_factory.mktemp("b16") / "b",
+                        explanations=dict.fromkeys(src.member_names, {"stride": 16}))
+    data = _jpeg(1, 4, 128)
+    try:
+        _deploy(b16.root)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == b16.id)
+        info = requests.get(api + "/v1/info", timeout=5).json()
+        assert {m["cam_stride"] for m in info["members"]} == {16}
+        assert {m["explanation"]["stride"] for m in info["members"]} == {16}
+
+        def map_of(**params):
+            r = post(api, data, params=params)
+            assert r.status_code == 200, r.text
+            return r.json()["gradcam"]["map_png"]
+        for option in ({"cam_smooth": "flips"}, {"cam_method": "layercam"}):
+            assert map_of(**option) == map_of(**option, cam_stride=16), option  # the bundle's stride kept
+            assert map_of(**option) != map_of(**option, cam_stride=32), option
+    finally:
+        _deploy(random_bundle)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == src.id)

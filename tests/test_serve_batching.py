@@ -54,8 +54,8 @@ def test_requests_that_arrive_during_a_batch_form_the_next_batch(random_bundle, 
 
 
 def test_member_computes_maps_only_when_asked(random_bundle, monkeypatch):
-    """A plain image gets the bundle's maps; (image, (cam, cam_stride, cam_smooth)) gets none without
-    `cam`, or maps at another stride / smoothed over the flips; the answer never changes."""
+    """A plain image gets the bundle's maps; (image, (cam, explain)) gets none without `cam`, or maps at
+    another stride / smoothed over the flips; the answer never changes."""
     import ray.serve.batching
     monkeypatch.setattr(ray.serve.batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
@@ -66,9 +66,10 @@ def test_member_computes_maps_only_when_asked(random_bundle, monkeypatch):
         make_sample(2, 0, 0, 64).image).numpy()[None]
     probs, maps, _ = member._run(x)
     assert maps.shape[:2] == (1, 6)
-    for options, shape in (((False, None, None), None), ((True, 8, None), (1, 6, 8, 8)), ((True, None, "flips"), maps.shape)):
+    for options, shape in (((False, ()), None), ((True, (("stride", 8),)), (1, 6, 8, 8)),
+                           ((True, (("smooth", "flips"),)), maps.shape)):
         p, m, _ = member._run(x, options)
         np.testing.assert_allclose(p, probs, atol=1e-6)
         assert (m is None) if shape is None else m.shape == shape, options
-    smoothed = member._run(x, (True, None, "flips"))[1]
+    smoothed = member._run(x, (True, (("smooth", "flips"),)))[1]
     assert not np.allclose(smoothed, maps)

@@ -75,8 +75,7 @@ def test_page_shows_the_bundles_faithfulness_and_takes_heic(api, monkeypatch):
                                                 "masks": "synthetic lesions (skin data synth)",
                                                 "baseline": {"centre_pointing": 0.4, "flat_energy": 0.09,
                                                              "contrast_pointing": 0.8, "untrained_pointing": 0.31}}}
-            for m in data["members"]:
-                m["cam_method"], m["cam_smooth"] = "layercam", "flips"
+            data["explanation"] = "LayerCAM (flip-averaged)"
             resp._content = json.dumps(data).encode()
         return resp
     monkeypatch.setattr(requests, "request", with_faithfulness)
@@ -178,6 +177,7 @@ def test_end_to_end_in_chromium(page_server, tmp_path):
             page.get_by_text("Predicted class").wait_for(timeout=90_000)
             page.get_by_text("where the ensemble looked for").wait_for(timeout=30_000)
             text = page.inner_text("body")
+            assert "Deploy" not in text  # a clinician's page: no developer toolbar (client.toolbarMode viewer)
             assert any(c in text for c in ("Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"))
             assert page.locator("img").count() >= 2
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)

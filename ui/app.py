@@ -132,13 +132,9 @@ def faithfulness_caption(info: dict | None) -> str:
 
 
 def explanation_name(info: dict | None) -> str:
-    """The method the bundle's members explain with (/v1/info): Grad-CAM, LayerCAM or both, and whether
-    their maps are averaged over the image's flips (all members, or some)."""
-    members = (info or {}).get("members", [])
-    methods = {m.get("cam_method", "gradcam") for m in members} or {"gradcam"}
-    name = " / ".join({"gradcam": "Grad-CAM", "layercam": "LayerCAM"}.get(m, m) for m in sorted(methods))
-    flips = [m.get("cam_smooth", "none") == "flips" for m in members]
-    return name + (" (flip-averaged)" if flips and all(flips) else " (partly flip-averaged)" if any(flips) else "")
+    """What the maps are, as the server names them (/v1/info "explanation": Grad-CAM, LayerCAM or both,
+    flip-averaged or not)."""
+    return (info or {}).get("explanation") or "Grad-CAM"
 
 
 def baseline_caption(b: dict) -> str:
@@ -189,6 +185,7 @@ def show_result(name: str, image: Image.Image, result: dict, alpha: float, info:
 
 def main() -> None:
     st.set_page_config(page_title="skinray", layout="wide")
+    st.set_option("client.toolbarMode", "viewer")  # a clinician's page: no Deploy / Rerun / Clear cache
     api, key, alpha, info = sidebar()
     st.title("Skin-lesion classifier")
     st.info(NOTICE)
