@@ -4,7 +4,7 @@
 
 1. Epoch time of one member with 2 DDP workers (one per 1-CPU node) ÷ 1 worker, same data and
    settings, runs alternated and repeated; the median epoch after the first of each run.
-2. The node drill (tests/simcluster.py): 2 workers, the node of one killed after the first
+2. The node drill (cluster/simcluster.py): 2 workers, the node of one killed after the first
    checkpoint; seconds from the kill to the resumed worker's "resumed from epoch" line.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.simcluster import LineLog, drill, simulated_cluster, token_env  # noqa: E402
+from cluster.simcluster import LineLog, drill, simulated_cluster, token_env  # noqa: E402
 
 
 def make_data(root: Path, per_class: int) -> Path:

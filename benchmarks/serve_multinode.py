@@ -32,7 +32,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._harness import random_bundle  # noqa: E402
-from tests.simcluster import simulated_cluster, token_env  # noqa: E402
+from cluster.simcluster import simulated_cluster, token_env  # noqa: E402
 
 
 def image_bytes() -> bytes:

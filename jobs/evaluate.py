@@ -22,6 +22,7 @@ from pathlib import Path
 
 from skin.args import explanation_request
 from skin.bundle import Bundle
+from skin.cluster import add_cluster_arguments
 from skin.data import load_classes, load_lesion_free, load_manifest
 from skin.evaluation import (BatchScorer, to_frame, attach_masks, lesion_free_summary, store_in_bundle, summarize,
                              write_report)
@@ -45,13 +46,8 @@ def parse_args(argv=None):
     from skin.args import add_explanation_arguments
     add_explanation_arguments(p)
     p.add_argument("--no-store", action="store_true", help="do not write the metrics into bundle.json")
-    p.add_argument("--dry-run", action="store_true", help="print the resource plan of the scorer actors and exit "
-                   "(0 when each fits a node or a node type the autoscaler can start, 2 when not)")
-    p.add_argument("--node-types", metavar="FILE", help="autoscaling node types (`ray up` YAML or KubeRay manifest); "
-                   "default: what the cluster's autoscaler reports")
-    p.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset (a job submitted to a "
-                   "cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to join a running local cluster)")
+    add_cluster_arguments(p, "print the resource plan of the scorer actors and exit (0 when each fits a node or a "
+                          "node type the autoscaler can start, 2 when not)")
     return p.parse_args(argv)
 
 
@@ -73,14 +69,17 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(a.bundle).resolve().parent / f"eval-{a.split}"
 
     import ray
-    from skin.distributed import init_ray, plan_or_exit
+    from skin.cluster import ClusterError, init_ray, plan_cluster
     from skin.plan import Group
-    init_ray(a.num_cpus)
     try:
-        plan_or_exit("evaluate.py", [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)],
+        init_ray(a.num_cpus)
+        plan_cluster("evaluate.py", [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)],
                      a.node_types, a.dry_run, a.scale_timeout)
-    except SystemExit as e:
-        return int(e.code or 0)
+    except ClusterError as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        return e.code
+    if a.dry_run:
+        return 0
     t0 = time.time()
 
     def score(rows):

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from skin.cluster import add_cluster_arguments
 from skin.args import add_amp_argument, add_explanation_arguments, at_least, explanation_request, fraction
 
 
@@ -44,10 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--uncertain-below", type=fraction, default=0.5, help="flag answers under this confidence")
     add_amp_argument(p)
     p.add_argument("--progress-every", type=at_least(1), default=500, help="a progress line every N files (default 500)")
-    p.add_argument("--dry-run", action="store_true", help="list the inputs, print the resource plan and exit")
-    p.add_argument("--node-types", metavar="FILE", help="autoscaling node types (`ray up` YAML or KubeRay manifest)")
-    p.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset")
+    add_cluster_arguments(p, "list the inputs, print the resource plan and exit")
     return p.parse_args(argv)
 
 
@@ -92,14 +90,17 @@ def main(argv=None) -> int:
     if todo:
         import ray
         from skin.batch import BatchPredictor
-        from skin.distributed import init_ray, plan_or_exit
+        from skin.cluster import ClusterError, init_ray, plan_cluster
         from skin.plan import Group
-        init_ray(a.num_cpus)
         try:
-            plan = plan_or_exit("predict.py", [Group("predictor", a.workers, a.cpus_per_worker, a.gpus_per_worker)],
+            init_ray(a.num_cpus)
+            plan = plan_cluster("predict.py", [Group("predictor", a.workers, a.cpus_per_worker, a.gpus_per_worker)],
                                 a.node_types, a.dry_run, a.scale_timeout)
-        except SystemExit as e:
-            return int(e.code or 0)
+        except ClusterError as e:
+            print(f"predict.py: {e}", file=sys.stderr)
+            return e.code
+        if a.dry_run:
+            return 0
         cpus = a.cpus_per_worker or plan.groups[0].cpus
         ds = ray.data.from_items([{"path": p} for p in todo],
                                  override_num_blocks=max(1, min(len(todo) // a.batch_size, 1000)))

@@ -28,6 +28,7 @@ import yaml
 
 from skin.bundle import write_bundle
 from skin.checkpoint import atomic_write_json, load_member, load_tensors, save_tensors
+from skin.cluster import add_cluster_arguments
 from skin.data import DatasetError, load_classes, load_manifest, training_split
 from skin.registry import DEFAULT_MEMBERS, DEFAULT_WEIGHTS, OUTPUT_STRIDES, list_backbones
 from skin.train import SCORE, TrainConfig
@@ -61,15 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage-path", help="Ray Train storage: a local folder (default OUT/ray_results) or "
                    "shared storage (s3://..., NFS) on multi-node clusters")
     p.add_argument("--name", help="run name; re-running with the same name and storage resumes (default skinray-train)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset (a job submitted to a "
-                   "cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to join a running local cluster)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dry-run", action="store_true", help="print the resource plan for the connected cluster and exit: "
-                   "0 when every worker fits a node (or a node type the autoscaler can start), 2 when not")
-    p.add_argument("--node-types", metavar="FILE", help="the cluster's autoscaling node types: a `ray up` YAML or a "
-                   "KubeRay manifest. Workers that do not fit the nodes running now are placed on node types the "
-                   "autoscaler can start, and those nodes are requested (ray.autoscaler.sdk.request_resources)")
-    p.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes (default 900)")
+    add_cluster_arguments(p, "print the resource plan for the connected cluster and exit: 0 when every worker fits "
+                          "a node (or a node type the autoscaler can start), 2 when not")
     return p.parse_args(argv)
 
 
@@ -124,7 +119,7 @@ def check_resume(storage: str, run: str, classes) -> None:
     for meta in sorted(folder.glob("checkpoint_*/member.json")):
         saved = json.loads(meta.read_text()).get("classes")
         if saved and list(saved) != list(classes):
-            raise SystemExit(f"train.py: run {run} in {storage} was started with class map {saved}, the "
+            raise ValueError(f"run {run} in {storage} was started with class map {saved}, the "
                              f"data now has {list(classes)}; use a new --name (or --storage-path) to start over")
 
 
@@ -159,32 +154,36 @@ def main(argv=None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
 
-    from skin.distributed import Scaling, init_ray, plan_or_exit, release_nodes
+    from skin.cluster import ClusterError, init_ray, plan_cluster, release_nodes
+    from skin.distributed import Scaling
     from skin.plan import Group
-    init_ray(a.num_cpus)
     gpus = float(cfg["gpus_per_worker"] or 0)
     try:
-        plan = plan_or_exit("train.py", [Group(m, cfg["workers"], cfg["cpus_per_worker"], gpus) for m in members],
+        init_ray(a.num_cpus)
+        plan = plan_cluster("train.py", [Group(m, cfg["workers"], cfg["cpus_per_worker"], gpus) for m in members],
                             a.node_types, a.dry_run, a.scale_timeout)
-    except SystemExit as e:
-        return int(e.code or 0)
+    except ClusterError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return e.code
+    if a.dry_run:
+        return 0
     scaling = Scaling(cfg["workers"], plan.groups[0].cpus, gpus)
     try:
-        return _train(a, cfg, members, weights, configs, scaling, data_dir, out)
+        return _train(cfg, members, weights, configs, scaling, data_dir, out)
     finally:
         if plan.new_nodes:
             release_nodes()
 
 
-def _train(a, cfg, members, weights, configs, scaling, data_dir, out) -> int:
+def _train(cfg, members, weights, configs, scaling, data_dir, out) -> int:
     from skin.distributed import best_checkpoint_dir, fit_concurrently, make_trainer
     storage = cfg["storage_path"] or str(out / "ray_results")
     classes = load_classes(data_dir)
     try:
         for m in members:
             check_resume(storage, f"{cfg['name']}-{m}", classes)
-    except SystemExit as e:
-        print(e, file=sys.stderr)
+    except ValueError as e:
+        print(f"train.py: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**cfg, "weights": weights, "data": data_dir, "out": str(out), "storage_path": storage,

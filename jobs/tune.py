@@ -33,7 +33,7 @@ from skin.calibration import (apply_temperature, best_index, dirichlet_candidate
                               score_candidates, simplex_grid, temperature_fit)
 from skin.ensemble import combine
 from skin.checkpoint import load_tensors
-from skin.distributed import init_ray
+from skin.cluster import ClusterError, add_cluster_arguments, init_ray, plan_cluster
 from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
 from skin.train import SCORE, TrainConfig
 
@@ -97,7 +97,11 @@ def cmd_weights(a) -> int:
     cal = {n: apply_temperature(raw[n], temps[n]) for n in names}
     _print_calibration(calib)
 
-    init_ray(a.num_cpus)
+    try:
+        init_ray(a.num_cpus)
+    except ClusterError as e:
+        print(f"tune.py: {e}", file=sys.stderr)
+        return e.code
     stacked = np.stack([cal[n] for n in names])
     t0 = time.time()
     weights, best, df = search_weights(stacked, labels, a.objective, a.candidates, a.seed,
@@ -182,15 +186,17 @@ def epochs_run(grid) -> dict:
 
 def cmd_dropout(a) -> int:
     from ray import tune
-    from skin.distributed import plan_or_exit
     from skin.plan import Group
     out = Path(a.out).resolve()
-    init_ray(a.num_cpus)
     try:  # each concurrent trial is one Train worker
-        plan_or_exit("tune.py", [Group("trial", a.concurrent, a.cpus_per_trial, 0.0)], a.node_types, a.dry_run,
+        init_ray(a.num_cpus)
+        plan_cluster("tune.py", [Group("trial", a.concurrent, a.cpus_per_trial, 0.0)], a.node_types, a.dry_run,
                      a.scale_timeout)
-    except SystemExit as e:
-        return int(e.code or 0)
+    except ClusterError as e:
+        print(f"tune.py: {e}", file=sys.stderr)
+        return e.code
+    if a.dry_run:
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     base = {"epochs": a.epochs, "image_size": a.image_size, "pretrained": a.pretrained, "batch_size": a.batch_size,
             "per_image_norm": a.per_image_norm, "augment": a.augment, "data_dir": str(Path(a.data).resolve())}
@@ -265,8 +271,8 @@ def main(argv=None) -> int:
     w.add_argument("--force", action="store_true",
                    help="keep the searched weights even when the out-of-fold check shows no held-out gain")
     w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--storage-path")
-    w.add_argument("--num-cpus", type=int)
+    w.add_argument("--storage-path", help="Ray Tune storage (default TRAIN_OUT/ray_results)")
+    w.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset")
     w.set_defaults(fn=cmd_weights)
     d = sub.add_parser("dropout", help="ASHA search of head dropout and learning rate per member")
     d.add_argument("--data", required=True)
@@ -283,10 +289,7 @@ def main(argv=None) -> int:
     d.add_argument("--per-image-norm", action="store_true")
     d.add_argument("--augment", default="standard", choices=["standard", "light"])
     d.add_argument("--smoke", action="store_true", help="tiny images, 4 short epochs, random init")
-    d.add_argument("--num-cpus", type=int)
-    d.add_argument("--dry-run", action="store_true", help="print the resource plan of the concurrent trials and exit")
-    d.add_argument("--node-types", metavar="FILE", help="autoscaling node types (`ray up` YAML or KubeRay manifest)")
-    d.add_argument("--scale-timeout", type=float, default=900, help="seconds to wait for requested nodes")
+    add_cluster_arguments(d, "print the resource plan of the concurrent trials and exit")
     d.set_defaults(fn=cmd_dropout)
     a = p.parse_args(argv)
     return a.fn(a)

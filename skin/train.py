@@ -205,10 +205,6 @@ def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
-def _unwrap(model: nn.Module) -> Member:
-    return model.module if hasattr(model, "module") else model
-
-
 def loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runtime):
     data_dir = cfg.data_dir
     tr_split = training_split(data_dir)

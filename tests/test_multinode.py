@@ -1,4 +1,4 @@
-"""Scale-out on a real multi-node Ray cluster on this machine (tests/simcluster.py): DDP across
+"""Scale-out on a real multi-node Ray cluster on this machine (cluster/simcluster.py): DDP across
 nodes with whole-split validation, a node killed mid-run, and resource plans that fit the node
 shapes of the shipped cluster configs. Each cluster runs in a child process (this session's
 own Ray is already initialised)."""
@@ -69,7 +69,7 @@ def test_rayservice_members_fit_its_pods():
 # --------------------------------------------------------------------------- on simulated clusters
 def _sim(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "tests.simcluster", *args], cwd=ROOT, env=env, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "cluster.simcluster", *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True)
 
 

@@ -4,8 +4,8 @@ Real raylets (`ray.cluster_utils.Cluster`): a head with no CPUs (the driver and 
 controllers run there) and worker nodes with declared shapes, token auth on. Used by
 tests/test_multinode.py and benchmarks/multinode.py; run it directly to try a plan:
 
-    python -m tests.simcluster plan --node 8:1 --node 8:1 --node 8:1 --args "--data D --out O --gpus-per-worker 1"
-    python -m tests.simcluster drill --data SCANNED --out OUT --json result.json
+    python -m cluster.simcluster plan --node 8:1 --node 8:1 --node 8:1 --args "--data D --out O --gpus-per-worker 1"
+    python -m cluster.simcluster drill --data SCANNED --out OUT --json result.json
 
 `drill` trains one member with 2 DDP workers on two nodes, kills a node holding a worker after
 the first checkpoint, and reports what happened (resume, seconds from the kill to the resumed

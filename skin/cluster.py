@@ -1,0 +1,168 @@
+"""Finding and planning the Ray cluster a job runs on: joining it (with its token), what its nodes and
+autoscaler offer, a resource plan for a job's worker groups (skin.plan), and waiting for requested
+nodes. Nothing here imports the training stack; the jobs turn a ClusterError into its exit code.
+
+    init_ray(num_cpus)                                   # RAY_ADDRESS's cluster, else a private local Ray
+    plan = plan_cluster("train.py", [Group("resnet50", 2, 4, 1)], dry_run=a.dry_run)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class ClusterError(Exception):
+    """The job cannot run on this cluster (or reach it); the message says why and how to fix it.
+    `code`: the exit code the jobs return (2: bad plan or access, 3: nodes did not come)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, dry_run_help: str) -> None:
+    """--num-cpus, --dry-run, --node-types, --scale-timeout: the same on every job."""
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is "
+                        "unset (a job submitted to a cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to "
+                        "join a running local cluster)")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--node-types", metavar="FILE", help="the cluster's autoscaling node types: a `ray up` YAML "
+                        "or a KubeRay manifest (default: what the cluster's autoscaler reports). Workers that do not "
+                        "fit the nodes running now are placed on node types the autoscaler can start, and those "
+                        "nodes are requested")
+    parser.add_argument("--scale-timeout", type=float, default=900,
+                        help="seconds to wait for requested nodes (default 900)")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by Ray for a submitted job, or by the user, e.g.
+    `auto`); otherwise start a private local Ray, never attaching to a stale or foreign one.
+    A cluster that refuses this client's token raises ClusterError with one line saying how to fix it."""
+    import ray
+    from ray.exceptions import AuthenticationError
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init()
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    except (AuthenticationError, ConnectionError) as e:
+        fix = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<file> (or RAY_AUTH_TOKEN) to the cluster's token "
+               "(the local head's: `source <(bash cluster/local.sh env)`)")
+        if isinstance(e, AuthenticationError):
+            raise ClusterError(f"the Ray cluster at {address or 'localhost'} needs a token and none was found; "
+                               f"{fix}") from None
+        # Ray retries a refused token until it gives up with a ConnectionError
+        given = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else os.environ.get("RAY_AUTH_TOKEN_PATH")
+        raise ClusterError(f"could not connect to the Ray cluster at {address}: it refused this client's token "
+                           f"({given or 'none'}; 'InvalidAuthToken' above) or is not running there (`ray status`); "
+                           f"{fix}") from None
+
+
+def cluster_nodes(node_types_file: str | None = None):
+    """Shapes of the connected cluster's alive nodes by their *free* resources now (a Serve app
+    or another job may hold some), plus the node types an autoscaler may still start: those the
+    autoscaler reported to the GCS (autoscaler v2, KubeRay), or those in `node_types_file` (a
+    `ray up` YAML or a KubeRay manifest) when given."""
+    import ray
+    from .plan import merge_autoscaler_types, nodes_from_file, nodes_from_resources
+    free = _free_per_node()
+    per_node = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        res = free.get(n["NodeID"], n.get("Resources", {}))
+        per_node.append((n.get("NodeManagerAddress", "node") + ("(head)" if "node:__internal_head__" in
+                                                                   n.get("Resources", {}) else ""), res))
+    nodes = nodes_from_resources(per_node)
+    types = nodes_from_file(node_types_file) if node_types_file else _autoscaler_types()
+    return merge_autoscaler_types(nodes, types) if types else nodes
+
+
+def _autoscaler_types():
+    """Node types the cluster's autoscaler reported to the GCS (as Ray Data reads them)."""
+    from .plan import NodeType
+    try:
+        from ray._private.state import state
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API; no autoscaler information then
+        return []
+    if not config:
+        return []
+    out = []
+    for g in config.node_group_configs:
+        r = dict(g.resources)
+        if g.max_count == 0 or not r:
+            continue
+        out.append(NodeType(g.name, float(r.get("CPU", 0)), float(r.get("GPU", 0)), g.min_count,
+                            g.max_count if g.max_count >= 0 else 10**6))
+    return out
+
+
+def _free_per_node() -> dict:
+    """node id -> free resources; {} when this Ray does not say (then totals are used)."""
+    try:
+        from ray._private.state import available_resources_per_node
+        return available_resources_per_node()
+    except Exception:  # noqa: BLE001 - a private API: fall back to totals rather than fail the plan
+        return {}
+
+
+def plan_cluster(prog: str, groups, node_types_file: str | None = None, dry_run: bool = False,
+                 scale_timeout_s: float = 900):
+    """The plan for `groups` on the connected cluster, printed. ClusterError (exit 2) when a worker
+    fits no node; with `dry_run` only printed; when the autoscaler must add nodes, asks for them
+    (`request_resources`) and waits up to `scale_timeout_s` for them to join (ClusterError, exit 3,
+    when they do not)."""
+    from .plan import PlanError, plan_workers
+    try:
+        nodes = cluster_nodes(node_types_file)
+        plan = plan_workers(nodes, groups)
+    except PlanError as e:
+        raise ClusterError(str(e)) from None
+    print("resource plan (nodes: " + "; ".join(n.describe() for n in nodes) + ")\n" + plan.describe(), flush=True)
+    if plan.new_nodes and not dry_run:
+        wait_for_nodes(plan, scale_timeout_s, prog)
+    return plan
+
+
+def wait_for_nodes(plan, timeout_s: float, prog: str) -> None:
+    """Ask the autoscaler for every worker's bundle and wait until the cluster can hold them."""
+    import time
+    from ray.autoscaler.sdk import request_resources
+    from .plan import PlanError, plan_workers
+    request_resources(bundles=plan.bundles())
+    want = ", ".join(f"{n} x {k}" for k, n in plan.new_nodes.items())
+    print(f"{prog}: asked the autoscaler for {want}; waiting up to {timeout_s:.0f}s for the nodes to join "
+          "(--scale-timeout to change)", flush=True)
+    t0 = time.time()
+    last = 0.0
+    while True:
+        try:
+            now = plan_workers(cluster_nodes(None), plan.groups)
+        except PlanError:  # no node of the needed shape has joined yet
+            now = None
+        if now is not None and not now.queued and not now.new_nodes:
+            print(f"{prog}: nodes joined after {time.time() - t0:.0f}s", flush=True)
+            return
+        if time.time() - t0 > timeout_s:
+            request_resources(bundles=[])
+            raise ClusterError(f"the autoscaler did not add {want} within {timeout_s:.0f}s; check `ray status` and "
+                               "the autoscaler's log (quota, instance type, max_workers), or raise --scale-timeout",
+                               code=3)
+        if time.time() - last > 30:
+            print(f"{prog}: waiting for nodes ({time.time() - t0:.0f}s): "
+                  f"{'; '.join(n.describe() for n in cluster_nodes(None))}", flush=True)
+            last = time.time()
+        time.sleep(5)
+
+
+def release_nodes() -> None:
+    """Withdraw this job's `request_resources` so the autoscaler may scale idle nodes down."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+        request_resources(bundles=[])
+    except Exception:  # noqa: BLE001 - no autoscaler (a local cluster): nothing to withdraw
+        pass
