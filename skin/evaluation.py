@@ -17,6 +17,7 @@ import torch
 from .bundle import Bundle, update_metrics
 from .classes import ClassMap
 from .ensemble import Predictor, combine, describe
+from .faithfulness import PerturbationConfig
 from .gradcam import ensemble_map, method_name, normalize, upsample
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
@@ -51,6 +52,7 @@ class BatchScorer:
         self.ensemble = Predictor(self.bundle, device=str(self.device), amp=amp, explain=explain)
         self.runners = self.ensemble.runners
         self._untrained: dict[str, MemberRunner] | None = None
+        self.perturbation = PerturbationConfig()
 
     @property
     def untrained(self) -> dict[str, MemberRunner]:
@@ -64,6 +66,7 @@ class BatchScorer:
     def __call__(self, batch: dict) -> dict:
         paths = list(batch["path"])
         masks = [str(m) for m in batch["mask"]] if "mask" in batch else [""] * len(paths)
+        perturb = [bool(v) for v in batch["perturb"]] if "perturb" in batch else [False] * len(paths)
         images, ok = [], []
         for p in paths:
             try:
@@ -73,7 +76,6 @@ class BatchScorer:
                 ok.append(False)
         out = {"path": np.array(paths, dtype=object), "label_index": np.asarray(batch["label_index"]),
                "ok": np.array(ok)}
-        explain = any(m for m, good in zip(masks, ok) if good)
         c = len(self.bundle.classes)
         inputs = {}
         for name, run in self.runners.items():
@@ -82,17 +84,74 @@ class BatchScorer:
                 inputs[name] = to_batch(images, run.member.data_config)
                 probs[np.array(ok)] = run(inputs[name])[0]
             out[name] = probs
-        for k in FAITH_COLUMNS + member_faith_columns(list(self.runners)):
+        for k in FAITH_COLUMNS + member_faith_columns(list(self.runners)) + perturbation_columns(list(self.runners)):
             out[k] = np.full(len(paths), np.nan)
-        if explain:
-            rows = np.nonzero(ok)[0]
-            # the ensemble's class (assemble's), then each image's map of that class only, from the members
+        rows = np.nonzero(ok)[0]  # images[i] is row rows[i]
+        need = [i for i, r in enumerate(rows) if masks[r] or perturb[r]]
+        if need:
+            # the ensemble's class (the answer's), then each image's map of that class only, from the members
             # and from their untrained copies (which see the same input tensors)
-            answer = self.ensemble.combine({n: out[n][rows] for n in self.runners}).argmax(1)
-            maps = {n: run.class_maps(inputs[n], answer) for n, run in self.runners.items()}
-            untrained = {n: run.class_maps(inputs[n], answer) for n, run in self.untrained.items()}
-            self._faithfulness(out, [m for m, good in zip(masks, ok) if good], images, maps, untrained, rows)
+            answer = self.ensemble.combine({n: out[n][rows[need]] for n in self.runners}).argmax(1)
+            maps = {n: run.class_maps(inputs[n][need], answer) for n, run in self.runners.items()}
+            untrained = {n: run.class_maps(inputs[n][need], answer) for n, run in self.untrained.items()}
+            sub = [images[i] for i in need]
+            with_mask = [k for k, i in enumerate(need) if masks[rows[i]]]
+            if with_mask:
+                self._faithfulness(out, [masks[rows[need[k]]] for k in with_mask], [sub[k] for k in with_mask],
+                                   _pick(maps, with_mask), _pick(untrained, with_mask), rows[need][with_mask])
+            chosen = [k for k, i in enumerate(need) if perturb[rows[i]]]
+            if chosen:
+                self._perturbation(out, [sub[k] for k in chosen], _pick(maps, chosen), _pick(untrained, chosen),
+                                   answer[chosen], rows[need][chosen], [paths[r] for r in rows[need][chosen]])
         return out
+
+    def probs_of(self, name: str | None):
+        """images (N, 3, S, S) in [0, 1] at the ensemble's work size -> probabilities (N, C), as the answer
+        computes them: one member's (its preset's size and normalisation) or, with None, the ensemble's."""
+        from .presets import eval_pixels
+
+        def member(n: str, x: torch.Tensor) -> np.ndarray:
+            run = self.runners[n]
+            size = run.member.data_config.input_size
+            if x.shape[-1] != size:
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                    align_corners=False)
+            return run(eval_pixels(run.member.data_config)(x))[0]
+        if name is not None:
+            return lambda x: torch.from_numpy(member(name, x))
+        return lambda x: torch.from_numpy(self.ensemble.combine({n: member(n, x) for n in self.runners}))
+
+    def _perturbation(self, out: dict, images: list, maps: dict, untrained: dict, classes: np.ndarray,
+                      rows: np.ndarray, paths: list[str]) -> None:
+        """Deletion, insertion and ROAD (skin.faithfulness) of the ensemble's map and of each member's own,
+        each beside a random map and the same maps of untrained members, on the images in [0, 1] at the
+        ensemble's work size; the class explained is the ensemble's answer."""
+        import zlib
+        from .faithfulness import random_maps, scores
+        from .presets import eval_geometry
+        work = self.ensemble.work
+        widest = max(self.runners.values(), key=lambda r: r.member.data_config.input_size).member.data_config
+        x = torch.stack([eval_geometry(widest)(im) for im in images]).float() / 255
+        if tuple(x.shape[-2:]) != tuple(work):
+            x = torch.nn.functional.interpolate(x, size=work, mode="bilinear", antialias=True, align_corners=False)
+        weights = self.ensemble.weights
+        cls = torch.as_tensor(classes).long()
+        first = next(iter(maps.values()))
+        noise = torch.stack([random_maps((1, *first.shape[-2:]), zlib.crc32(p.encode()))[0] for p in paths])
+
+        def ensemble_maps(member_maps: dict) -> torch.Tensor:
+            return torch.stack([torch.from_numpy(ensemble_map({n: m[i] for n, m in member_maps.items()}, weights,
+                                                              work, work)) for i in range(len(images))])
+
+        def own(m: torch.Tensor) -> torch.Tensor:
+            return normalize(upsample(m, work))
+        targets = {"": (self.probs_of(None), ensemble_maps(maps), ensemble_maps(untrained))}
+        targets |= {f":{n}": (self.probs_of(n), own(maps[n]), own(untrained[n])) for n in self.runners}
+        for suffix, (probs_of, trained, fresh) in targets.items():
+            for kind, saliency in (("", trained), (":random", noise), (":untrained", fresh)):
+                got = scores(probs_of, x, saliency, cls, self.perturbation)
+                for metric, v in got.items():
+                    out[f"{metric}{kind}{suffix}"][rows] = v.numpy()
 
     def _faithfulness(self, out: dict, masks: list[str], images: list, maps: dict, untrained: dict,
                       rows: np.ndarray) -> None:
@@ -122,6 +181,19 @@ class BatchScorer:
                     ensemble_map({n: m}, weights, mask.shape, self.ensemble.work), mask))
 
 
+def _pick(maps: dict, idx: list[int]) -> dict:
+    return {n: m[idx] for n, m in maps.items()}
+
+
+def perturbation_columns(members: list[str]) -> list[str]:
+    """deletion / insertion / road of the ensemble's map ("deletion"), a random map ("deletion:random"),
+    the untrained members' map ("deletion:untrained"), and the same of each member's own map
+    ("deletion:<member>", "deletion:random:<member>", "deletion:untrained:<member>")."""
+    from .faithfulness import METRICS
+    return [f"{m}{kind}{suffix}" for suffix in [""] + [f":{n}" for n in members]
+            for kind in ("", ":random", ":untrained") for m in METRICS]
+
+
 def member_faith_columns(members: list[str]) -> list[str]:
     """Per member: its own map's pointing game, and that of its untrained copy."""
     return [f"pointing:{n}" for n in members] + [f"pointing:untrained:{n}" for n in members]
@@ -139,16 +211,38 @@ def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
 
 
 def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: str = "off",
-                  explain: Mapping[str, Mapping[str, object]] | None = None) -> pd.DataFrame:
+                  explain: Mapping[str, Mapping[str, object]] | None = None, perturb: int = 0) -> pd.DataFrame:
+    """BatchScorer over `df` in this process; `perturb`: how many rows get the perturbation metrics."""
     scorer = BatchScorer(bundle_dir, amp=amp, explain=explain)
-    cols = [c for c in ("path", "label_index", "mask") if c in df.columns]
+    if perturb:
+        df = df.assign(perturb=perturb_rows(df, perturb))
+    cols = [c for c in ("path", "label_index", "mask", "perturb") if c in df.columns]
     parts = [scorer({c: df[c].iloc[s:s + batch_size].to_numpy() for c in cols}) for s in range(0, len(df), batch_size)]
     return to_frame(parts, scorer.bundle.member_names)
 
 
+def perturb_rows(df: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
+    """A flag per row: `n` rows spread evenly over the classes (seeded), to score with the perturbation
+    metrics (each image costs some hundred forward passes)."""
+    flags = np.zeros(len(df), dtype=bool)
+    if n <= 0 or df.empty:
+        return flags
+    order = np.random.default_rng(seed).permutation(len(df))
+    labels = df["label_index"].to_numpy()[order]
+    # round-robin over the classes in the shuffled order: class by class, one row each, until n
+    queues = [list(order[labels == k]) for k in sorted(set(labels))]
+    taken = 0
+    while taken < min(n, len(df)):
+        for q in queues:
+            if q and taken < n:
+                flags[q.pop(0)] = True
+                taken += 1
+    return flags
+
+
 def to_frame(parts: Iterable[dict], members: list[str]) -> pd.DataFrame:
     rows = ({"path": [], "label_index": [], "ok": []} | {k: [] for k in FAITH_COLUMNS} | {m: [] for m in members}
-            | {k: [] for k in member_faith_columns(members)})
+            | {k: [] for k in member_faith_columns(members) + perturbation_columns(members)})
     for p in parts:
         for k in rows:
             rows[k].extend(list(p[k]))
@@ -177,6 +271,9 @@ def summarize(scored: pd.DataFrame, bundle: Bundle,
     faith = faithfulness(good, bundle, explain)
     if faith:
         out["faithfulness"] = faith
+    perturbed = perturbation_summary(good, bundle, explain)
+    if perturbed:
+        out["perturbation"] = perturbed
     if bundle.ensemble_temperature != 1.0:  # what the ensemble temperature bought, on these rows
         out["ensemble_before_temperature"] = compute_metrics(y, combine(member_probs, bundle.weights_map),
                                                              bundle.classes)
@@ -232,6 +329,33 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
             "method": method_name(methods.values(), smooths.values()), "cam_methods": methods, "cam_smooths": smooths,
             "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
+
+
+def perturbation_summary(scored: pd.DataFrame, bundle: Bundle,
+                         explain: Mapping[str, Mapping[str, object]] | None = None) -> dict | None:
+    """Mean deletion, insertion and ROAD over the rows that have them, for the ensemble's map and each
+    member's own, each beside a random map and the untrained members' maps (None when no row has them)."""
+    from .faithfulness import BETTER, METRICS, PerturbationConfig
+    if "deletion" not in scored:
+        return None
+    rows = scored[scored["deletion"].notna()]
+    if rows.empty:
+        return None
+
+    def target(suffix: str) -> dict:
+        return {m: {"map": float(rows[f"{m}{suffix}"].mean()), "random": float(rows[f"{m}:random{suffix}"].mean()),
+                    "untrained": float(rows[f"{m}:untrained{suffix}"].mean())} for m in METRICS}
+    used = [e.explanation.override(**(explain or {}).get(e.name, {})) for e in bundle.members]
+    cfg = PerturbationConfig()
+    return {"images": int(len(rows)), "ensemble": target(""),
+            "members": {n: target(f":{n}") for n in bundle.member_names}, "better": dict(BETTER),
+            "method": method_name([u.method for u in used], [u.smooth for u in used]),
+            "steps": cfg.steps, "road_shares": list(cfg.road_shares),
+            "what": "the explained class's probability as the map's most salient pixels are removed (deletion: "
+                    "area under the curve, lower is better) or revealed on a blurred copy (insertion: higher is "
+                    "better), and ROAD (removal by imputation from the neighbours, most minus least salient "
+                    "first: higher is better); beside a random map and the same maps of untrained members",
+            "class": "the ensemble's answer"}
 
 
 def _where(f: dict, member: str) -> str:
@@ -306,6 +430,18 @@ def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str |
         lines += ["", "Each member's own map (of the ensemble's class), trained / untrained: " + ", ".join(
             f"{m} {p:.3f} / {f['members_untrained_pointing'].get(m, float('nan')):.3f} ({_where(f, m)})"
             for m, p in f["members_pointing"].items()) + "."]
+    pert = metrics.get("perturbation")
+    if pert:
+        lines += ["", f"## Explanation faithfulness without masks: {pert['method']} ({pert['images']} images)", "",
+                  f"Deletion and insertion (RISE, {pert['steps']} steps) and ROAD (shares {pert['road_shares']} %) of "
+                  "the answered class; lower deletion, higher insertion and ROAD are better. Beside each: a random "
+                  "map and the same maps of untrained members.", "",
+                  "| map of | deletion | random | untrained | insertion | random | untrained | ROAD | random | untrained |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, t in [("ensemble", pert["ensemble"])] + list(pert["members"].items()):
+            lines.append(f"| {name} | " + " | ".join(f"{t[m]['map']:.3f} | {t[m]['random']:.3f} | "
+                                                    f"{t[m]['untrained']:.3f}" for m in ("deletion", "insertion", "road"))
+                         + " |")
     free = metrics.get("lesion_free")
     if free:
         lines += ["", f"## Skin without a lesion ({free['images']} images)", "",
@@ -326,6 +462,8 @@ def store_in_bundle(bundle: Bundle, metrics: dict, split: str) -> None:
         slim["lesion_free"] = metrics["lesion_free"]
     if metrics.get("faithfulness"):
         slim["faithfulness"] = {k: v for k, v in metrics["faithfulness"].items()} | {"split": split}
+    if metrics.get("perturbation"):
+        slim["perturbation"] = metrics["perturbation"] | {"split": split}
     update_metrics(bundle.root, slim)
 
 

@@ -14,8 +14,15 @@ import torch
 
 from .device import autocast, configure_device
 from .explanation import Explanation, ExplanationError
-from .gradcam import GradCAM, flip_smoothed
+from .gradcam import FLIPS, GradCAM, flip_smoothed
 from .registry import Member, restride
+
+
+# Images explained at once (skin.inference.MemberRunner.map_chunk), divided by 4 with flips (each image
+# brings three flipped views): at 224 px the one-pass maps of 16 images peak near 1.6 GB; the general path
+# holds every activation for its backward (16 images with flips, 64 views of a stride-8 copy, grew past
+# 20 GB), so it goes 8 at a time, 2 with flips. benchmarks/explanations.py frontier measures the peaks.
+MAP_CHUNKS = {"one_pass": 16, "general": 8}
 
 
 def member_logits(member: Member, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -79,27 +86,48 @@ class MemberRunner:
     def cam_stride(self) -> int:
         return self.cam_member.output_stride
 
+    @property
+    def map_chunk(self) -> int:
+        """Images whose maps are computed at once: memory for maps grows with the batch (the general
+        path keeps every activation for its backward; flips add three views an image), so a batch is
+        explained in chunks of this many, whatever its size (`MAP_CHUNKS`)."""
+        e = self.explanation
+        chunk = MAP_CHUNKS["one_pass"] if not e.layer else MAP_CHUNKS["general"]
+        return max(1, chunk // (len(FLIPS) if e.smooth == "flips" else 1))
+
     def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
         x = x.to(self.device)
-        if cam:
-            logits, maps = self._maps(x, answer=True)
-            if self.explanation.smooth == "flips":  # the flipped views give maps only, never the answer
-                maps = flip_smoothed(lambda v: self._maps(v, answer=False)[1], x, maps)
-            maps = maps.cpu()
-        else:
+        if not cam:
             with torch.inference_mode():
-                logits, maps = member_logits(self.member, x, self.bf16), None
-        return calibrated(logits, self.temperature).cpu().numpy(), maps
+                logits = member_logits(self.member, x, self.bf16)
+            return calibrated(logits, self.temperature).cpu().numpy(), None
+        if len(x) <= self.map_chunk:  # the answer from the maps' own pass (one pass on the default path)
+            logits, maps = self._maps(x, answer=True)
+            return calibrated(logits, self.temperature).cpu().numpy(), self._smoothed(x, maps).cpu()
+        with torch.inference_mode():  # the answer from the whole batch, exactly as without maps
+            logits = member_logits(self.member, x, self.bf16)
+        maps = [self._smoothed(part, self._maps(part, answer=False)[1]).cpu() for part in x.split(self.map_chunk)]
+        return calibrated(logits, self.temperature).cpu().numpy(), torch.cat(maps)
+
+    def _smoothed(self, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """x's maps, averaged over its flips when the explanation asks (the flipped views give maps only)."""
+        if self.explanation.smooth != "flips":
+            return maps
+        return flip_smoothed(lambda v: self._maps(v, answer=False)[1], x, maps)
 
     def class_maps(self, x: torch.Tensor, classes) -> torch.Tensor:
         """Each image's map of one class, (B, h, w) on the CPU: `self(x, cam=True)[1][i, classes[i]]`,
         at one backward on the general path instead of one per class (what scoring a map needs)."""
-        x, classes = x.to(self.device), torch.as_tensor(np.asarray(classes), device=self.device).long()
-        maps = self._maps(x, answer=False, classes=classes)[1]
-        if self.explanation.smooth == "flips":
-            maps = flip_smoothed(lambda v: self._maps(v, answer=False, classes=classes.repeat(len(v) // len(x)))[1],
-                                 x, maps)
-        return maps[:, 0].cpu()
+        classes = torch.as_tensor(np.asarray(classes)).long()
+        out = []
+        for part, cls in zip(x.split(self.map_chunk), classes.split(self.map_chunk)):
+            part, cls = part.to(self.device), cls.to(self.device)
+            maps = self._maps(part, answer=False, classes=cls)[1]
+            if self.explanation.smooth == "flips":
+                maps = flip_smoothed(lambda v, c=cls, n=len(part): self._maps(
+                    v, answer=False, classes=c.repeat(len(v) // n))[1], part, maps)
+            out.append(maps[:, 0].cpu())
+        return torch.cat(out)
 
     def _maps(self, x: torch.Tensor, answer: bool, classes: torch.Tensor | None = None
               ) -> tuple[torch.Tensor | None, torch.Tensor]:

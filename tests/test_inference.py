@@ -201,3 +201,67 @@ def test_contrast_map_finds_what_stands_out_from_the_skin():
     img[40:44, 10:14] = 60
     i, j = np.unravel_index(contrast_map(img).argmax(), (64, 64))
     assert 38 <= i <= 45 and 8 <= j <= 15, (i, j)
+
+
+@pytest.mark.parametrize("explanation", [Explanation(), Explanation(layer="backbone.blocks.3", smooth="flips")])
+def test_maps_are_computed_in_chunks_whatever_the_batch(explanation, monkeypatch):
+    """A batch larger than the member's map chunk is explained a chunk at a time (memory bounded at any
+    batch size): no pass of the maps sees more images than the chunk (times the flipped views), the
+    answer is the whole batch's exactly as without maps, and the maps are those of each chunk."""
+    import skin.inference as inference
+    from skin.registry import create_model
+    monkeypatch.setitem(inference.MAP_CHUNKS, "one_pass", 4)
+    monkeypatch.setitem(inference.MAP_CHUNKS, "general", 8)  # 2 with flips
+    torch.manual_seed(0)
+    run = MemberRunner(create_model("mobilenetv2", 6, pretrained="none", input_size=64).eval(), explanation=explanation)
+    chunk = run.map_chunk
+    assert chunk == (4 if not explanation.layer else 2)
+    seen = []
+    real = run._maps
+    monkeypatch.setattr(run, "_maps", lambda x, **kw: seen.append(len(x)) or real(x, **kw))
+    x = torch.randn(7, 3, 64, 64)
+    probs, maps = run(x, cam=True)
+    assert max(seen) <= chunk * (3 if explanation.smooth == "flips" else 1), seen
+    np.testing.assert_array_equal(probs, run(x)[0])
+    parts = torch.cat([run(x[s:s + chunk], cam=True)[1] for s in range(0, 7, chunk)])
+    torch.testing.assert_close(maps, parts)
+    classes = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    seen.clear()
+    got = run.class_maps(x, classes)
+    assert max(seen) <= chunk * (3 if explanation.smooth == "flips" else 1), seen
+    torch.testing.assert_close(got, maps[torch.arange(7), classes], rtol=1e-4, atol=1e-6)
+
+
+def test_scorer_measures_faithfulness_without_masks_on_the_served_map(random_bundle, tmp_path):
+    """The perturbation metrics (deletion, insertion, ROAD) are those of the map the API draws (the
+    ensemble's map of its answer), with the answer's probabilities: recomputed here from `Predictor`
+    and skin.faithfulness on the same images; only the rows asked for are scored, and each member's
+    own, a random map and the untrained members' maps get theirs."""
+    from skin.evaluation import BatchScorer, perturbation_columns, perturbation_summary, to_frame
+    from skin.faithfulness import scores
+    from skin.presets import eval_geometry
+    b = Bundle.load(random_bundle)
+    samples = [make_sample(k, 3, k, 64) for k in range(3)]  # 64 px: the members' input size, so no resize
+    paths = []
+    for k, s in enumerate(samples):
+        paths.append(str(tmp_path / f"{k}.png"))
+        s.image.save(paths[-1])
+    scorer = BatchScorer(str(b.root))
+    out = scorer({"path": np.array(paths), "label_index": np.arange(3), "perturb": np.array([True, False, True])})
+    cols = perturbation_columns(b.member_names)
+    assert len(cols) == 3 * 3 * 4 and all(np.isnan(out[c][1]) for c in cols)
+    assert all(not np.isnan(out[c][0]) and not np.isnan(out[c][2]) for c in cols)
+    answers = Predictor(b).answers([samples[k].image for k in (0, 2)], cam=True)
+    x = torch.stack([eval_geometry(b.entry("resnet50").data_config)(samples[k].image) for k in (0, 2)]).float() / 255
+    probs_of = scorer.probs_of(None)
+    np.testing.assert_allclose(probs_of(x).numpy(), [[a["probabilities"][c] for c in b.classes] for a in answers],
+                               atol=1e-5)
+    served = torch.stack([torch.from_numpy(a["gradcam"]["map"]) for a in answers])
+    classes = torch.tensor([a["class_index"] for a in answers])
+    want = scores(probs_of, x, served, classes, scorer.perturbation)
+    for metric in ("deletion", "insertion", "road"):
+        np.testing.assert_allclose(out[metric][[0, 2]], want[metric].numpy(), atol=1e-7, rtol=0, err_msg=metric)
+    summary = perturbation_summary(to_frame([out], b.member_names), b)
+    assert summary["images"] == 2 and set(summary["members"]) == set(b.member_names)
+    assert summary["ensemble"]["deletion"]["map"] == pytest.approx(float(np.mean(out["deletion"][[0, 2]])))
+    assert summary["better"] == {"deletion": "lower", "insertion": "higher", "road": "higher"}
