@@ -72,7 +72,7 @@ submit python jobs/train.py --data "$DIR/data" --out "$DIR/train" --config jobs/
 
 step "5/9 temperatures + ensemble-weight search with Ray Tune: ray job submit jobs/tune.py weights"
 submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bundle-tuned-t"
-# Explanations chosen on the val split (benchmarks/explanation_search.py --smooth flips: every combination
+# Explanations chosen on the val split (benchmarks/explanations.py search --smooth flips: every combination
 # of layers, Grad-CAM and LayerCAM, each beside the same maps of untrained copies; ties to the larger lead
 # over them), read once on test. LayerCAM (per-position positive gradients, built for layers before the
 # last) at MobileNetV2 blocks.5, EfficientNet-B1 blocks.2 and ResNet50 layer1 of the stride-8 copies, each

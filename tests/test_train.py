@@ -157,8 +157,13 @@ def test_evaluate_job_with_ray_data(ray_local, trained, scanned, synth_dir, tmp_
         make_lesion_free(3, i, 96).save(p)
     free.to_csv(data / "lesion_free_test.csv", index=False)
     assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(data), "--out", str(tmp_path / "eval"),
-                     "--masks", str(synth_dir / "manifest.csv")]) == 0
+                     "--masks", str(synth_dir / "manifest.csv"), "--perturb", "3"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pert = metrics["perturbation"]  # deletion / insertion / ROAD on 3 images, stored for /v1/info and the page
+    assert pert["images"] == 3 and set(pert["members"]) == set(metrics["members"])
+    assert all(0 <= pert["ensemble"][m][k] <= 1 for m in ("deletion", "insertion") for k in ("map", "random", "untrained"))
+    assert Bundle.load(tmp_path / "bundle").metrics["perturbation"]["ensemble"] == pert["ensemble"]
+    assert "Explanation faithfulness without masks: Grad-CAM (3 images)" in (tmp_path / "eval" / "report.md").read_text()
     # what the ensemble calls plain skin, by hand from each member's probabilities
     b = Bundle.load(tmp_path / "bundle")
     scored = score_locally(str(b.root), free)

@@ -5,11 +5,13 @@ painted with the median colour of the rest of the image, leaving plain skin, hai
 Per class: the ensemble's probability of the true class before and after, the share still given
 the true class, and what the lesion-free images are called. A class that keeps its probability
 without its lesion is told from the skin or from what the image lacks, and a Grad-CAM map of it has
-no lesion to point at: read its pointing game (benchmarks/gradcam_faithfulness.py) with that in mind.
+no lesion to point at: read its pointing game (benchmarks/explanations.py faithfulness) with that in mind.
 
-    python benchmarks/lesion_removed.py --bundle demo/train/bundle-tuned --data demo/data --synth demo/synth
+    python benchmarks/explanations.py lesion-removed --bundle demo/train/bundle-tuned --data demo/data --synth demo/synth
 """
 from __future__ import annotations
+
+PROG = "benchmarks/explanations.py lesion-removed"
 
 import argparse
 from pathlib import Path
@@ -29,11 +31,11 @@ from skin.inference import MemberRunner
 from skin.presets import to_batch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap)
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bundle = Bundle.load(a.bundle)
     df = attach_masks(load_manifest(a.data, a.split), Path(a.synth) / "manifest.csv")
@@ -66,6 +68,3 @@ def main() -> None:
     called = np.bincount(after.argmax(1), minlength=len(names)) / len(y)
     print("all lesion-free images: " + ", ".join(f"{n} {c:.2f}" for n, c in zip(names, called) if c))
 
-
-if __name__ == "__main__":
-    main()

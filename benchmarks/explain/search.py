@@ -19,9 +19,11 @@ code path (the script stops if the two disagree).
 --smooth flips scores every candidate's maps averaged over the image's four flips (the bundle's
 cam_smooth="flips"; LayerCAM's or Grad-CAM's map of each flipped view, normalised, flipped back).
 
-    python benchmarks/explanation_search.py --bundle demo/train/bundle-tuned-t [--split val --read test] [--fuse mean] [--smooth flips]
+    python benchmarks/explanations.py search --bundle demo/train/bundle-tuned-t [--split val --read test] [--fuse mean] [--smooth flips]
 """
 from __future__ import annotations
+
+PROG = "benchmarks/explanations.py search"
 
 import argparse
 import itertools
@@ -166,8 +168,8 @@ def search(splits: dict, bundle: Bundle, names: list[str], a, rule: str | None) 
                   f"{score(splits[a.read], bundle, choice, True, how)[0]:>6.3f}   (+-{se:.3f})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap, "demo/train/bundle-tuned-t")
     ap.set_defaults(split="val")
     ap.add_argument("--read", default="test", help="the split the winners are read on (not searched)")
@@ -179,7 +181,7 @@ def main() -> None:
     ap.add_argument("--smooth", choices=CAM_SMOOTHS, default="none", help="flips: every candidate's maps averaged "
                     "over the image's four flips (cam_smooth='flips'; 4x the maps' cost)")
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bundle = Bundle.load(a.bundle)
     t0 = time.perf_counter()
@@ -199,6 +201,3 @@ def main() -> None:
     print(f"\n(pointing game: the ensemble map's peak inside the lesion mask; the {a.read} column is read, not searched; "
           "+- one standard error of the read figure)")
 
-
-if __name__ == "__main__":
-    main()

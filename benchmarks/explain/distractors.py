@@ -9,33 +9,35 @@ pointing game, and what the maps that know less score (centre, colour contrast, 
 of untrained members). A map that follows the model should keep pointing at the lesion where the
 model ignores the artefacts; the contrast map should not.
 
-    python benchmarks/gradcam_distractors.py --bundle demo/train/bundle-tuned [--artefacts 3] [--also B2 ...]
+    python benchmarks/explanations.py distractors --bundle demo/train/bundle-tuned [--artefacts 3] [--also B2 ...]
 
 --also scores more bundles (e.g. the same members with other explanation layers or methods) on the
 same images in the same run.
 """
 from __future__ import annotations
 
+PROG = "benchmarks/explanations.py distractors"
+
 import argparse
 import tempfile
 from pathlib import Path
 
 from _harness import synthetic_split_args
-from gradcam_faithfulness import measure
+from explain.faithfulness import measure
 from skin.bundle import Bundle
 from skin.data import ScanOptions, scan
 from skin.synth import write_dataset
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap)
     ap.add_argument("--artefacts", type=int, default=3, help="at most this many artefacts per image (at least 1)")
     ap.add_argument("--per-class", type=int, default=200, help="as the demo's `skin data synth` (same seed 0)")
     ap.add_argument("--size", type=int, default=160, help="as the demo's `skin data synth`")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--also", nargs="*", default=[], metavar="BUNDLE", help="more bundles scored on the same images")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bundles = [Bundle.load(b) for b in [a.bundle, *a.also]]
     with tempfile.TemporaryDirectory(prefix="skinray-distractors-") as tmp:
         tmp = Path(tmp)
@@ -64,6 +66,3 @@ def report(bundle: Bundle, rows: dict, split: str) -> None:
         print(f"{name}: members' own maps " + ", ".join(f"{m} {p:.2f}" for m, p in r["members_pointing"].items()),
               flush=True)
 
-
-if __name__ == "__main__":
-    main()

@@ -12,9 +12,11 @@ A member whose maps peak at the border but whose answer does not move when the b
 over (and does move when the lesion is) is not using the border: the peak is an artefact of the
 map. One whose answer moves with the border reads it, and the map is honest about that.
 
-    python benchmarks/map_border_check.py --bundle demo/train/bundle-tuned --data demo/data --synth demo/synth
+    python benchmarks/explanations.py border --bundle demo/train/bundle-tuned --data demo/data --synth demo/synth
 """
 from __future__ import annotations
+
+PROG = "benchmarks/explanations.py border"
 
 import argparse
 from pathlib import Path
@@ -39,12 +41,12 @@ def paint(img: np.ndarray, region: np.ndarray, colour: np.ndarray) -> Image.Imag
     return Image.fromarray(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap)
     ap.add_argument("--cam-stride", type=int, default=8)
     ap.add_argument("--band", type=float, default=0.1, help="border band, as a share of each side")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bundle = Bundle.load(a.bundle)
     df = attach_masks(load_manifest(a.data, a.split), Path(a.synth) / "manifest.csv")
     images = [np.asarray(load_image(p)) for p in df["path"]]
@@ -76,6 +78,3 @@ def main() -> None:
         print(f"{name:<16}{np.mean(border_peaks):>16.2f}{np.mean(d_border):>14.3f}{np.mean(d_lesion):>14.3f}"
               f"{np.mean(hits):>10.3f}", flush=True)
 
-
-if __name__ == "__main__":
-    main()

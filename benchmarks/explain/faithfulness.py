@@ -9,7 +9,7 @@ a flat one (energy = the lesion's share of the image), the colour that stands ou
 (no model: skin.metrics.contrast_map) and the same Grad-CAM of freshly initialised members
 (the model-randomisation check of Adebayo et al. 2018).
 
-    python benchmarks/gradcam_faithfulness.py --bundle demo/train/bundle --data demo/data --synth demo/synth
+    python benchmarks/explanations.py faithfulness --bundle demo/train/bundle --data demo/data --synth demo/synth
 
 The demo's test split has 30 images a class (one standard error of the pointing game: about 0.03).
 For a tighter figure, score the same bundle on a fresh synthetic set from another seed, which no
@@ -17,10 +17,12 @@ member and no choice of layer has seen, all of its splits at once:
 
     skin data synth --out /tmp/fresh/synth --per-class 200 --size 160 --seed 1 --workers 2
     skin data scan /tmp/fresh/synth --out /tmp/fresh/data
-    python benchmarks/gradcam_faithfulness.py --bundle demo/train/bundle-tuned \
+    python benchmarks/explanations.py faithfulness --bundle demo/train/bundle-tuned \
         --data /tmp/fresh/data --synth /tmp/fresh/synth --split all
 """
 from __future__ import annotations
+
+PROG = "benchmarks/explanations.py faithfulness"
 
 import argparse
 from pathlib import Path
@@ -69,8 +71,8 @@ def flip_agreement(bundle: Bundle, data: str | Path, split: str = "test") -> dic
             "images": len(images)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap, "demo/train/bundle")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cam-strides", type=int, nargs="+", default=[0], help="explanation strides to measure "
@@ -79,7 +81,7 @@ def main() -> None:
                     help="measure with these members' maps at another layer (a temporary derived bundle), "
                          "e.g. mobilenetv2=backbone.blocks.3")
     ap.add_argument("--flips", action="store_true", help="also: how far the answers ignore the image's flips")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bundle = Bundle.load(a.bundle)
     if a.flips:
         f = flip_agreement(bundle, a.data, a.split)
@@ -110,6 +112,3 @@ def main() -> None:
         print("members' own maps, trained / untrained: " + ", ".join(
             f"{m} {p:.3f} / {r['members_untrained_pointing'][m]:.3f}" for m, p in r["members_pointing"].items()), flush=True)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,15 @@
 """How fine must the Grad-CAM map be for the pointing game? The demo recipe (jobs/configs/
 demo.yaml, the demo's synthetic data) trained without Ray at several input sizes and output
 strides; for each: map size, ensemble test macro-F1 (weights 0.30/0.30/0.40, no tuning),
-pointing game and energy in the mask (benchmarks/gradcam_faithfulness.py).
+pointing game and energy in the mask (benchmarks/explanations.py faithfulness).
 
-    python benchmarks/faithfulness_sweep.py [--variants 64:32 64:16 128:32] [--out DIR]
+    python benchmarks/explanations.py sweep [--variants 64:32 64:16 128:32] [--out DIR]
 
 Each variant trains three members: minutes on a GPU, far longer on 2 CPU cores.
 """
 from __future__ import annotations
+
+PROG = "benchmarks/explanations.py sweep"
 
 import argparse
 import json
@@ -19,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradcam_faithfulness import measure  # noqa: E402
+from explain.faithfulness import measure  # noqa: E402
 
 from skin.bundle import Bundle, write_bundle  # noqa: E402
 from skin.cache import build_cache, cache_side  # noqa: E402
@@ -45,12 +46,12 @@ def test_macro_f1(bundle: Bundle, data: Path) -> float:
     return compute_metrics(df.label_index.to_numpy(), p, bundle.classes)["f1_macro"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["64:32", "64:16", "128:32"], help="SIZE:STRIDE pairs")
     ap.add_argument("--config", default=str(ROOT / "jobs/configs/demo.yaml"))
     ap.add_argument("--out", help="keep the data and bundles here (default: a temporary folder)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     cfg = yaml.safe_load(Path(a.config).read_text())
     per_member = cfg.pop("members")
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +84,3 @@ def main() -> None:
                   flush=True)
             print(json.dumps({"variant": v, "per_class": r["per_class"]}), flush=True)
 
-
-if __name__ == "__main__":
-    main()
