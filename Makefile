@@ -61,6 +61,7 @@ test-all: $(STAMP) $(CHROMIUM_STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/gradcam_cost.py
+	$(PY) benchmarks/explanations.py frontier --skip-quality
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/weight_search.py
 	$(PY) benchmarks/serve_latency.py
@@ -69,13 +70,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/serve_multinode.py
 	@if [ -f $(DEMO_DIR)/train/bundle-tuned/bundle.json ]; then \
 	  d="--data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth"; \
-	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
-	  $(PY) benchmarks/gradcam_faithfulness.py --bundle $(DEMO_DIR)/train/bundle-tuned-t --cam-strides 32 8 $$d && \
-	  $(PY) benchmarks/explanation_search.py --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d && \
-	  $(PY) benchmarks/gradcam_distractors.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
-	  $(PY) benchmarks/lesion_removed.py --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
-	  $(PY) benchmarks/map_border_check.py --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d; \
-	else echo "the Grad-CAM faithfulness benchmarks need the demo bundle: run make demo first"; fi
+	  $(PY) benchmarks/explanations.py frontier --bundle $(DEMO_DIR)/train/bundle-tuned-t --skip-cost $$d && \
+	  $(PY) benchmarks/explanations.py faithfulness --bundle $(DEMO_DIR)/train/bundle-tuned --flips $$d && \
+	  $(PY) benchmarks/explanations.py search --bundle $(DEMO_DIR)/train/bundle-tuned-t --smooth flips $$d && \
+	  $(PY) benchmarks/explanations.py distractors --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
+	  $(PY) benchmarks/explanations.py lesion-removed --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
+	  $(PY) benchmarks/explanations.py border --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d; \
+	else echo "the explanation-quality benchmarks need the demo bundle: run make demo first"; fi
 
 ui: $(STAMP)
 	SKINRAY_API_URL=$${SKINRAY_API_URL:-http://127.0.0.1:8000} $(VENV)/bin/streamlit run ui/app.py \

@@ -170,7 +170,7 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        expected = _bundle_id(self.classes, self.stored_members or self.members, self.weights, self.version,
+        expected = bundle_id(self.classes, self.stored_members or self.members, self.weights, self.version,
                               self.ensemble_temperature)
         if self.id != expected:
             raise BundleError(f"{self.root}/bundle.json was edited after the bundle was written: its id is "
@@ -246,7 +246,7 @@ def code_version() -> str:
     return f"{__version__}+{rev}" if rev else __version__
 
 
-def _bundle_id(classes: ClassMap, members: Sequence[MemberEntry | dict], weights: Sequence[float],
+def bundle_id(classes: ClassMap, members: Sequence[MemberEntry | dict], weights: Sequence[float],
                version: int = FORMAT_VERSION, ensemble_temperature: float = 1.0) -> str:
     """The content hash that names a bundle (version 1 bundles keep their narrower id). `members`:
     entries, or their JSON as stored."""
@@ -281,7 +281,7 @@ def _write(root: Path, classes: ClassMap, entries: list[MemberEntry], weights: S
         for e in entries:
             digest = files[e.name](tmp / e.weights_file)
             final.append(replace(e, sha256=digest))
-        bundle = Bundle(root, _bundle_id(classes, final, weights, FORMAT_VERSION, ensemble_temperature), classes,
+        bundle = Bundle(root, bundle_id(classes, final, weights, FORMAT_VERSION, ensemble_temperature), classes,
                         tuple(final), weights, metrics, provenance, untrained,
                         ensemble_temperature=float(ensemble_temperature))
         atomic_write_json(tmp / "bundle.json", bundle.to_json())

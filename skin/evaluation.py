@@ -63,6 +63,10 @@ class BatchScorer:
                                for n, r in self.runners.items()}
         return self._untrained
 
+    @untrained.setter
+    def untrained(self, runners: dict[str, MemberRunner]) -> None:
+        self._untrained = dict(runners)
+
     def __call__(self, batch: dict) -> dict:
         paths = list(batch["path"])
         masks = [str(m) for m in batch["mask"]] if "mask" in batch else [""] * len(paths)

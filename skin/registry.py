@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -229,6 +230,26 @@ def zero_init_residual_bn(backbone: nn.Module) -> int:
     return touched
 
 
+@contextmanager
+def hub_offline(on: bool):
+    """The Hugging Face hub in offline mode inside the block only, when `on` (the environment variable
+    and huggingface_hub's constant, read at its import), restored after: the process is left as it was."""
+    if not on:
+        yield
+        return
+    import huggingface_hub.constants as hub
+    env, const = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = const
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = urlparse(endpoint).hostname or "huggingface.co"
@@ -290,12 +311,9 @@ def _create_backbone(spec: BackboneSpec, pretrained: str | Path | bool, output_s
         return backbone
     if pretrained in (True, "imagenet"):
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        if not offline and not _hub_reachable():
-            offline = True
-        if offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"  # a cache hit still works; a miss fails in 0.2 s
-        try:
-            return timm.create_model(spec.timm_id, pretrained=True, **kwargs)
+        try:  # unreachable hub: offline for this load only (a cache hit still works; a miss fails in 0.2 s)
+            with hub_offline(offline or not _hub_reachable()):
+                return timm.create_model(spec.timm_id, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix
             raise PretrainedWeightsError(
                 f"cannot load ImageNet weights for {spec.name} ({spec.timm_id}): "

@@ -72,7 +72,7 @@ def _radial_border(theta: np.ndarray, rng: np.random.Generator, amp: float, harm
     return r[idx]
 
 
-def _lesion_colour(rng: np.random.Generator) -> np.ndarray:
+def lesion_colour(rng: np.random.Generator) -> np.ndarray:
     i = rng.uniform(0, len(_PALETTE) - 1)
     lo = int(i)
     return _PALETTE[lo] + (i - lo) * (_PALETTE[min(lo + 1, len(_PALETTE) - 1)] - _PALETTE[lo])
@@ -195,7 +195,7 @@ def _malign(img, rng, s, cx, cy, r, col):
     return mask
 
 
-_DRAW = (_enfeksiyonel, _ekzama, _akne, _pigment, _benign, _malign)
+PAINTERS = (_enfeksiyonel, _ekzama, _akne, _pigment, _benign, _malign)
 
 
 def _hairs(pil: Image.Image, rng: np.random.Generator) -> None:
@@ -262,7 +262,7 @@ def make_sample(label: int, seed: int, index: int, size: int = 256, artefacts: i
     # anywhere the main disc fits: a map that always points at the image centre must not score
     # well on the pointing game (it hit 65% of lesions when they sat within 15% of the centre)
     cx, cy = size * 0.5 + rng.uniform(-1, 1, 2) * (size * 0.5 - 1.4 * r)
-    mask = _DRAW[label](img, rng, size, cx, cy, r, _lesion_colour(rng))
+    mask = PAINTERS[label](img, rng, size, cx, cy, r, lesion_colour(rng))
     if artefacts:
         _artefacts(img, np.random.default_rng([seed, label, index, size, 1]), size, mask, artefacts)
     return Sample(_photograph(img, rng), Image.fromarray((mask * 255).astype(np.uint8), "L"), label)

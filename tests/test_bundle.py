@@ -194,14 +194,14 @@ def test_a_hand_edited_bundle_json_is_refused(random_bundle, tmp_path, edit):
 
 
 def test_metrics_do_not_change_the_id_and_version_1_bundles_still_load(random_bundle, tmp_path):
-    from skin.bundle import _bundle_id, update_metrics
+    from skin.bundle import bundle_id, update_metrics
     root = tmp_path / "b"
     shutil.copytree(random_bundle, root)
     before = Bundle.load(root)
     assert update_metrics(root, {"test": {"accuracy": 0.5}}).id == before.id == Bundle.load(root).id
     meta = json.loads((root / "bundle.json").read_text())
     meta["format_version"] = 1  # an older bundle: its narrower id (names, hashes, weights, temperatures)
-    meta["id"] = _bundle_id(before.classes, before.members, before.weights, version=1)
+    meta["id"] = bundle_id(before.classes, before.members, before.weights, version=1)
     (root / "bundle.json").write_text(json.dumps(meta))
     assert Bundle.load(root).id == meta["id"]
 

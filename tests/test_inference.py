@@ -128,11 +128,11 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
             return maps
     real_untrained = scorer.untrained
     for cell, hit in (((6, 1), 1.0), ((0, 7), 0.0)):
-        scorer._untrained = {n: fake(cell) for n in scorer.runners}
+        scorer.untrained = {n: fake(cell) for n in scorer.runners}
         got = scorer({"path": np.array([str(tmp_path / "patch.png")]), "label_index": np.zeros(1, int),
                       "mask": np.array([str(tmp_path / "patch-mask.png")])})
         assert got["pointing:untrained"][0] == hit and got["pointing:untrained:resnet50"][0] == hit, cell
-    scorer._untrained = real_untrained
+    scorer.untrained = real_untrained
     f = faithfulness(to_frame([out], scorer.bundle.member_names), scorer.bundle)
     assert f["images"] == 2 and f["pointing"] == 0.5
     assert f["baseline"]["centre_pointing"] == 0.5 and f["baseline"]["flat_energy"] == 0.5
@@ -216,9 +216,10 @@ def test_maps_are_computed_in_chunks_whatever_the_batch(explanation, monkeypatch
     run = MemberRunner(create_model("mobilenetv2", 6, pretrained="none", input_size=64).eval(), explanation=explanation)
     chunk = run.map_chunk
     assert chunk == (4 if not explanation.layer else 2)
+    from skin.gradcam import GradCAM
     seen = []
-    real = run._maps
-    monkeypatch.setattr(run, "_maps", lambda x, **kw: seen.append(len(x)) or real(x, **kw))
+    real = GradCAM.__call__
+    monkeypatch.setattr(GradCAM, "__call__", lambda self, x, *args: seen.append(len(x)) or real(self, x, *args))
     x = torch.randn(7, 3, 64, 64)
     probs, maps = run(x, cam=True)
     assert max(seen) <= chunk * (3 if explanation.smooth == "flips" else 1), seen

@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -82,6 +83,26 @@ def test_imagenet_offline_fails_fast_with_the_fix(monkeypatch):
         create_model("mobilenetv2", pretrained="imagenet")
     assert "--pretrained" in str(e.value) and "none" in str(e.value)
     assert time.perf_counter() - t0 < 30  # not the hub's minute of retries
+
+
+def test_unreachable_hub_goes_offline_for_that_load_only(monkeypatch):
+    """With no network the load fails fast with the fix, and the process is left as it was: no
+    HF_HUB_OFFLINE set behind the caller's back (a later load, once the network is back, still tries)."""
+    import huggingface_hub.constants as hub
+    import skin.registry as registry
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(registry, "_hub_reachable", lambda timeout=3.0: False)
+    seen = []
+    real = registry.timm.create_model
+    monkeypatch.setattr(registry.timm, "create_model", lambda *a, **kw: seen.append(
+        (os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE)) or real(*a, **kw))
+    t0 = time.perf_counter()
+    with pytest.raises(PretrainedWeightsError):
+        create_model("mobilenetv2", pretrained="imagenet")
+    assert time.perf_counter() - t0 < 30
+    assert seen == [("1", True)]  # offline during the load ...
+    assert "HF_HUB_OFFLINE" not in os.environ and hub.HF_HUB_OFFLINE is False  # ... and only then
 
 
 def test_local_weights_file_and_folder(tmp_path):

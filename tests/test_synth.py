@@ -29,13 +29,13 @@ def test_the_mask_is_everything_the_lesion_paints():
     pustules, peripheral dots, the plaque's faint edge) lies in its mask, and the mask holds no
     unpainted skin. (Before: 17-23% of the painted pixels of three classes lay outside it, so a
     map peaking on a satellite pustule counted as a miss.)"""
-    for label, draw in enumerate(synth._DRAW):
+    for label, draw in enumerate(synth.PAINTERS):
         for i in range(10):
             rng = np.random.default_rng([1, label, i])
             s, r = 96, 96 * rng.uniform(0.13, 0.24)
             cx, cy = s * 0.5 + rng.uniform(-1, 1, 2) * (s * 0.5 - 1.4 * r)
             img = np.full((3, s, s), 200, np.float32)
-            mask = draw(img, rng, s, cx, cy, r, synth._lesion_colour(rng))
+            mask = draw(img, rng, s, cx, cy, r, synth.lesion_colour(rng))
             change = np.abs(img - 200).max(0)
             outside = (change > 30) & ~ndimage.binary_dilation(mask, iterations=1)
             assert outside.sum() <= 0.01 * (change > 30).sum(), (draw.__name__, i, outside.sum())
