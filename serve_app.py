@@ -80,6 +80,11 @@ class AppArgs(BaseModel):
     members: Dict[str, MemberOptions] = Field(default_factory=dict, description="per-member overrides by name")
     ingress_cpus: float = Field(0.25, gt=0)
     ingress_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description="requests an ingress replica works on at once")
+    max_queued_requests: int = Field(64, ge=1, description="requests waiting for an ingress replica beyond "
+                                     "max_ongoing_requests; past that the app answers 503 with Retry-After at once "
+                                     "instead of queueing without bound")
+    retry_after_s: float = Field(2.0, ge=0, description="the Retry-After of an overload 503")
     ingress_resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the "
                                                 "ingress, to pin it (e.g. to the head: {head: 0.01})")
     max_upload_bytes: int = Field(_LIMITS.max_bytes, gt=0, description="default: skin.images.ImageLimits")
@@ -462,8 +467,12 @@ def build_app(args: AppArgs):
     ingress_opts: Dict[str, Any] = {"num_cpus": args.ingress_cpus}
     if args.ingress_resources:
         ingress_opts["resources"] = dict(args.ingress_resources)
-    return Ensemble.options(num_replicas=args.ingress_replicas,
-                            ray_actor_options=ingress_opts).bind(args=args, members=handles)
+    from ray.serve.config import BackpressureConfig
+    return Ensemble.options(num_replicas=args.ingress_replicas, ray_actor_options=ingress_opts,
+                            max_ongoing_requests=args.max_ongoing_requests,
+                            max_queued_requests=args.max_queued_requests,
+                            backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
+                            ).bind(args=args, members=handles)
 
 
 app = build_app  # `serve run serve_app:app bundle=...`

@@ -245,3 +245,29 @@ def test_a_request_overrides_only_what_it_sets(api, random_bundle, tmp_path_fact
     finally:
         _deploy(random_bundle)
         _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == src.id)
+
+
+def test_overload_answers_503_with_retry_after_at_once(api, random_bundle):
+    """Past max_ongoing + max_queued requests the app answers 503 with Retry-After straight away (no
+    unbounded queue), every other request 200, and afterwards it answers normally."""
+    data = _jpeg(5, 2, 96)
+    try:
+        _deploy(random_bundle, max_ongoing_requests=1, max_queued_requests=1, retry_after_s=3)
+        _wait(lambda: post(api, data).status_code == 200)
+
+        def one(_):
+            t0 = time.perf_counter()
+            r = post(api, data)
+            return r.status_code, r.headers.get("Retry-After"), time.perf_counter() - t0
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(one, range(12)))
+        codes = [c for c, _, _ in got]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1, got
+        rejected = [(h, s) for c, h, s in got if c == 503]
+        assert all(h == "3" for h, _ in rejected), rejected
+        fastest_ok = min(s for c, _, s in got if c == 200)
+        assert min(s for _, s in rejected) < fastest_ok, got  # refused at once, not after queueing
+    finally:
+        _deploy(random_bundle)
+        _wait(lambda: post(api, data).status_code == 200)
+    assert post(api, data).status_code == 200
