@@ -164,6 +164,51 @@ class MemberModel:
         return out
 
 
+# --------------------------------------------------------------------------- metrics
+ROUTES = ("/v1/predict", "/v1/info", "/healthz", "/docs", "/openapi.json")
+LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+class AppMetrics:
+    """The app's own metrics, through ray.serve.metrics (so they reach Ray's Prometheus endpoint with
+    the deployment, replica and application tags): requests by route and status, latencies end to end,
+    per member and of the explanation, answers by class, and the uncertain and degraded ones. Names
+    carry Ray's `ray_` prefix on the endpoint (`ray_skinray_requests_total`)."""
+
+    def __init__(self, members: List[str]) -> None:
+        from ray.serve import metrics
+        self.requests = metrics.Counter("skinray_requests_total", description="HTTP requests by route and status",
+                                        tag_keys=("route", "status"))
+        self.latency = metrics.Histogram("skinray_request_latency_ms", description="end-to-end latency in the "
+                                         "ingress, by route", boundaries=LATENCY_MS, tag_keys=("route",))
+        self.member_latency = metrics.Histogram("skinray_member_compute_ms", description="a member's compute time "
+                                                "for the batch that held the request", boundaries=LATENCY_MS,
+                                                tag_keys=("member",))
+        self.explanation = metrics.Histogram("skinray_explanation_ms", description="ensemble map, overlay and "
+                                             "response after the members answered", boundaries=LATENCY_MS)
+        self.answers = metrics.Counter("skinray_answers_total", description="answers by predicted class (the "
+                                       "class mix: watch it for drift)", tag_keys=("class",))
+        self.uncertain = metrics.Counter("skinray_uncertain_total", description="answers flagged uncertain")
+        self.degraded = metrics.Counter("skinray_degraded_total", description="answers from fewer than all members")
+        self.members = set(members)
+
+    def request(self, path: str, status: int, ms: float) -> None:
+        route = path if path in ROUTES else "other"  # bounded label values
+        self.requests.inc(1, tags={"route": route, "status": str(status)})
+        self.latency.observe(ms, tags={"route": route})
+
+    def answer(self, answer: Dict[str, Any], member_ms: Dict[str, float], explanation_ms: Optional[float]) -> None:
+        self.answers.inc(1, tags={"class": answer["class"]})
+        if answer.get("uncertain"):
+            self.uncertain.inc(1)
+        if answer.get("degraded"):
+            self.degraded.inc(1)
+        for name, ms in member_ms.items():
+            self.member_latency.observe(ms, tags={"member": name})
+        if explanation_ms is not None:
+            self.explanation.observe(explanation_ms)
+
+
 # --------------------------------------------------------------------------- ingress
 api = FastAPI(title="skinray", version="1",
               description="Six-class skin-lesion ensemble with Grad-CAM. Decision support, not a diagnosis.")
@@ -283,6 +328,7 @@ class Ensemble:
         self.ensemble = Predictor.remote(self.bundle, self.args.uncertain_below)
         self.weights = self.ensemble.weights
         self.checked_layers: set = set()  # (member, layer) pairs a request named that exist
+        self.metrics = AppMetrics(self.bundle.member_names)
         self.limits = ImageLimits(max_bytes=self.args.max_upload_bytes, max_pixels=self.args.max_pixels,
                                   min_side=self.args.min_side)
         self.api_key = self.args.api_key or os.environ.get("SKINRAY_API_KEY") or None
@@ -296,13 +342,15 @@ class Ensemble:
             rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
             request.state.request_id = rid
             t0 = time.perf_counter()
-            if self.api_key and request.url.path != "/healthz":
-                if not self._authorized(request):
-                    return _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
+            if self.api_key and request.url.path != "/healthz" and not self._authorized(request):
+                response = _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
                                   "header (or Authorization: Bearer <key>)", rid)
-            response = await call_next(request)
+            else:
+                response = await call_next(request)
+            ms = (time.perf_counter() - t0) * 1000
+            self.metrics.request(request.url.path, response.status_code, ms)
             logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
-                        response.status_code, (time.perf_counter() - t0) * 1000)  # never image bytes
+                        response.status_code, ms)  # never image bytes
             return response
 
     def _authorized(self, request: Request) -> bool:
@@ -389,6 +437,8 @@ class Ensemble:
         answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
                                 "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3,
                                 **{f"{n}_compute": r["compute_ms"] for n, r in results.items()}}
+        self.metrics.answer(answer, {n: r["compute_ms"] for n, r in results.items()},
+                            (t_end - t_members) * 1e3 if cam else None)
         return answer
 
     def _check_layers(self, explain: Dict[str, Dict[str, Any]]) -> None:

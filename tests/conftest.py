@@ -61,6 +61,15 @@ def random_bundle(tmp_path_factory) -> Path:
     return root
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()  # Ray's Prometheus endpoint of the session's local Ray
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (127.0.0.1, no dashboard). 4 logical CPUs on the
@@ -69,7 +78,7 @@ def ray_local():
     if not ray.is_initialized():
         # address="local": a private Ray even when /tmp/ray names another (or a stale) cluster
         ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, _metrics_export_port=METRICS_PORT)
     yield ray
     try:
         from ray import serve
@@ -77,12 +86,6 @@ def ray_local():
     except Exception:  # noqa: BLE001 - best effort at teardown
         pass
     ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(bundle, **overrides):

@@ -271,3 +271,45 @@ def test_overload_answers_503_with_retry_after_at_once(api, random_bundle):
         _deploy(random_bundle)
         _wait(lambda: post(api, data).status_code == 200)
     assert post(api, data).status_code == 200
+
+
+def _scrape(name: str, **tags) -> float:
+    """The sum of a metric's samples on Ray's Prometheus endpoint whose labels include `tags`."""
+    from conftest import METRICS_PORT
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            if all(f'{k}="{v}"' in labels for k, v in tags.items()):
+                total += float(value)
+    return total
+
+
+def test_metrics_reach_rays_prometheus_endpoint(api):
+    """The app's metrics (ray.serve.metrics) are on Ray's metrics endpoint with the right counts: requests
+    by route and status, answers by class, latency histograms of the ingress and the members."""
+    data = _jpeg(2, 6, 96)
+    body = post(api, data).json()  # the class this image gets
+
+    def now() -> dict:
+        return {"ok": _scrape("ray_skinray_requests_total", route="/v1/predict", status="200"),
+                "bad": _scrape("ray_skinray_requests_total", route="/v1/predict", status="422"),
+                "cls": _scrape("ray_skinray_answers_total", **{"class": body["class"]}),
+                "lat": _scrape("ray_skinray_request_latency_ms_count", route="/v1/predict"),
+                "res": _scrape("ray_skinray_member_compute_ms_count", member="resnet50")}
+    # Ray exports metrics every few seconds: the baseline once the earlier requests have all arrived
+    before, same, deadline = now(), 0, time.time() + 60
+    while same < 3 and time.time() < deadline:
+        time.sleep(2)
+        current = now()
+        same, before = (same + 1, before) if current == before and current["ok"] > 0 else (0, current)
+    for _ in range(3):
+        assert post(api, data).status_code == 200
+    assert post(api, data, params={"cam_stride": 12}).status_code == 422
+    want = {"ok": 3, "bad": 1, "cls": 3, "lat": 4, "res": 3}
+    deadline = time.time() + 60
+    while (got := {k: v - before[k] for k, v in now().items()}) != want and time.time() < deadline:
+        time.sleep(2)
+    assert got == want
+    assert _scrape("ray_skinray_explanation_ms_count") > 0
