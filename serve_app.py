@@ -11,7 +11,8 @@ member's eval preset (uint8; the member normalises), fans out to the members con
 DeploymentHandles, averages with the bundle's weights, builds the ensemble Grad-CAM and overlay,
 and answers.
 
-HTTP API (OpenAPI at /docs): POST /v1/predict, GET /v1/info, GET /healthz.
+HTTP API (OpenAPI at /docs): POST /v1/predict, GET /v1/info, GET /healthz; the same model through the Open
+Inference Protocol (KServe v2): GET /v2/health/live|ready, GET /v2/models/skinray, POST /v2/models/skinray/infer.
 """
 import asyncio
 import base64
@@ -165,7 +166,9 @@ class MemberModel:
 
 
 # --------------------------------------------------------------------------- metrics
-ROUTES = ("/v1/predict", "/v1/info", "/healthz", "/docs", "/openapi.json")
+ROUTES = ("/v1/predict", "/v1/info", "/healthz", "/docs", "/openapi.json", "/v2/health/live", "/v2/health/ready",
+          "/v2/models/skinray", "/v2/models/skinray/ready", "/v2/models/skinray/infer")
+OPEN_ROUTES = ("/healthz", "/v2/health/live", "/v2/health/ready")  # liveness and readiness probes: no API key
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
@@ -207,6 +210,63 @@ class AppMetrics:
             self.member_latency.observe(ms, tags={"member": name})
         if explanation_ms is not None:
             self.explanation.observe(explanation_ms)
+
+
+# --------------------------------------------------------------------------- Open Inference Protocol
+OIP_MODEL = "skinray"
+OIP_OUTPUTS = ("probabilities", "class", "uncertain", "gradcam")
+
+
+def oip_parse(body: bytes, header_length: Optional[str]) -> Tuple[Dict[str, Any], bytes]:
+    """An OIP infer request -> (its JSON, the image's bytes). The image is the one BYTES element of input
+    "image": base64 in JSON `data`, or raw with the binary tensor extension (the JSON's length in the
+    Inference-Header-Content-Length header, then each element as a 4-byte little-endian length and its
+    bytes). Anything else is an ApiError saying what is expected."""
+    import json
+    import struct
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 < n <= len(body):
+            raise ApiError(400, "invalid_request", f"Inference-Header-Content-Length {header_length!r} does not fit "
+                           f"the {len(body)}-byte body")
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_request", "the infer request is not JSON (KServe v2 / Open Inference "
+                       "Protocol: {\"inputs\": [{\"name\": \"image\", \"datatype\": \"BYTES\", "
+                       "\"shape\": [1], \"data\": [\"<base64>\"]}]})") from None
+    inputs = req.get("inputs") if isinstance(req, dict) else None
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict) \
+            or inputs[0].get("name") != "image":
+        raise ApiError(422, "invalid_request", "send exactly one input named 'image' (datatype BYTES, shape [1]): "
+                       "one photograph per request")
+    inp = inputs[0]
+    if inp.get("datatype") != "BYTES" or inp.get("shape") not in ([1], [1, 1]):
+        raise ApiError(422, "invalid_request", f"input 'image' must be BYTES of shape [1], got "
+                       f"{inp.get('datatype')!r} {inp.get('shape')!r}")
+    size = (inp.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != len(binary) or size < 4:
+            raise ApiError(400, "invalid_request", f"binary_data_size {size!r} does not match the "
+                           f"{len(binary)} bytes after the JSON")
+        (length,) = struct.unpack("<I", binary[:4])
+        if length != size - 4:
+            raise ApiError(400, "invalid_request", "the binary 'image' tensor holds more or less than one element")
+        return req, binary[4:]
+    data = inp.get("data")
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
+        raise ApiError(422, "invalid_request", "input 'image' needs `data`: one base64 string of the file's bytes "
+                       "(or the binary tensor extension)")
+    try:
+        return req, base64.b64decode(data[0], validate=True)
+    except ValueError:
+        raise ApiError(400, "invalid_request", "input 'image' is not valid base64") from None
 
 
 # --------------------------------------------------------------------------- ingress
@@ -299,7 +359,8 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 503)}
+V1_ERRORS = {s: ERRORS[s] for s in (400, 401, 413, 415, 422, 503)}
 
 
 def prepare_inputs(data_configs: Dict[str, Any], image) -> Dict[str, np.ndarray]:
@@ -342,7 +403,7 @@ class Ensemble:
             rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]  # Serve's proxy sets it
             request.state.request_id = rid
             t0 = time.perf_counter()
-            if self.api_key and request.url.path != "/healthz" and not self._authorized(request):
+            if self.api_key and request.url.path not in OPEN_ROUTES and not self._authorized(request):
                 response = _error(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key "
                                   "header (or Authorization: Bearer <key>)", rid)
             else:
@@ -385,8 +446,7 @@ class Ensemble:
                            "min_side": self.limits.min_side, "formats": sorted(self.limits.formats)},
                 "allow_degraded": self.args.allow_degraded, "uncertain_below": self.args.uncertain_below}
 
-    @api.post("/v1/predict", response_model=PredictResponse, response_model_by_alias=True,
-              responses={s: ERRORS[s] for s in ERRORS})
+    @api.post("/v1/predict", response_model=PredictResponse, response_model_by_alias=True, responses=V1_ERRORS)
     async def predict(self, request: Request, file: UploadFile = File(..., description="JPEG, PNG, WebP or HEIC/HEIF photograph"),
                       cam: bool = Query(True, description="include the Grad-CAM overlay"),
                       alpha: float = Query(0.4, ge=0.0, le=1.0, description="overlay opacity"),
@@ -419,6 +479,15 @@ class Ensemble:
             raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
                            "(several images: one request each)")
         data = await file.read(self.limits.max_bytes + 1)
+        return await self._predict(data, t0, cam, alpha, all_classes, class_name, explain)
+
+    async def _predict(self, data: bytes, t0: float, cam: bool = True, alpha: float = 0.4, all_classes: bool = False,
+                       class_name: Optional[str] = None, explain: Optional[Dict[str, Dict[str, Any]]] = None,
+                       render: bool = True) -> Dict[str, Any]:
+        """One upload's answer (the /v1/predict JSON); `render=False` keeps the raw ensemble map and makes
+        no PNGs (the /v2 route returns the map as a tensor)."""
+        from skin.images import ImageError, load_image
+        explain = explain or {}
         try:
             image = await asyncio.to_thread(load_image, data, self.limits)
         except ImageError as e:
@@ -431,7 +500,8 @@ class Ensemble:
                                                 for n, x in inputs.items()})
         t_members = time.perf_counter()
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
-        answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name)
+        answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name,
+                                         render)
         t_end = time.perf_counter()
         answer["batch_sizes"] = {n: int(r["batch"]) for n, r in results.items()}
         answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
@@ -440,6 +510,75 @@ class Ensemble:
         self.metrics.answer(answer, {n: r["compute_ms"] for n, r in results.items()},
                             (t_end - t_members) * 1e3 if cam else None)
         return answer
+
+    # ------------------------------------------------------------------ Open Inference Protocol (KServe v2)
+    @api.get("/v2/health/live")
+    async def oip_live(self) -> Dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def oip_ready(self) -> Dict[str, bool]:
+        return {"ready": True}
+
+    @api.get("/v2")
+    async def oip_server(self) -> Dict[str, Any]:
+        return {"name": "skinray", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/models/{model}", responses={s: ERRORS[s] for s in (401, 404)})
+    async def oip_model(self, model: str) -> Dict[str, Any]:
+        self._oip_check_model(model)
+        c = len(self.bundle.classes)
+        return {"name": OIP_MODEL, "versions": [self.bundle.id], "platform": "skinray",
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                            "parameters": {"content": "one photograph's file bytes (JPEG, PNG, WebP, HEIC/HEIF); "
+                                           "base64 in JSON, raw with the binary tensor extension"}}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [c]},
+                            {"name": "class", "datatype": "BYTES", "shape": [1]},
+                            {"name": "uncertain", "datatype": "BOOL", "shape": [1]},
+                            {"name": "gradcam", "datatype": "FP32", "shape": [-1, -1]}],
+                "parameters": {"classes": list(self.bundle.classes), "bundle": self.bundle.id,
+                               "gradcam": "the ensemble map of the answered class at the members' input size, "
+                                          "[0, 1]; only when asked for (an `outputs` entry or parameter cam=true)"}}
+
+    @api.get("/v2/models/{model}/ready", responses={s: ERRORS[s] for s in (401, 404)})
+    async def oip_model_ready(self, model: str) -> Dict[str, Any]:
+        self._oip_check_model(model)
+        return {"name": OIP_MODEL, "ready": True}
+
+    @api.post("/v2/models/{model}/infer", responses={s: ERRORS[s] for s in ERRORS})
+    async def oip_infer(self, model: str, request: Request) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        self._oip_check_model(model)
+        body = await request.body()
+        if len(body) > self.limits.max_bytes * 4 // 3 + 65536:  # base64 in JSON: 4/3 of the file
+            raise ApiError(413, "too_large", f"the request is {len(body)} bytes; the image may be at most "
+                           f"{self.limits.max_bytes} bytes")
+        req, data = oip_parse(body, request.headers.get("inference-header-content-length"))
+        names = {o.get("name") for o in req.get("outputs") or [] if isinstance(o, dict)}
+        unknown = names - set(OIP_OUTPUTS)
+        if unknown:
+            raise ApiError(422, "invalid_request", f"unknown output(s) {sorted(unknown)}; the outputs are "
+                           f"{', '.join(OIP_OUTPUTS)}")
+        params = req.get("parameters") or {}
+        cam = "gradcam" in names or params.get("cam") is True
+        answer = await self._predict(data, t0, cam=cam, render=False)
+        probs = [answer["probabilities"][c] for c in self.bundle.classes]
+        outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [len(probs)], "data": probs},
+                   {"name": "class", "datatype": "BYTES", "shape": [1], "data": [answer["class"]]},
+                   {"name": "uncertain", "datatype": "BOOL", "shape": [1], "data": [bool(answer["uncertain"])]}]
+        if cam:
+            m = answer["gradcam"]["map"]
+            outputs.append({"name": "gradcam", "datatype": "FP32", "shape": list(m.shape),
+                            "data": [round(float(v), 6) for v in m.ravel()]})
+        if names:
+            outputs = [o for o in outputs if o["name"] in names]
+        return {"model_name": OIP_MODEL, "model_version": self.bundle.id, "id": str(req.get("id", "")),
+                "outputs": outputs, "parameters": {"bundle": self.bundle.id, "degraded": bool(answer["degraded"]),
+                                                   "explained_class": (answer.get("gradcam") or {}).get("class", "")}}
+
+    def _oip_check_model(self, model: str) -> None:
+        if model != OIP_MODEL:
+            raise ApiError(404, "not_found", f"model {model!r} is not served here; the model is {OIP_MODEL!r}")
 
     def _check_layers(self, explain: Dict[str, Dict[str, Any]]) -> None:
         """The layers a request names exist in their members (ExplanationError), checked once per pair."""
@@ -468,18 +607,20 @@ class Ensemble:
                                                 " (degraded answers are disabled on this server)"))
         return results, missing
 
-    def _answer(self, results, missing, image, cam, alpha, all_classes, class_name) -> Dict[str, Any]:
+    def _answer(self, results, missing, image, cam, alpha, all_classes, class_name, render=True) -> Dict[str, Any]:
         import torch
         from skin.images import display_copy
         from skin.render import map_image, overlay, png_bytes
 
         def b64(img) -> str:
             return base64.b64encode(png_bytes(img)).decode("ascii")
-        disp = display_copy(image, self.args.overlay_max_side) if cam else None
+        disp = display_copy(image, self.args.overlay_max_side) if cam and render else None
+        size = ((disp.size[1], disp.size[0]) if render else self.ensemble.work) if cam else None
         out = self.ensemble.answer({n: r["probs"] for n, r in results.items()},
                                    member_maps={n: torch.from_numpy(r["maps"]) for n, r in results.items()} if cam else None,
-                                   size=(disp.size[1], disp.size[0]) if cam else None, class_name=class_name,
-                                   all_classes=all_classes, missing=missing)
+                                   size=size, class_name=class_name, all_classes=all_classes, missing=missing)
+        if cam and not render:
+            return out
         if cam:
             g = out["gradcam"]
             out["gradcam"] = {"class": g["class"], "overlay_png": b64(overlay(disp, g["map"], alpha)),

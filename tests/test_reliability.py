@@ -57,6 +57,24 @@ def test_every_bad_input_gets_the_right_answer(api):
     print("\n".join(f"{n}: expected {e}, got {s}" for n, e, s in report))
 
 
+def test_every_bad_image_gets_the_same_answer_through_the_open_inference_protocol(api):
+    """The corpus's image cases (those about the file itself, not the form) as base64 in an OIP infer:
+    the same status as through /v1/predict, never a 5xx, the JSON error shape."""
+    sent = 0
+    for c in cases():
+        if c.data is None or c.raw_body is not None or c.params or c.extra_files or c.form_field != "file":
+            continue
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                            "data": [base64.b64encode(c.data).decode()]}]}
+        r = requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60)
+        sent += 1
+        assert r.status_code == c.expect, (c.name, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            err = r.json()["error"]
+            assert err["code"] and len(err["message"]) > 10 and "Traceback" not in r.text, c.name
+    assert sent >= 15
+
+
 def test_schemathesis_fuzz(api):
     """Schema-driven fuzzing from /openapi.json (bounded): never a 5xx, every response, 2xx or a
     documented 4xx error body, matches the schema."""

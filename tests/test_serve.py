@@ -313,3 +313,64 @@ def test_metrics_reach_rays_prometheus_endpoint(api):
         time.sleep(2)
     assert got == want
     assert _scrape("ray_skinray_explanation_ms_count") > 0
+
+
+def test_open_inference_protocol_with_tritons_client(api):
+    """The model through the Open Inference Protocol (KServe v2), driven by an independent client
+    (tritonclient.http, the binary tensor extension for the upload): health, metadata, and an infer
+    whose probabilities and class equal /v1/predict's; JSON with base64 too; the ensemble map on request."""
+    import numpy as np
+    import tritonclient.http as triton
+    data = _jpeg(4, 3, 128)
+    v1 = post(api, data).json()
+    client = triton.InferenceServerClient(url=api.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("skinray")
+    meta = client.get_model_metadata("skinray")
+    assert meta["inputs"][0]["name"] == "image" and meta["inputs"][0]["datatype"] == "BYTES"
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
+        "probabilities": "FP32", "class": "BYTES", "uncertain": "BOOL", "gradcam": "FP32"}
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([data], dtype=object))  # binary_data: the raw bytes after the JSON
+    out = client.infer("skinray", [image], outputs=[triton.InferRequestedOutput(n, binary_data=False)
+                                                    for n in ("probabilities", "class", "uncertain", "gradcam")])
+    probs = out.as_numpy("probabilities")
+    np.testing.assert_allclose(probs, [v1["probabilities"][c] for c in v1["probabilities"]], atol=1e-6)
+    assert out.as_numpy("class")[0] in (v1["class"], v1["class"].encode())
+    assert bool(out.as_numpy("uncertain")[0]) == v1["uncertain"]
+    cam = out.as_numpy("gradcam")
+    assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1 and cam.max() > 0.5
+    assert out.get_response()["model_version"] == v1["bundle"]
+    # the same infer as plain JSON (base64 data), outputs not named: no map computed
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(data).decode()]}]}
+    r = requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    got = {o["name"]: o for o in r.json()["outputs"]}
+    assert set(got) == {"probabilities", "class", "uncertain"} and got["class"]["data"] == [v1["class"]]
+    np.testing.assert_allclose(got["probabilities"]["data"], probs, atol=1e-6)
+    for bad, status, words in ((b"not json", 400, "not JSON"), (b'{"inputs": []}', 422, "exactly one input"),
+                               (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+                                422, "BYTES"),
+                               (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%"]}]}',
+                                400, "base64")):
+        r = requests.post(api + "/v2/models/skinray/infer", data=bad, timeout=60)
+        assert r.status_code == status and words in r.json()["error"]["message"], (bad, r.text)
+    r = requests.post(api + "/v2/models/other/infer", json=body, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = requests.post(api + "/v2/models/skinray/infer", json=body | {"outputs": [{"name": "logits"}]}, timeout=60)
+    assert r.status_code == 422 and "logits" in r.json()["error"]["message"]
+
+
+def test_the_api_key_applies_to_the_open_inference_protocol(api, random_bundle):
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(_jpeg()).decode()]}]}
+    try:
+        _deploy(random_bundle, api_key="s3cret")
+        _wait(lambda: requests.get(api + "/v2/models/skinray", timeout=5).status_code == 401)
+        assert requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60).status_code == 401
+        assert requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60,
+                             headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert requests.get(api + "/v2/health/ready", timeout=5).status_code == 200  # probes stay open
+    finally:
+        _deploy(random_bundle)
+        _wait(lambda: requests.get(api + "/v2/models/skinray", timeout=5).status_code == 200)

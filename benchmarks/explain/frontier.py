@@ -14,6 +14,7 @@ on the --split images of the synthetic set with masks, the class explained being
   deletion, insertion, ROAD   skin.faithfulness on --perturb images (lower / higher / higher is better),
                       each beside a random map (the line "random map")
   ÷ answer b1 @bundle the cost ratio at batch 1 at the bundle's own size
+  ÷ request           with --service URL: a request with the map ÷ one without (cam=false) on that service
 
 Target (issue #27): the default a bundle serves keeps maps ≤ 3× the answer's cost at 224 px on the CPU
 and peak memory at batch 16 ≤ 4 GB; the demo's option keeps the pointing game ≥ 0.80 and, where one
@@ -152,6 +153,36 @@ def quality(a, names: list[str]) -> dict:
     return out
 
 
+def service(a, names: list[str]) -> dict:
+    """On a running service (--service URL): a request with the option's map ÷ one without (cam=false),
+    client-side latency, median of --rounds alternated pairs, one image of the split."""
+    import requests
+    from _harness import load_splits
+    info = requests.get(a.service + "/v1/info", timeout=30).json()
+    from skin.registry import get_spec
+    pooled = {m["name"]: get_spec(m["backbone"]).cam_layer for m in info["members"]}
+    path = load_splits(a.data, a.split)["path"].iloc[0]
+    data = Path(path).read_bytes()
+
+    def post(params) -> float:
+        t0 = time.perf_counter()
+        r = requests.post(a.service + "/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, params=params,
+                          timeout=300)
+        r.raise_for_status()
+        return time.perf_counter() - t0
+    out = {}
+    for name in names:
+        common, layers = OPTIONS[name]
+        params = {"cam_stride": common.get("stride", 32), "cam_method": common.get("method", "gradcam"),
+                  "cam_smooth": common.get("smooth", "none"),
+                  "cam_layer": [f"{m}={layers.get(m, pooled[m])}" for m in pooled]}
+        post(params)  # the member builds this option's runner once
+        ratios = [post(params) / post({"cam": "false"}) for _ in range(a.rounds)]
+        out[name] = statistics.median(ratios)
+        print(f"  service measured: {name}", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic_split_args(ap, bundle="demo/train/bundle-tuned-t")
@@ -164,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--perturb", type=int, default=30, help="images scored by deletion / insertion / ROAD (default 30)")
     ap.add_argument("--skip-quality", action="store_true", help="cost only (no trained bundle needed)")
     ap.add_argument("--skip-cost", action="store_true", help="quality only")
+    ap.add_argument("--service", metavar="URL", help="also: on this running service (e.g. the demo's, "
+                    "http://127.0.0.1:8000), a request with each option's map ÷ one without")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -173,13 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {a.threads} torch threads, torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ""), flush=True)
     costs = {} if a.skip_cost else cost(a, a.options)
+    served = service(a, a.options) if a.service else {}
     qual = {} if a.skip_quality else quality(a, a.options)
     q0 = qual.get("_bundle", {})
     print(f"\ncost at {a.size} px ({a.device}, random weights, in-process Predictor, images at the input size)"
           + (f"; quality on bundle {q0['id']} (members trained at {q0['size']} px), {a.split} split" if q0 else ""))
     head = f"{'option':<26}{'ms/img b1':>10}{'b16':>8}{'÷answer b1':>11}{'b16':>6}{'peak GB':>8}{'+GB':>6}"
     if q0:
-        head += f"{'pointing':>9}{'untr.':>6}{'deletion':>9}{'rand':>6}{'insert.':>8}{'rand':>6}{'ROAD':>7}{'rand':>6}{'÷ans@' + str(q0['size']):>8}"
+        head += (f"{'÷ request':>10}" if served else "") + f"{'pointing':>9}{'untr.':>6}{'deletion':>9}{'rand':>6}{'insert.':>8}{'rand':>6}{'ROAD':>7}{'rand':>6}{'÷ans@' + str(q0['size']):>8}"
     print(head)
     nan = float("nan")
     for name in a.options:
@@ -190,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             line += (f"{c.get('ms_b1', nan):>10.1f}{c.get('ms_b16', nan):>8.1f}{c.get('ratio_b1', nan):>11.2f}"
                      f"{c.get('ratio_b16', nan):>6.2f}{c.get('peak_gb_b16', nan):>8.2f}{c.get('maps_gb_b16', nan):>6.2f}")
+        if served:
+            line += f"{served[name]:>10.2f}"
         if q0:
             q = qual[name]
             pt = q["perturbation"] or {}
