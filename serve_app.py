@@ -76,9 +76,18 @@ class MemberOptions(BaseModel):
     fault_drill: bool = Field(False, description="this member fails every call (to rehearse alerts/degraded mode)")
 
 
+class CandidateArgs(BaseModel):
+    """A second bundle served beside the stable one (a canary): its own member deployments."""
+    bundle: str = Field(..., description="the candidate bundle's folder (the same class map as the stable one)")
+    share: float = Field(0.0, ge=0, le=1, description="share of the requests without a pin that the candidate "
+                         "answers; pin one with the header X-Skinray-Bundle: stable|candidate|<bundle id>")
+    members: Dict[str, MemberOptions] = Field(default_factory=dict, description="per-member overrides by name")
+
+
 class AppArgs(BaseModel):
     bundle: str = Field(..., description="bundle folder (must be readable from every node)")
     members: Dict[str, MemberOptions] = Field(default_factory=dict, description="per-member overrides by name")
+    candidate: Optional[CandidateArgs] = Field(None, description="a candidate bundle beside this one (canary)")
     ingress_cpus: float = Field(0.25, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1, description="requests an ingress replica works on at once")
@@ -270,6 +279,28 @@ def oip_parse(body: bytes, header_length: Optional[str]) -> Tuple[Dict[str, Any]
 
 
 # --------------------------------------------------------------------------- ingress
+class Variant:
+    """One bundle the ingress serves (the stable one, or a candidate beside it): its ensemble's arithmetic
+    (skin.ensemble.Predictor.remote: weights, temperature, the maps' work size) and its member deployments."""
+
+    def __init__(self, role: str, bundle_dir: str, handles: Dict[str, DeploymentHandle], uncertain_below: float) -> None:
+        from skin.bundle import Bundle
+        from skin.ensemble import Predictor
+        self.role = role
+        self.bundle = Bundle.load(bundle_dir)
+        self.handles = dict(handles)
+        self.ensemble = Predictor.remote(self.bundle, uncertain_below)
+        self.data_configs = {e.name: e.data_config for e in self.bundle.members}
+        self.checked = set()  # (member, layer) pairs a request named that exist
+
+    def check_layers(self, explain: Dict[str, Dict[str, Any]]) -> None:
+        """The layers a request names exist in their members (ExplanationError), checked once per pair."""
+        new = {n: o for n, o in explain.items() if o.get("layer") and (n, o["layer"]) not in self.checked}
+        if new:
+            self.bundle.check_explain(new)
+            self.checked |= {(n, o["layer"]) for n, o in new.items()}
+
+
 api = FastAPI(title="skinray", version="1",
               description="Six-class skin-lesion ensemble with Grad-CAM. Decision support, not a diagnosis.")
 
@@ -377,23 +408,19 @@ def prepare_inputs(data_configs: Dict[str, Any], image) -> Dict[str, np.ndarray]
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Ensemble:
-    def __init__(self, args: AppArgs, members: Dict[str, DeploymentHandle]) -> None:
+    def __init__(self, args: AppArgs, members: Dict[str, DeploymentHandle],
+                 candidate: Optional[Dict[str, DeploymentHandle]] = None) -> None:
         import torch
-        from skin.bundle import Bundle
-        from skin.ensemble import Predictor
         torch.set_num_threads(1)
         self.args = args  # validated once, by build_app
-        self.bundle = Bundle.load(self.args.bundle)
-        self.handles = dict(members)
-        # the ensemble's arithmetic (weights, temperature, the maps' work size), its members being the deployments
-        self.ensemble = Predictor.remote(self.bundle, self.args.uncertain_below)
-        self.weights = self.ensemble.weights
-        self.checked_layers: set = set()  # (member, layer) pairs a request named that exist
+        self.stable = Variant("stable", self.args.bundle, members, self.args.uncertain_below)
+        self.candidate = (Variant("candidate", self.args.candidate.bundle, candidate, self.args.uncertain_below)
+                          if self.args.candidate and candidate else None)
+        self.bundle = self.stable.bundle
         self.metrics = AppMetrics(self.bundle.member_names)
         self.limits = ImageLimits(max_bytes=self.args.max_upload_bytes, max_pixels=self.args.max_pixels,
                                   min_side=self.args.min_side)
         self.api_key = self.args.api_key or os.environ.get("SKINRAY_API_KEY") or None
-        self.data_configs = {e.name: e.data_config for e in self.bundle.members}
 
         # Registered here, not at module level: Serve serves a frozen copy of `api` whose module-level
         # functions are pickled by value, so a module-level middleware cannot see this replica's key
@@ -441,10 +468,15 @@ class Ensemble:
                 "explanation": method_name([e.explanation.method for e in b.members],
                                            [e.explanation.smooth for e in b.members]),
                 "explanation_cost": COST_NOTE,
-                "weights": self.weights, "ensemble_temperature": b.ensemble_temperature, "metrics": b.metrics, "provenance": b.provenance,
+                "weights": self.stable.ensemble.weights, "ensemble_temperature": b.ensemble_temperature, "metrics": b.metrics, "provenance": b.provenance,
                 "limits": {"max_upload_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,
                            "min_side": self.limits.min_side, "formats": sorted(self.limits.formats)},
-                "allow_degraded": self.args.allow_degraded, "uncertain_below": self.args.uncertain_below}
+                "allow_degraded": self.args.allow_degraded, "uncertain_below": self.args.uncertain_below,
+                "bundles": [v.bundle.id for v in self.variants()],
+                "candidate": None if self.candidate is None else {
+                    "bundle": self.candidate.bundle.id, "share": self.args.candidate.share,
+                    "members": self.candidate.bundle.member_names, "weights": self.candidate.ensemble.weights,
+                    "metrics": self.candidate.bundle.metrics, "untrained": self.candidate.bundle.untrained}}
 
     @api.post("/v1/predict", response_model=PredictResponse, response_model_by_alias=True, responses=V1_ERRORS)
     async def predict(self, request: Request, file: UploadFile = File(..., description="JPEG, PNG, WebP or HEIC/HEIF photograph"),
@@ -464,12 +496,12 @@ class Ensemble:
                                                         "maps (default: the bundle's, per member); the answer does not "
                                                         "change")):
         from skin.explanation import ExplanationError, parse_layers, requested
-        from skin.images import ImageError, load_image
         t0 = time.perf_counter()
+        variant, pinned = self._choose(request)
         try:
-            explain = requested(self.bundle.member_names, stride=cam_stride, method=cam_method, smooth=cam_smooth,
+            explain = requested(variant.bundle.member_names, stride=cam_stride, method=cam_method, smooth=cam_smooth,
                                 layers=parse_layers(cam_layer))
-            await asyncio.to_thread(self._check_layers, explain)
+            await asyncio.to_thread(variant.check_layers, explain)
         except ExplanationError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
         if class_name is not None and class_name not in self.bundle.classes.names:
@@ -479,13 +511,44 @@ class Ensemble:
             raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
                            "(several images: one request each)")
         data = await file.read(self.limits.max_bytes + 1)
-        return await self._predict(data, t0, cam, alpha, all_classes, class_name, explain)
+        return await self._routed(variant, pinned, data, t0, cam=cam, alpha=alpha, all_classes=all_classes,
+                                  class_name=class_name, explain=explain)
 
-    async def _predict(self, data: bytes, t0: float, cam: bool = True, alpha: float = 0.4, all_classes: bool = False,
-                       class_name: Optional[str] = None, explain: Optional[Dict[str, Dict[str, Any]]] = None,
-                       render: bool = True) -> Dict[str, Any]:
-        """One upload's answer (the /v1/predict JSON); `render=False` keeps the raw ensemble map and makes
-        no PNGs (the /v2 route returns the map as a tensor)."""
+    def variants(self) -> List["Variant"]:
+        return [self.stable] + ([self.candidate] if self.candidate else [])
+
+    def _choose(self, request: Request) -> Tuple["Variant", bool]:
+        """The bundle that answers: the one the X-Skinray-Bundle header pins (stable, candidate or a bundle
+        id), else the candidate for its share of requests; (variant, pinned)."""
+        import random
+        pin = request.headers.get("X-Skinray-Bundle")
+        if pin:
+            for v in self.variants():
+                if pin in (v.role, v.bundle.id):
+                    return v, True
+            raise ApiError(422, "invalid_request", f"X-Skinray-Bundle {pin!r} names no bundle served here; one of "
+                           + ", ".join(f"{v.role} ({v.bundle.id})" for v in self.variants()))
+        if self.candidate and random.random() < self.args.candidate.share:
+            return self.candidate, False
+        return self.stable, False
+
+    async def _routed(self, variant: "Variant", pinned: bool, data: bytes, t0: float, **kwargs) -> Dict[str, Any]:
+        """The chosen bundle's answer; a candidate that cannot answer an unpinned request leaves it to the
+        stable bundle (its failure never fails a stable answer)."""
+        try:
+            return await self._predict(variant, data, t0, **kwargs)
+        except ApiError as e:
+            if variant is self.stable or pinned or e.status != 503:
+                raise
+            logger.warning("candidate %s failed (%s); answering with the stable bundle", variant.bundle.id, e.message)
+            kwargs["explain"] = {}  # the options were checked against the candidate's members
+            return await self._predict(self.stable, data, t0, **kwargs)
+
+    async def _predict(self, variant: "Variant", data: bytes, t0: float, cam: bool = True, alpha: float = 0.4,
+                       all_classes: bool = False, class_name: Optional[str] = None,
+                       explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True) -> Dict[str, Any]:
+        """One upload's answer by `variant`'s bundle (the /v1/predict JSON); `render=False` keeps the raw
+        ensemble map and makes no PNGs (the /v2 route returns the map as a tensor)."""
         from skin.images import ImageError, load_image
         explain = explain or {}
         try:
@@ -493,15 +556,15 @@ class Ensemble:
         except ImageError as e:
             raise ApiError(e.status, e.code, str(e)) from None
         t_decode = time.perf_counter()
-        inputs = await asyncio.to_thread(prepare_inputs, self.data_configs, image)
+        inputs = await asyncio.to_thread(prepare_inputs, variant.data_configs, image)
         # without `cam` the members compute no maps; `explain` overrides each one's stored Explanation
         options = {n: (cam, tuple(sorted(explain.get(n, {}).items()))) for n in inputs}
-        results, missing = await self._fan_out({n: x if options[n] == DEFAULT_OPTIONS else (x, options[n])
-                                                for n, x in inputs.items()})
+        results, missing = await self._fan_out(variant, {n: x if options[n] == DEFAULT_OPTIONS else (x, options[n])
+                                                         for n, x in inputs.items()})
         t_members = time.perf_counter()
         # maps, overlay and PNG encoding off the event loop, so other requests keep flowing
-        answer = await asyncio.to_thread(self._answer, results, missing, image, cam, alpha, all_classes, class_name,
-                                         render)
+        answer = await asyncio.to_thread(self._answer, variant, results, missing, image, cam, alpha, all_classes,
+                                         class_name, render)
         t_end = time.perf_counter()
         answer["batch_sizes"] = {n: int(r["batch"]) for n, r in results.items()}
         answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
@@ -561,7 +624,8 @@ class Ensemble:
                            f"{', '.join(OIP_OUTPUTS)}")
         params = req.get("parameters") or {}
         cam = "gradcam" in names or params.get("cam") is True
-        answer = await self._predict(data, t0, cam=cam, render=False)
+        variant, pinned = self._choose(request)
+        answer = await self._routed(variant, pinned, data, t0, cam=cam, render=False)
         probs = [answer["probabilities"][c] for c in self.bundle.classes]
         outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [len(probs)], "data": probs},
                    {"name": "class", "datatype": "BYTES", "shape": [1], "data": [answer["class"]]},
@@ -572,26 +636,19 @@ class Ensemble:
                             "data": [round(float(v), 6) for v in m.ravel()]})
         if names:
             outputs = [o for o in outputs if o["name"] in names]
-        return {"model_name": OIP_MODEL, "model_version": self.bundle.id, "id": str(req.get("id", "")),
-                "outputs": outputs, "parameters": {"bundle": self.bundle.id, "degraded": bool(answer["degraded"]),
+        return {"model_name": OIP_MODEL, "model_version": answer["bundle"], "id": str(req.get("id", "")),
+                "outputs": outputs, "parameters": {"bundle": answer["bundle"], "degraded": bool(answer["degraded"]),
                                                    "explained_class": (answer.get("gradcam") or {}).get("class", "")}}
 
     def _oip_check_model(self, model: str) -> None:
         if model != OIP_MODEL:
             raise ApiError(404, "not_found", f"model {model!r} is not served here; the model is {OIP_MODEL!r}")
 
-    def _check_layers(self, explain: Dict[str, Dict[str, Any]]) -> None:
-        """The layers a request names exist in their members (ExplanationError), checked once per pair."""
-        new = {n: o for n, o in explain.items() if o.get("layer") and (n, o["layer"]) not in self.checked_layers}
-        if new:
-            self.bundle.check_explain(new)
-            self.checked_layers |= {(n, o["layer"]) for n, o in new.items()}
-
-    async def _fan_out(self, inputs: Dict[str, np.ndarray]):
+    async def _fan_out(self, variant: "Variant", inputs: Dict[str, np.ndarray]):
         async def call(name):
-            return await asyncio.wait_for(self.handles[name].predict.remote(inputs[name]),
+            return await asyncio.wait_for(variant.handles[name].predict.remote(inputs[name]),
                                           timeout=self.args.member_timeout_s)
-        names = list(self.handles)
+        names = list(variant.handles)
         outs = await asyncio.gather(*(call(n) for n in names), return_exceptions=True)
         results, missing = {}, []
         for n, o in zip(names, outs):
@@ -607,7 +664,7 @@ class Ensemble:
                                                 " (degraded answers are disabled on this server)"))
         return results, missing
 
-    def _answer(self, results, missing, image, cam, alpha, all_classes, class_name, render=True) -> Dict[str, Any]:
+    def _answer(self, variant, results, missing, image, cam, alpha, all_classes, class_name, render=True) -> Dict[str, Any]:
         import torch
         from skin.images import display_copy
         from skin.render import map_image, overlay, png_bytes
@@ -615,8 +672,8 @@ class Ensemble:
         def b64(img) -> str:
             return base64.b64encode(png_bytes(img)).decode("ascii")
         disp = display_copy(image, self.args.overlay_max_side) if cam and render else None
-        size = ((disp.size[1], disp.size[0]) if render else self.ensemble.work) if cam else None
-        out = self.ensemble.answer({n: r["probs"] for n, r in results.items()},
+        size = ((disp.size[1], disp.size[0]) if render else variant.ensemble.work) if cam else None
+        out = variant.ensemble.answer({n: r["probs"] for n, r in results.items()},
                                    member_maps={n: torch.from_numpy(r["maps"]) for n, r in results.items()} if cam else None,
                                    size=size, class_name=class_name, all_classes=all_classes, missing=missing)
         if cam and not render:
@@ -637,24 +694,12 @@ def build_app(args: AppArgs):
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     bundle = Bundle.load(args.bundle)  # fail at deploy time, with the reason, on a bad bundle
-    unknown = set(args.members) - set(bundle.member_names)
-    if unknown:
-        raise ValueError(f"members {sorted(unknown)} are not in the bundle; it has {bundle.member_names}")
-    handles = {}
-    for name in bundle.member_names:
-        o = args.members.get(name, MemberOptions())
-        opts: Dict[str, Any] = {"num_cpus": o.num_cpus}
-        if o.num_gpus:
-            opts["num_gpus"] = o.num_gpus
-        if o.resources:
-            opts["resources"] = dict(o.resources)
-        scale: Dict[str, Any] = ({"autoscaling_config": o.autoscaling.model_dump()} if o.autoscaling
-                                 else {"num_replicas": o.replicas})
-        handles[name] = MemberModel.options(
-            name=name, ray_actor_options=opts, **scale,
-            user_config={"fault_drill": o.fault_drill},
-        ).bind(bundle_dir=str(bundle.root.resolve()), name=name, num_cpus=o.num_cpus, max_batch_size=o.max_batch_size,
-               batch_wait_timeout_s=o.batch_wait_timeout_s, threads=o.threads, amp=o.amp)
+    handles = _member_deployments(bundle, args.members, "")
+    candidate = None
+    if args.candidate:
+        other = Bundle.load(args.candidate.bundle)
+        bundle.classes.check_same(other.classes, "class maps of the stable and the candidate bundle")
+        candidate = _member_deployments(other, args.candidate.members, "candidate-")
     ingress_opts: Dict[str, Any] = {"num_cpus": args.ingress_cpus}
     if args.ingress_resources:
         ingress_opts["resources"] = dict(args.ingress_resources)
@@ -663,7 +708,30 @@ def build_app(args: AppArgs):
                             max_ongoing_requests=args.max_ongoing_requests,
                             max_queued_requests=args.max_queued_requests,
                             backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
-                            ).bind(args=args, members=handles)
+                            ).bind(args=args, members=handles, candidate=candidate)
+
+
+def _member_deployments(bundle, options: Dict[str, "MemberOptions"], prefix: str) -> Dict[str, Any]:
+    """One MemberModel deployment per bundle member (named `prefix` + member), bound to its options."""
+    unknown = set(options) - set(bundle.member_names)
+    if unknown:
+        raise ValueError(f"members {sorted(unknown)} are not in the bundle; it has {bundle.member_names}")
+    handles = {}
+    for name in bundle.member_names:
+        o = options.get(name, MemberOptions())
+        opts: Dict[str, Any] = {"num_cpus": o.num_cpus}
+        if o.num_gpus:
+            opts["num_gpus"] = o.num_gpus
+        if o.resources:
+            opts["resources"] = dict(o.resources)
+        scale: Dict[str, Any] = ({"autoscaling_config": o.autoscaling.model_dump()} if o.autoscaling
+                                 else {"num_replicas": o.replicas})
+        handles[name] = MemberModel.options(
+            name=prefix + name, ray_actor_options=opts, **scale,
+            user_config={"fault_drill": o.fault_drill},
+        ).bind(bundle_dir=str(bundle.root.resolve()), name=name, num_cpus=o.num_cpus, max_batch_size=o.max_batch_size,
+               batch_wait_timeout_s=o.batch_wait_timeout_s, threads=o.threads, amp=o.amp)
+    return handles
 
 
 app = build_app  # `serve run serve_app:app bundle=...`

@@ -6,6 +6,9 @@
           (200 or 503) within their timeout, Serve restarts the replica, and within 30 s every
           request succeeds again; prints the error count, the slowest request, when the first
           request started after the kill succeeded, and from when on every request succeeded
+  overload  --overload N requests at 3x the ingress's capacity (max_ongoing_requests +
+          max_queued_requests, both set to --slots): only 200 and 503 (with Retry-After), the 503s
+          fast, no request past the 60 s timeout, memory flat, and normal answers afterwards
 
     python benchmarks/load_faults.py [--requests 2000] [--concurrency 16] [--size 224]
 """
@@ -41,6 +44,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--overload", type=int, default=300, help="requests of the overload phase (0: skip)")
+    ap.add_argument("--slots", type=int, default=4, help="max_ongoing_requests and max_queued_requests in it")
     a = ap.parse_args()
     from ray import serve
     from serve_app import AppArgs, build_app
@@ -90,7 +95,31 @@ def main() -> None:
               + (f"{last_fail - killed:.1f} s" if last_fail else "- (none)") + " after; every request started "
               + (f"{whole - killed:+.1f} s" if whole else "never") + " after the kill or later succeeded "
               f"(target <= 30 s); {sum(c == 200 for _, c, _ in after)}/16 succeed right after the run")
+        if a.overload:
+            overload(url, data, bundle, a.overload, a.slots)
         serve.shutdown()
+
+
+def overload(url: str, data: bytes, bundle, n: int, slots: int) -> None:
+    """Past capacity: concurrency 3 x (ongoing + queued slots) against an ingress that sheds the rest."""
+    from ray import serve
+    from serve_app import AppArgs, build_app
+    serve.run(build_app(AppArgs(bundle=str(bundle), max_ongoing_requests=slots, max_queued_requests=slots,
+                                retry_after_s=2)), name="skinray", route_prefix="/")
+    run_load(url, data, 8, 2)
+    before = serve_pss_gb()
+    out = run_load(url, data, n, 6 * slots, timeout=60.0)
+    after = serve_pss_gb()
+    codes = [c for _, c, _ in out]
+    shed = np.array([t for t, c, _ in out if c == 503])
+    ok = np.array([t for t, c, _ in out if c == 200])
+    normal = run_load(url, data, 8, 1)
+    print(f"overload: {n} requests at concurrency {6 * slots} against {slots} ongoing + {slots} queued slots: "
+          f"{codes.count(200)} x 200, {codes.count(503)} x 503, {sum(c not in (200, 503) for c in codes)} other; "
+          f"503 p50 {np.percentile(shed, 50) if len(shed) else float('nan'):.0f} ms against 200 p50 "
+          f"{np.percentile(ok, 50) if len(ok) else float('nan'):.0f} ms; slowest {max(t for t, _, _ in out) / 1e3:.1f} s "
+          f"(timeout 60 s); PSS {before:.2f} -> {after:.2f} GB ({(after - before) / before:+.1%}); "
+          f"afterwards {sum(c == 200 for _, c, _ in normal)}/8 answered 200 one at a time")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,14 @@ def test_api_key_and_member_failure(api, random_bundle):
         assert post(api, _jpeg(), headers={"X-API-Key": "wrong"}).status_code == 401
         assert post(api, _jpeg(), headers={"X-API-Key": "s3cret"}).status_code == 200
         assert post(api, _jpeg(), headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # ... on the Open Inference Protocol's model routes too; its probes stay open
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                            "data": [base64.b64encode(_jpeg()).decode()]}]}
+        assert requests.get(api + "/v2/models/skinray", timeout=5).status_code == 401
+        assert requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60).status_code == 401
+        assert requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60,
+                             headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert requests.get(api + "/v2/health/ready", timeout=5).status_code == 200
 
         _deploy(random_bundle, members={"resnet50": {"fault_drill": True}})
         _wait(lambda: post(api, _jpeg()).status_code == 503)
@@ -361,16 +369,35 @@ def test_open_inference_protocol_with_tritons_client(api):
     assert r.status_code == 422 and "logits" in r.json()["error"]["message"]
 
 
-def test_the_api_key_applies_to_the_open_inference_protocol(api, random_bundle):
-    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                        "data": [base64.b64encode(_jpeg()).decode()]}]}
+def test_a_canary_bundle_beside_the_stable_one(api, random_bundle, tmp_path_factory):
+    """Two bundles at once: the candidate answers its share of unpinned requests (within a binomial
+    tolerance), a header pins either, every answer names its bundle, /v1/info lists both, and a
+    failing candidate never fails a stable answer (its unpinned share falls back to the stable bundle)."""
+    from skin.bundle import derive_bundle
+    src = Bundle.load(random_bundle)
+    cand = derive_bundle(src, tmp_path_factory.mktemp("canary") / "b", weights=(0.5, 0.25, 0.25))
+    data = _jpeg(0, 8, 96)
+    canary = {"bundle": str(cand.root), "share": 0.3}
     try:
-        _deploy(random_bundle, api_key="s3cret")
-        _wait(lambda: requests.get(api + "/v2/models/skinray", timeout=5).status_code == 401)
-        assert requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60).status_code == 401
-        assert requests.post(api + "/v2/models/skinray/infer", json=body, timeout=60,
-                             headers={"X-API-Key": "s3cret"}).status_code == 200
-        assert requests.get(api + "/v2/health/ready", timeout=5).status_code == 200  # probes stay open
+        _deploy(random_bundle, candidate=canary)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json().get("candidate") is not None)
+        info = requests.get(api + "/v1/info", timeout=5).json()
+        assert info["bundles"] == [src.id, cand.id] and info["candidate"]["share"] == 0.3
+        with ThreadPoolExecutor(4) as pool:
+            ids = list(pool.map(lambda _: post(api, data).json()["bundle"], range(60)))
+        n = ids.count(cand.id)
+        assert set(ids) == {src.id, cand.id} and 8 <= n <= 30, n  # 60 x 0.3 = 18, about +-3 standard deviations
+        for pin, want in (("candidate", cand.id), ("stable", src.id), (cand.id, cand.id)):
+            r = post(api, data, headers={"X-Skinray-Bundle": pin})
+            assert r.status_code == 200 and r.json()["bundle"] == want, (pin, r.text[:200])
+        bad = post(api, data, headers={"X-Skinray-Bundle": "sk-000000000000"})
+        assert bad.status_code == 422 and "names no bundle" in bad.json()["error"]["message"]
+        # the candidate fails: stable answers are untouched, unpinned requests all get the stable bundle
+        _deploy(random_bundle, candidate=canary | {"members": {"resnet50": {"fault_drill": True}}})
+        _wait(lambda: post(api, data, headers={"X-Skinray-Bundle": "candidate"}).status_code == 503)
+        answers = [post(api, data) for _ in range(12)]
+        assert all(r.status_code == 200 and r.json()["bundle"] == src.id for r in answers)
+        assert post(api, data, headers={"X-Skinray-Bundle": "stable"}).status_code == 200
     finally:
         _deploy(random_bundle)
-        _wait(lambda: requests.get(api + "/v2/models/skinray", timeout=5).status_code == 200)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json().get("candidate") is None)

@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     q0 = qual.get("_bundle", {})
     print(f"\ncost at {a.size} px ({a.device}, random weights, in-process Predictor, images at the input size)"
           + (f"; quality on bundle {q0['id']} (members trained at {q0['size']} px), {a.split} split" if q0 else ""))
-    head = f"{'option':<26}{'ms/img b1':>10}{'b16':>8}{'÷answer b1':>11}{'b16':>6}{'peak GB':>8}{'+GB':>6}"
+    head = f"{'option':<26}{'ms/img b1':>10}{'b16':>8}{'÷answer b1':>11}{'b16':>7}{'peak GB':>8}{'+GB':>6}"
     if q0:
-        head += (f"{'÷ request':>10}" if served else "") + f"{'pointing':>9}{'untr.':>6}{'deletion':>9}{'rand':>6}{'insert.':>8}{'rand':>6}{'ROAD':>7}{'rand':>6}{'÷ans@' + str(q0['size']):>8}"
+        head += (f"{'÷ request':>10}" if served else "") + f"{'pointing':>9}{'untr.':>6}{'deletion':>9}{'rand':>6}{'insert.':>8}{'rand':>6}{'ROAD':>7}{'rand':>7}{'÷ans@' + str(q0['size']):>8}"
     print(head)
     nan = float("nan")
     for name in a.options:
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f"  failed: {c['error']}"
         else:
             line += (f"{c.get('ms_b1', nan):>10.1f}{c.get('ms_b16', nan):>8.1f}{c.get('ratio_b1', nan):>11.2f}"
-                     f"{c.get('ratio_b16', nan):>6.2f}{c.get('peak_gb_b16', nan):>8.2f}{c.get('maps_gb_b16', nan):>6.2f}")
+                     f"{c.get('ratio_b16', nan):>7.2f}{c.get('peak_gb_b16', nan):>8.2f}{c.get('maps_gb_b16', nan):>6.2f}")
         if served:
             line += f"{served[name]:>10.2f}"
         if q0:
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             g = lambda m, k: (pt.get(m) or {}).get(k, nan)  # noqa: E731
             line += (f"{q['pointing']:>9.3f}{q['untrained']:>6.2f}{g('deletion', 'map'):>9.3f}{g('deletion', 'random'):>6.3f}"
                      f"{g('insertion', 'map'):>8.3f}{g('insertion', 'random'):>6.3f}{g('road', 'map'):>7.3f}"
-                     f"{g('road', 'random'):>6.3f}{q['ratio_b1']:>8.2f}")
+                     f"{g('road', 'random'):>7.3f}{q['ratio_b1']:>8.2f}")
         print(line, flush=True)
     if q0:
         n = next(iter(v["images"] for k, v in qual.items() if k != "_bundle"))
