@@ -26,10 +26,11 @@ from .gradcam import CAM_METHODS, CAM_SMOOTHS, method_name
 from .registry import OUTPUT_STRIDES
 
 DEFAULTS = {"stride": None, "layer": None, "method": "gradcam", "smooth": "none"}
-# What each option costs at 224 px on the CPU, per image, as a multiple of the answer alone
-# (docs/explanations.md has the measurements and the command that reproduces them).
-COST_NOTE = ("maps at the pooled layer and trained stride cost about the answer again; a finer stride, "
-             "an earlier layer or flips cost more (docs/explanations.md)")
+# What each option costs at 224 px on 2 CPU cores, answer + maps per image as a multiple of the answer alone,
+# batch 1 (benchmarks/explanations.py frontier; docs/explanations.md has the table and the command).
+COST_NOTE = ("answer + maps ÷ answer at 224 px on 2 CPU cores: the default (pooled layer, trained stride) 1.1x; "
+             "stride 16 2.2x, stride 8 3.9x; flips 3.8x; an earlier layer (LayerCAM, stride 8) 27x, with flips 87x "
+             "(docs/explanations.md)")
 
 
 class ExplanationError(ValueError):
