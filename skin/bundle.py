@@ -295,8 +295,10 @@ def _write(root: Path, classes: ClassMap, entries: list[MemberEntry], weights: S
 def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Member],
                  weights: Sequence[float] | None = None, temperatures: Mapping[str, float] | None = None,
                  metrics: dict | None = None, provenance: dict | None = None,
-                 untrained: bool = False, overwrite: bool = True) -> Bundle:
-    """Save members (name -> Member) as a new bundle at root."""
+                 untrained: bool = False, overwrite: bool = True,
+                 explanations: Mapping[str, Explanation] | None = None) -> Bundle:
+    """Save members (name -> Member) as a new bundle at root, each explained as `explanations` says
+    (default: Explanation(), the pooled layer at the trained stride)."""
     names = list(members)
     weights = weights if weights is not None else _default_weights(names)
     entries, files = [], {}
@@ -305,7 +307,8 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
             raise ClassMapError(f"member {name} has {m.num_classes} outputs, class map has {len(classes)}")
         entries.append(MemberEntry(name, m.spec.name, m.num_classes, m.head_config, m.data_config,
                                    f"{name}.safetensors", "", tuple(classes),
-                                   float((temperatures or {}).get(name, 1.0)), m.output_stride))
+                                   float((temperatures or {}).get(name, 1.0)), m.output_stride,
+                                   (explanations or {}).get(name, Explanation())))
         files[name] = (lambda path, m=m: save_tensors(path, m.state_dict()))
     prov = {"code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return _write(Path(root), classes, entries, weights, files, metrics or {},

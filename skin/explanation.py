@@ -28,9 +28,9 @@ from .registry import OUTPUT_STRIDES
 DEFAULTS = {"stride": None, "layer": None, "method": "gradcam", "smooth": "none"}
 # What each option costs at 224 px on 2 CPU cores, answer + maps per image as a multiple of the answer alone,
 # batch 1 (benchmarks/explanations.py frontier; docs/explanations.md has the table and the command).
-COST_NOTE = ("answer + maps ÷ answer at 224 px on 2 CPU cores: the default (pooled layer, trained stride) 1.1x; "
-             "stride 16 2.2x, stride 8 3.9x; flips 3.8x; an earlier layer (LayerCAM, stride 8) 27x, with flips 87x "
-             "(docs/explanations.md)")
+COST_NOTE = ("answer + maps ÷ answer at 224 px on 2 CPU cores: the pooled layer at the trained stride 32 1.1x, "
+             "at stride 16 (what bundles from jobs/train.py serve) 2.2x, at stride 8 3.9x; flips 3.8x; an earlier "
+             "layer (LayerCAM, stride 8) 27x, with flips 87x (docs/explanations.md)")
 
 
 class ExplanationError(ValueError):

@@ -41,22 +41,26 @@ from _harness import synthetic_split_args
 
 DEMO_LAYERS = {"mobilenetv2": "backbone.blocks.5", "efficientnet_b1": "backbone.blocks.2", "resnet50": "backbone.layer1"}
 # name -> (options for every member, per-member layers)
-OPTIONS = {
-    "gradcam@32 (default)": ({}, {}),
-    "gradcam@16": ({"stride": 16}, {}),
-    "gradcam@8": ({"stride": 8}, {}),
-    "gradcam@32+flips": ({"smooth": "flips"}, {}),
-    "gradcam@8+flips": ({"stride": 8, "smooth": "flips"}, {}),
-    "layercam@8": ({"stride": 8, "method": "layercam"}, {}),
-    "layercam@8 layers": ({"stride": 8, "method": "layercam"}, DEMO_LAYERS),
-    "layercam@32 layers+flips": ({"method": "layercam", "smooth": "flips"}, DEMO_LAYERS),
-    "layercam@8 layers+flips": ({"stride": 8, "method": "layercam", "smooth": "flips"}, DEMO_LAYERS),
+G32 = {"stride": 32, "method": "gradcam", "smooth": "none"}  # every option names all it sets: a bundle's own
+OPTIONS = {                                                 # stored explanation never leaks into a row
+    "gradcam@32": (G32, {}),
+    "gradcam@16 (default)": (G32 | {"stride": 16}, {}),
+    "gradcam@8": (G32 | {"stride": 8}, {}),
+    "gradcam@32+flips": (G32 | {"smooth": "flips"}, {}),
+    "gradcam@8+flips": (G32 | {"stride": 8, "smooth": "flips"}, {}),
+    "layercam@8": (G32 | {"stride": 8, "method": "layercam"}, {}),
+    "layercam@8 layers": (G32 | {"stride": 8, "method": "layercam"}, DEMO_LAYERS),
+    "layercam@32 layers+flips": (G32 | {"method": "layercam", "smooth": "flips"}, DEMO_LAYERS),
+    "layercam@8 layers+flips": (G32 | {"stride": 8, "method": "layercam", "smooth": "flips"}, DEMO_LAYERS),
 }
 
 
-def explain_of(name: str, members) -> dict:
+def explain_of(name: str, members, pooled: dict | None = None) -> dict:
+    """{member: options}; members without a layer in the option get their pooled layer (`pooled`:
+    {member: its spec's cam_layer}), so a bundle's stored layer never leaks in either."""
     common, layers = OPTIONS[name]
-    return {m: dict(common) | ({"layer": layers[m]} if m in layers else {}) for m in members}
+    return {m: dict(common) | ({"layer": layers.get(m) or (pooled or {}).get(m)} if m in layers or pooled else {})
+            for m in members}
 
 
 def _cost_worker(a) -> None:
@@ -75,7 +79,7 @@ def _cost_worker(a) -> None:
         write_bundle(root, ClassMap(), {n: create_model(n, 6, pretrained="none", input_size=a.size)
                                         for n in DEFAULT_MEMBERS}, untrained=True)
     bundle = Bundle.load(root)
-    pred = Predictor(bundle, explain=explain_of(a.worker, bundle.member_names), device=a.device)
+    pred = Predictor(bundle, explain=explain_of(a.worker, bundle.member_names), device=a.device)  # random: stores none
     images = [make_sample(k % 6, 0, k, a.size).image for k in range(16)]
 
     def ms(batch, cam) -> float:
@@ -128,8 +132,10 @@ def quality(a, names: list[str]) -> dict:
     df = attach_masks(load_splits(a.data, a.split), Path(a.synth) / "manifest.csv")
     sample = [load_image(p) for p in df["path"].iloc[:a.rounds]]
     out = {}
+    from skin.registry import get_spec
+    pooled = {e.name: get_spec(e.backbone).cam_layer for e in bundle.members}
     for name in names:
-        explain = explain_of(name, bundle.member_names)
+        explain = explain_of(name, bundle.member_names, pooled)
         scored = score_locally(str(bundle.root), df, 16, explain=explain, perturb=a.perturb)
         good = scored[scored["ok"].astype(bool)]
         f = faithfulness(good, bundle, explain) or {}
@@ -173,8 +179,7 @@ def service(a, names: list[str]) -> dict:
     out = {}
     for name in names:
         common, layers = OPTIONS[name]
-        params = {"cam_stride": common.get("stride", 32), "cam_method": common.get("method", "gradcam"),
-                  "cam_smooth": common.get("smooth", "none"),
+        params = {"cam_stride": common["stride"], "cam_method": common["method"], "cam_smooth": common["smooth"],
                   "cam_layer": [f"{m}={layers.get(m, pooled[m])}" for m in pooled]}
         post(params)  # the member builds this option's runner once
         ratios = [post(params) / post({"cam": "false"}) for _ in range(a.rounds)]
