@@ -1,0 +1,170 @@
+"""Hosts on one machine that talk over a network: Linux network namespaces joined by a bridge.
+
+Each host is a network namespace with its own address on a private /24 (veth pairs to a bridge that
+lives in a namespace of its own, so no traffic touches the machine's other interfaces); a Ray head
+runs in host A with token auth, workers join from the others with their declared CPUs, and host D
+can be a client. Everything is torn down on exit, on failure too; names carry a random suffix so
+two runs never clash. Needs root (`ip netns`); `available()` says why not where it is not.
+
+    python -m cluster.hosts up --hosts 3          # prints the hosts and a shell line for each; Ctrl-C tears down
+    with Hosts(3) as hosts:                         # in code and tests
+        hosts.ray_head(0, token_path); hosts.ray_worker(1, token_path, num_cpus=1)
+        hosts.run(2, ["python", "-c", "..."], env=...)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IP = shutil.which("ip") or "/usr/sbin/ip"
+RAY_PORT, DASHBOARD_PORT = 6379, 8265
+
+
+def available() -> str | None:
+    """None when namespaces can be made here, else the reason (for a clear skip)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (ip netns add)"
+    if not Path(IP).exists():
+        return "iproute2's ip is not installed"
+    name = f"skr-probe-{secrets.token_hex(3)}"
+    r = subprocess.run([IP, "netns", "add", name], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns add is not permitted here: {r.stderr.strip()}"
+    subprocess.run([IP, "netns", "del", name], capture_output=True)
+    return None
+
+
+class Hosts:
+    """N network namespaces on 10.231.<k>.0/24 (k random), host i at .(i + 1), joined by a bridge."""
+
+    def __init__(self, n: int, tag: str | None = None) -> None:
+        self.n = n
+        self.tag = tag or secrets.token_hex(3)
+        self.subnet = f"10.231.{random.randint(2, 250)}"
+        self.names = [f"skr-{self.tag}-h{i}" for i in range(n)]
+        self.switch = f"skr-{self.tag}-sw"
+        self.addresses = [f"{self.subnet}.{i + 1}" for i in range(n)]
+        self.state = Path(tempfile.mkdtemp(prefix=f"skr-{self.tag}-"))
+        self.procs: list[subprocess.Popen] = []
+
+    def _ip(self, *args: str, ns: str | None = None) -> None:
+        cmd = [IP] + (["-n", ns] if ns else []) + list(args)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+    def __enter__(self) -> "Hosts":
+        try:
+            self._ip("netns", "add", self.switch)
+            self._ip("link", "set", "lo", "up", ns=self.switch)
+            self._ip("link", "add", "br0", "type", "bridge", ns=self.switch)
+            self._ip("link", "set", "br0", "up", ns=self.switch)
+            for i, (name, addr) in enumerate(zip(self.names, self.addresses)):
+                self._ip("netns", "add", name)
+                self._ip("link", "set", "lo", "up", ns=name)
+                # a veth pair made inside the host, its peer moved to the switch and put on the bridge
+                self._ip("link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", ns=name)
+                self._ip("link", "set", f"p{i}", "netns", self.switch, ns=name)
+                self._ip("link", "set", f"p{i}", "master", "br0", ns=self.switch)
+                self._ip("link", "set", f"p{i}", "up", ns=self.switch)
+                self._ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=name)
+                self._ip("link", "set", "eth0", "up", ns=name)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop what runs in the hosts and remove every namespace and link made (idempotent)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for name in self.names:
+            if Path(f"/run/netns/{name}").exists():
+                # every process left in the namespace (Ray's daemons) is ended before it goes
+                pids = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True).stdout.split()
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), 9)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                subprocess.run([IP, "netns", "del", name], capture_output=True)
+        if Path(f"/run/netns/{self.switch}").exists():
+            subprocess.run([IP, "netns", "del", self.switch], capture_output=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    def env(self, token_path: str | None) -> dict:
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+        env.pop("RAY_ADDRESS", None)
+        if token_path:
+            env["RAY_AUTH_TOKEN_PATH"] = token_path
+        else:
+            env.pop("RAY_AUTH_TOKEN_PATH", None)
+            env.pop("RAY_AUTH_TOKEN", None)
+        return env
+
+    def run(self, i: int, cmd: list[str], env: dict | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run `cmd` in host i and wait for it."""
+        r = subprocess.run([IP, "netns", "exec", self.names[i]] + cmd, capture_output=True, text=True,
+                           env=env, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"host {i}: {' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-800:]}")
+        return r
+
+    def ray(self) -> str:
+        return str(Path(sys.executable).with_name("ray"))
+
+    def ray_head(self, i: int, token_path: str, num_cpus: int = 0) -> str:
+        """`ray start --head` in host i (token auth on, its own temp dir); the GCS address."""
+        a = self.addresses[i]
+        self.run(i, [self.ray(), "start", "--head", "--node-ip-address", a, "--port", str(RAY_PORT),
+                     "--dashboard-host", a, "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", str(num_cpus),
+                     "--temp-dir", str(self.state / f"ray{i}"), "--disable-usage-stats"],
+                 env=self.env(token_path), timeout=180)
+        return f"{a}:{RAY_PORT}"
+
+    def ray_worker(self, i: int, head: str, token_path: str, num_cpus: int = 1, resources: str | None = None) -> None:
+        """`ray start` in host i joining `head`, with its declared CPUs (and custom resources as JSON)."""
+        cmd = [self.ray(), "start", "--address", head, "--node-ip-address", self.addresses[i],
+               "--num-cpus", str(num_cpus), "--disable-usage-stats"]
+        if resources:
+            cmd += ["--resources", resources]
+        self.run(i, cmd, env=self.env(token_path), timeout=180)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cluster.hosts", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="make the hosts and keep them until Ctrl-C")
+    up.add_argument("--hosts", type=int, default=3)
+    a = ap.parse_args(argv)
+    why = available()
+    if why:
+        print(f"hosts: {why}", file=sys.stderr)
+        return 2
+    with Hosts(a.hosts) as hosts:
+        for name, addr in zip(hosts.names, hosts.addresses):
+            print(f"{addr}  ip netns exec {name} bash")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("tearing down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
