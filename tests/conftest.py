@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # the metrics test reads them sooner (default 10 s)
 # Ray's token auth stays on in the tests too: one token for the session, in a file of its own.
 os.environ["RAY_AUTH_MODE"] = "token"
 if not os.environ.get("RAY_AUTH_TOKEN_PATH"):

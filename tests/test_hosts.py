@@ -10,7 +10,8 @@ import pytest
 from cluster.hosts import IP, Hosts, available
 
 WHY = available()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")
+# slow: in `make test-all` (about a minute: four namespaces, two `ray start`s, the Ray Client's retries)
+pytestmark = [pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}"), pytest.mark.slow]
 
 NODES = """
 import json, ray, socket
