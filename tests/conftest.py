@@ -10,9 +10,13 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # the metrics t
 # Ray's token auth stays on in the tests too: one token for the session, in a file of its own.
 os.environ["RAY_AUTH_MODE"] = "token"
 if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    import atexit
     import secrets
+    import shutil
     import tempfile
-    _token = os.path.join(tempfile.mkdtemp(prefix="skinray-test-token-"), "ray_token")
+    _token_dir = tempfile.mkdtemp(prefix="skinray-test-token-")
+    atexit.register(shutil.rmtree, _token_dir, True)  # nothing of the tests' is left in /tmp
+    _token = os.path.join(_token_dir, "ray_token")
     with open(os.open(_token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = _token

@@ -1,7 +1,7 @@
 """Scale-out on a real multi-node Ray cluster on this machine (cluster/simcluster.py): DDP across
 nodes with whole-split validation, a node killed mid-run, and resource plans that fit the node
-shapes of the shipped cluster configs. Each cluster runs in a child process (this session's
-own Ray is already initialised)."""
+shapes of the shipped cluster configs. Each cluster runs in a child process (the test
+process's own Ray is already initialised)."""
 import json
 import os
 import subprocess
