@@ -47,13 +47,6 @@ def check_cam_method(method: str) -> str:
     return method
 
 
-def check_cam_smooth(smooth: str) -> str:
-    """`smooth` is one of CAM_SMOOTHS, else ValueError saying which ones are."""
-    if smooth not in CAM_SMOOTHS:
-        raise ValueError(f"explanation smoothing must be one of {', '.join(CAM_SMOOTHS)}, got {smooth!r}")
-    return smooth
-
-
 def flip_smoothed(maps_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                   maps: torch.Tensor) -> torch.Tensor:
     """The mean over the four flips of x of each class's map, each min-max normalised and flipped
