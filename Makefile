@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/load_faults.py
 	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/serve_multinode.py
+	@if [ "$$(id -u)" = 0 ]; then $(PY) benchmarks/hosts.py; else echo "benchmarks/hosts.py needs root (network namespaces): skipped"; fi
 	@if [ -f $(DEMO_DIR)/train/bundle-tuned/bundle.json ]; then \
 	  d="--data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth"; \
 	  $(PY) benchmarks/explanations.py frontier --bundle $(DEMO_DIR)/train/bundle-tuned-t --skip-cost $$d && \

@@ -7,13 +7,16 @@ can be a client. Everything is torn down on exit, on failure too; names carry a 
 two runs never clash. Needs root (`ip netns`); `available()` says why not where it is not.
 
     python -m cluster.hosts up --hosts 3          # prints the hosts and a shell line for each; Ctrl-C tears down
-    with Hosts(3) as hosts:                         # in code and tests
-        hosts.ray_head(0, token_path); hosts.ray_worker(1, token_path, num_cpus=1)
-        hosts.run(2, ["python", "-c", "..."], env=...)
+    with Hosts(4) as hosts:                         # in code, tests and benchmarks/hosts.py
+        head = hosts.ray_head(0, token_path); hosts.ray_worker(1, head, token_path, num_cpus=1)
+        hosts.submit(3, token_path, ["jobs/train.py", ...])    # from D to A's Jobs API
+        hosts.deploy(3, head, token_path, bundle, members)     # the Serve app: ingress on A, members elsewhere
+        hosts.link(1, up=False); hosts.counters(1)             # faults and traffic
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import secrets
@@ -25,7 +28,37 @@ import time
 from pathlib import Path
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
-RAY_PORT, DASHBOARD_PORT = 6379, 8265
+RAY_PORT, DASHBOARD_PORT, SERVE_PORT = 6379, 8265, 8000
+ROOT = Path(__file__).resolve().parents[1]
+
+# a driver in a client host: the alive actors' hosts by class name (Ray's state API)
+ACTORS = """
+import json, sys, ray
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], log_to_driver=False)
+ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+out = {}
+# the head's dashboard named: the hosts share this machine's /tmp, where another Ray may also be running
+dashboard = "http://" + sys.argv[1].split(":")[0] + ":" + sys.argv[2]
+for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000):
+    out.setdefault(a.class_name, []).append(ips.get(a.node_id, "?"))
+print(json.dumps(out))
+"""
+
+# a driver in a client host: Serve's proxy on the head only, bound to the head's address; the ingress
+# pinned to the head (resource host_a), each member on a worker host (resource member_host)
+DEPLOY = """
+import json, sys, ray
+from ray import serve
+from serve_app import AppArgs, build_app
+head, host_a, port, bundle, key, members = sys.argv[1:7]
+ray.init(address=head, log_to_driver=False)
+serve.start(proxy_location="HeadOnly", http_options={"host": host_a, "port": int(port)})
+args = AppArgs(bundle=bundle, api_key=key or None, ingress_resources={"host_a": 0.01}, member_timeout_s=10,
+               members={m: {"num_cpus": 0.5, "resources": {"member_host": 0.5}} for m in json.loads(members)})
+serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
+print("deployed", flush=True)
+"""
 
 
 def available() -> str | None:
@@ -90,22 +123,20 @@ class Hosts:
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
-        for name in self.names:
+        for i, name in enumerate(self.names):
             if Path(f"/run/netns/{name}").exists():
-                # every process left in the namespace (Ray's daemons) is ended before it goes
-                pids = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True).stdout.split()
-                for pid in pids:
-                    try:
-                        os.kill(int(pid), 9)
-                    except (ProcessLookupError, ValueError):
-                        pass
+                self.kill_all(i)  # every process left in the namespace (Ray's daemons) ends before it goes
                 subprocess.run([IP, "netns", "del", name], capture_output=True)
         if Path(f"/run/netns/{self.switch}").exists():
             subprocess.run([IP, "netns", "del", self.switch], capture_output=True)
         shutil.rmtree(self.state, ignore_errors=True)
 
     def env(self, token_path: str | None) -> dict:
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+        # this interpreter's bin first and this checkout importable: Ray's daemons, a job's `python` and
+        # Serve's replicas run our code, as a host's image would have it installed
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1",
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         env.pop("RAY_ADDRESS", None)
         if token_path:
             env["RAY_AUTH_TOKEN_PATH"] = token_path
@@ -123,15 +154,39 @@ class Hosts:
             raise RuntimeError(f"host {i}: {' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-800:]}")
         return r
 
+    def link(self, i: int, up: bool) -> None:
+        """Take host i's network link down or bring it back (`ip link set eth0 down|up` in the host):
+        its processes keep running, nothing reaches them or leaves."""
+        self._ip("link", "set", "eth0", "up" if up else "down", ns=self.names[i])
+
+    def counters(self, i: int) -> tuple[int, int]:
+        """Bytes host i has received and sent on its link (its /sys/class/net/eth0/statistics)."""
+        r = self.run(i, ["cat", "/sys/class/net/eth0/statistics/rx_bytes", "/sys/class/net/eth0/statistics/tx_bytes"],
+                     timeout=20)
+        rx, tx = (int(v) for v in r.stdout.split())
+        return rx, tx
+
+    def kill_all(self, i: int) -> int:
+        """End every process of host i (its Ray daemons and workers); how many there were. Not `ray stop`:
+        the hosts share this machine's process table, and `ray stop` would end every host's Ray."""
+        pids = subprocess.run([IP, "netns", "pids", self.names[i]], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        return len(pids)
+
     def ray(self) -> str:
         return str(Path(sys.executable).with_name("ray"))
 
-    def ray_head(self, i: int, token_path: str, num_cpus: int = 0) -> str:
+    def ray_head(self, i: int, token_path: str, num_cpus: int = 0, resources: str | None = None) -> str:
         """`ray start --head` in host i (token auth on, its own temp dir); the GCS address."""
         a = self.addresses[i]
         self.run(i, [self.ray(), "start", "--head", "--node-ip-address", a, "--port", str(RAY_PORT),
                      "--dashboard-host", a, "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", str(num_cpus),
-                     "--temp-dir", str(self.state / f"ray{i}"), "--disable-usage-stats"],
+                     "--temp-dir", str(self.state / f"ray{i}"), "--disable-usage-stats"]
+                 + (["--resources", resources] if resources else []),
                  env=self.env(token_path), timeout=180)
         return f"{a}:{RAY_PORT}"
 
@@ -142,6 +197,30 @@ class Hosts:
         if resources:
             cmd += ["--resources", resources]
         self.run(i, cmd, env=self.env(token_path), timeout=180)
+
+
+    def submit(self, client: int, token_path: str, args: list[str], head: int = 0) -> subprocess.Popen:
+        """`ray job submit` of `python jobs/train.py ARGS` (this checkout as the working dir) from host
+        `client` to host `head`'s Jobs API; the running submit (its output merged into stdout)."""
+        cmd = [IP, "netns", "exec", self.names[client], self.ray(), "job", "submit", "--address",
+               f"http://{self.addresses[head]}:{DASHBOARD_PORT}", "--working-dir", str(ROOT),
+               "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--", "python", *args]
+        return subprocess.Popen(cmd, env=self.env(token_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=ROOT)
+
+    def actors(self, client: int, head: str, token_path: str) -> dict[str, list[str]]:
+        """{actor class: [host address of each alive one]}, asked from host `client`."""
+        r = self.run(client, [sys.executable, "-c", ACTORS, head, str(DASHBOARD_PORT)], env=self.env(token_path), timeout=120)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def deploy(self, client: int, head: str, token_path: str, bundle: str, members: list[str],
+               api_key: str = "") -> str:
+        """Deploy the app from host `client`: proxy and ingress on the head's host (it must declare the
+        resource host_a), members where `member_host` is declared; the app's URL."""
+        url_host = head.split(":")[0]
+        self.run(client, [sys.executable, "-c", DEPLOY, head, url_host, str(SERVE_PORT), bundle, api_key,
+                          json.dumps(members)], env=self.env(token_path), timeout=300)
+        return f"http://{url_host}:{SERVE_PORT}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import yaml
 
 from skin.bundle import write_bundle
 from skin.checkpoint import atomic_write_json, load_member, load_tensors, save_tensors
+from skin.args import worker_range
 from skin.cluster import add_cluster_arguments
 from skin.explanation import Explanation
 from skin.data import DatasetError, load_classes, load_manifest, training_split
@@ -55,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="feature-map stride of every member (default 32); 16 or 8 give finer Grad-CAM maps at more compute")
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
     p.add_argument("--freeze-epochs", type=int, help="train only the head for the first N epochs")
-    p.add_argument("--workers", type=int, help="Ray Train workers per member (DDP when > 1; default 1)")
+    p.add_argument("--workers", type=worker_range, help="Ray Train workers per member (DDP when > 1; default 1); "
+                   "MIN-MAX, e.g. 1-2, trains elastically: it starts with what fits, goes on with fewer when a node "
+                   "is lost (from the last checkpoint) and grows again when nodes return")
     p.add_argument("--cpus-per-worker", type=float, help="default: the largest share of the free CPUs (of the nodes that "
                    "have the GPUs asked for) with which every worker of every member starts at once")
     p.add_argument("--gpus-per-worker", type=float, help="fractional allowed, e.g. 0.33 so three members share one GPU")
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         cfg = resolve(a)
-    except (OSError, yaml.YAMLError, ValueError, AttributeError) as e:
+        cfg["workers"] = list(worker_range(cfg["workers"]))  # [min, max]; from a flag, a YAML int or "1-2"
+    except (OSError, yaml.YAMLError, ValueError, AttributeError, argparse.ArgumentTypeError) as e:
         print(f"train.py: --config {a.config}: {str(e).splitlines()[0]}" if a.config else f"train.py: {e}",
               file=sys.stderr)
         return 2
@@ -161,14 +165,14 @@ def main(argv=None) -> int:
     gpus = float(cfg["gpus_per_worker"] or 0)
     try:
         init_ray(a.num_cpus)
-        plan = plan_cluster("train.py", [Group(m, cfg["workers"], cfg["cpus_per_worker"], gpus) for m in members],
+        plan = plan_cluster("train.py", [Group(m, cfg["workers"][1], cfg["cpus_per_worker"], gpus) for m in members],
                             a.node_types, a.dry_run, a.scale_timeout)
     except ClusterError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return e.code
     if a.dry_run:
         return 0
-    scaling = Scaling(cfg["workers"], plan.groups[0].cpus, gpus)
+    scaling = Scaling(cfg["workers"][1], plan.groups[0].cpus, gpus, min_workers=cfg["workers"][0])
     try:
         return _train(cfg, members, weights, configs, scaling, data_dir, out)
     finally:
@@ -191,7 +195,8 @@ def _train(cfg, members, weights, configs, scaling, data_dir, out) -> int:
                 "scaling": dataclasses.asdict(scaling),
                 "member_configs": {m: dataclasses.asdict(c) for m, c in configs.items()}}
     atomic_write_json(out / "train_config.json", resolved)
-    print(f"training {', '.join(members)} concurrently: {scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
+    count = f"{scaling.min_workers}-{scaling.workers} (elastic)" if scaling.elastic else str(scaling.workers)
+    print(f"training {', '.join(members)} concurrently: {count} worker(s) x {scaling.cpus_per_worker:g} CPU"
           f"{f' + {scaling.gpus_per_worker:g} GPU' if scaling.gpus_per_worker else ''} each; storage {storage}")
     t0 = time.time()
     trainers = {m: make_trainer(configs[m], scaling, f"{cfg['name']}-{m}", storage, cfg["max_failures"])

@@ -28,6 +28,21 @@ def split_arg(text: str) -> tuple[float, float, float]:
     return tuple(p / total for p in parts)  # type: ignore[return-value]
 
 
+def worker_range(text) -> tuple[int, int]:
+    """N or MIN-MAX Ray Train workers (MIN-MAX: elastic, starts with what fits, resizes on loss and
+    return); an int from YAML too. Returns (min, max)."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:  # already parsed
+        text = f"{text[0]}-{text[1]}"
+    lo, sep, hi = str(text).partition("-")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX workers such as 2 or 1-2, got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"workers must be N >= 1 or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
 def at_least(low: int):
     """argparse type: an integer >= low, with a message that says so."""
     def parse(text: str) -> int:

@@ -92,6 +92,42 @@ class TuneRuntime(SingleWorker):
         return ckpt.to_directory() if ckpt is not None else None
 
 
+def bind_collectives_to_node_ip() -> None:
+    """In each Train worker before its process group forms: point gloo and NCCL's bootstrap at the interface that holds
+    the node's Ray address, unless the host already says which (GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME).
+    Gloo otherwise listens on what the host name resolves to, which on many hosts is 127.0.x.1
+    (/etc/hosts): every peer is then told to connect to its own loopback and DDP across hosts fails
+    with "connectFullMesh failed ... Connection refused, remote=[127.0.0.1]"."""
+    import os
+
+    import psutil
+    import ray
+    ip = ray.util.get_node_ip_address()
+    iface = next((name for name, addrs in psutil.net_if_addrs().items()
+                  if any(a.address == ip for a in addrs)), None)
+    if iface and not ip.startswith("127."):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+
+
+def torch_config():
+    """TorchConfig whose workers bind their collectives to the node's Ray address first (above)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend  # the process-group setup we precede
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(bind_collectives_to_node_ip)
+            super().on_start(worker_group, backend_config)
+
+    class NodeAddressTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return NodeAddressTorchConfig()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: a plain dict config in, everything else in `skin.train`."""
     train_member(TrainConfig.from_dict(config), RayRuntime())
@@ -99,9 +135,20 @@ def train_loop_per_worker(config: dict) -> None:
 
 @dataclass
 class Scaling:
+    """Each member's Train workers: `workers` of them, or elastic between `min_workers` and `workers`
+    (Ray Train starts with what fits, goes on with fewer after a loss, grows back when it can)."""
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    min_workers: int | None = None
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def num_workers(self) -> int | tuple[int, int]:
+        return (self.min_workers, self.workers) if self.elastic else self.workers
 
 
 def make_trainer(cfg: TrainConfig, scaling: Scaling, name: str, storage_path: str,
@@ -117,7 +164,8 @@ def make_trainer(cfg: TrainConfig, scaling: Scaling, name: str, storage_path: st
     return TorchTrainer(
         loop,
         train_loop_config=dataclasses.asdict(cfg) | (extra_config or {}),
-        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
+        torch_config=torch_config(),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,

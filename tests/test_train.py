@@ -1,5 +1,6 @@
 """Training: the loop without Ray, then through Ray Train (one shared local Ray per session)."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -278,6 +279,8 @@ def test_class_map_change_refused_on_resume(trained, scanned, tmp_path, capsys):
     (["--epochs", "0"], "epochs and batch_size must be at least 1"),
     (["--weights", "1", "2"], "2 weights for 3 members"),
     (["--output-stride", "12"], "invalid choice"),
+    (["--workers", "2-1"], "workers must be N >= 1 or MIN-MAX with 1 <= MIN <= MAX"),
+    (["--workers", "two"], "expected N or MIN-MAX workers such as 2 or 1-2"),
 ])
 def test_train_job_answers_bad_arguments_with_one_line(scanned, tmp_path, capsys, extra, says):
     """Before Ray starts: exit 2 and one line that says what is wrong, never a traceback."""
@@ -327,3 +330,32 @@ def test_lesion_free_images_join_training(tmp_path):
                           **{**TINY, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": None, "use_cache": False})
         train_member(cfg, LocalRuntime(str(tmp_path / f"run{weight}")), log=lines.append)
         assert (says in lines[0]) if says else ("lesion-free" not in lines[0]), lines[0]
+
+
+def test_elastic_workers_reach_ray_train_and_collectives_bind_to_the_node_address(monkeypatch, tmp_path):
+    """`--workers 1-2` becomes Train's (min, max) elastic group; N stays N. Each worker points gloo and
+    NCCL at the interface holding its node's Ray address before the process group forms (a host name
+    resolving to 127.0.x.1 would otherwise send peers to their own loopback), and leaves a value the
+    host set alone."""
+    import psutil
+    import ray.util
+    from skin.args import worker_range
+    from skin.distributed import Scaling, bind_collectives_to_node_ip, make_trainer
+    assert worker_range("2") == (2, 2) and worker_range(3) == (3, 3) and worker_range("1-2") == (1, 2)
+    assert worker_range([1, 2]) == (1, 2)
+    cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(tmp_path), **TINY)
+    elastic = make_trainer(cfg, Scaling(2, 1.0, min_workers=1), "e", str(tmp_path / "s"))
+    fixed = make_trainer(cfg, Scaling(2, 1.0, min_workers=2), "f", str(tmp_path / "s"))
+    assert elastic.scaling_config.num_workers == (1, 2) and fixed.scaling_config.num_workers == 2
+    assert elastic.backend_config.backend_cls.on_start.__qualname__.startswith("torch_config.")
+    iface, ip = next((n, a.address) for n, addrs in psutil.net_if_addrs().items() for a in addrs
+                     if a.family.name == "AF_INET" and not a.address.startswith("127."))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: ip)
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.setenv(var, "restored-after-the-test")
+        monkeypatch.delenv(var)
+    bind_collectives_to_node_ip()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == iface and os.environ["NCCL_SOCKET_IFNAME"] == iface
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    bind_collectives_to_node_ip()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"
