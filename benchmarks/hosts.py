@@ -46,6 +46,7 @@ from cluster.simcluster import LineLog  # noqa: E402
 MEMBER = "mobilenetv2"
 LINK_DOWN_S = 90.0  # serving
 TRAIN_CUT_MAX_S = 300.0
+PHASES = ("train", "train-fault", "serve", "serve-fault")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -413,8 +414,7 @@ def phase_serve_fault(tmp: Path, token: str, bundle: Path, image: Path, concurre
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phases", nargs="*", choices=["train", "train-fault", "serve", "serve-fault", []],
-                   default=["train", "train-fault", "serve", "serve-fault"])
+    p.add_argument("phases", nargs="*", metavar="PHASE", help=f"any of {', '.join(PHASES)} (default: all)")
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--fault-epochs", type=int, default=40, help="train-fault's epochs: enough to go on after the "
@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                    "default 60): how long Train waits for a worker group of the size it chose before it tries again")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args(argv)
+    a.phases = a.phases or list(PHASES)
+    if set(a.phases) - set(PHASES):
+        p.error(f"unknown phase(s) {sorted(set(a.phases) - set(PHASES))}: choose from {', '.join(PHASES)}")
     if a.health_check:
         period, timeout, failures = a.health_check.split(",")
         os.environ.update(RAY_health_check_period_ms=period, RAY_health_check_timeout_ms=timeout,
