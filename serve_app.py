@@ -73,6 +73,9 @@ class MemberOptions(BaseModel):
     amp: Literal["off", "auto", "bf16"] = Field("off", description="backbone precision: off = fp32; auto = bf16 on a "
                                                 "GPU; bf16 = also on a CPU with native bf16 (else fp32, logged). "
                                                 "`skin predict --amp` gives the same answers in-process")
+    graphs: Literal["auto", "on", "off"] = Field("auto", description="run the answer pass and the one-pass maps "
+                                                  "compiled, as CUDA graphs on a GPU, each batch size captured at "
+                                                  "start-up (auto: on a GPU only; skin.graphs)")
     fault_drill: bool = Field(False, description="this member fails every call (to rehearse alerts/degraded mode)")
 
 
@@ -116,7 +119,7 @@ class MemberModel:
 
     def __init__(self, bundle_dir: str, name: str, num_cpus: float = DEFAULT_MEMBER_CPUS,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0, threads: Optional[int] = None,
-                 amp: str = "off") -> None:
+                 amp: str = "off", graphs: str = "auto") -> None:
         import torch
         from skin.bundle import Bundle
         from skin.inference import MemberRunner
@@ -126,7 +129,10 @@ class MemberModel:
         bundle = Bundle.load(bundle_dir)
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.runs = {(): MemberRunner.from_bundle(bundle, name, self.device, amp)}  # the path `skin predict` runs
+        self.runs = {(): MemberRunner.from_bundle(bundle, name, self.device, amp, graphs=graphs)}  # as `skin predict`
+        captured = self.runs[()].warm_up(max_batch_size)  # the first request pays no compile
+        if captured:
+            logger.info("member %s: compiled passes for batch sizes %s on %s", name, captured, self.device)
         self.pixels = eval_pixels(self.runs[()].member.data_config)  # the ingress sends the resized uint8 image
         if amp == "bf16" and not self.runs[()].bf16:
             logger.warning("member %s: amp=bf16 asked for, but this CPU has no native bf16: running fp32", name)
@@ -730,7 +736,7 @@ def _member_deployments(bundle, options: Dict[str, "MemberOptions"], prefix: str
             name=prefix + name, ray_actor_options=opts, **scale,
             user_config={"fault_drill": o.fault_drill},
         ).bind(bundle_dir=str(bundle.root.resolve()), name=name, num_cpus=o.num_cpus, max_batch_size=o.max_batch_size,
-               batch_wait_timeout_s=o.batch_wait_timeout_s, threads=o.threads, amp=o.amp)
+               batch_wait_timeout_s=o.batch_wait_timeout_s, threads=o.threads, amp=o.amp, graphs=o.graphs)
     return handles
 
 

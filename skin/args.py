@@ -74,6 +74,10 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
                         help="backbone precision: off = fp32 (default); auto = bf16 on a GPU; bf16 = also on "
                         "a CPU with native bf16 (AVX512-BF16/AMX), as a server member with amp: bf16 runs")
+    from .graphs import GRAPHS_CHOICES
+    parser.add_argument("--graphs", choices=GRAPHS_CHOICES, default="auto",
+                        help="members' passes compiled and replayed as CUDA graphs: auto = on a GPU (default), "
+                        "on = on any device (a compile at start on a CPU), off = eager")
 
 
 def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:

@@ -173,13 +173,13 @@ class BatchPredictor:
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None, amp: str = "off",
                  uncertain_below: float = UNCERTAIN_BELOW, cam_dir: str | None = None, cam_root: str | None = None,
                  alpha: float = 0.4, limits: ImageLimits = ImageLimits(),
-                 explain: Mapping[str, Mapping[str, object]] | None = None) -> None:
+                 explain: Mapping[str, Mapping[str, object]] | None = None, graphs: str = "auto") -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.predictor = Predictor(self.bundle, device=device, uncertain_below=uncertain_below, amp=amp,
-                                   explain=explain)
+                                   explain=explain, graphs=graphs)
         self.classes, self.members = self.bundle.classes.names, self.bundle.member_names
         self.cam_dir, self.inputs, self.alpha, self.limits = cam_dir, Inputs([], cam_root), alpha, limits
 

@@ -161,7 +161,7 @@ def cmd_predict(a) -> int:
     paths: list[str] = []
     for item in a.images:
         paths += list_inputs(item).paths if Path(item).is_dir() else [item]
-    scorer = BatchPredictor(a.bundle, uncertain_below=a.uncertain_below, amp=a.amp,
+    scorer = BatchPredictor(a.bundle, uncertain_below=a.uncertain_below, amp=a.amp, graphs=a.graphs,
                             limits=ImageLimits(formats=DATASET_FORMATS))
     rows, answers, failures = [], [], 0
     for start in range(0, len(paths), a.batch_size):
@@ -194,7 +194,7 @@ def cmd_explain(a) -> int:
     if a.class_name:
         bundle.classes.index(a.class_name)  # unknown names list the valid ones
     img = load_image(a.image)
-    r = Predictor(bundle, amp=a.amp, explain=explanation_request(a, bundle.member_names)).answers(
+    r = Predictor(bundle, amp=a.amp, graphs=a.graphs, explain=explanation_request(a, bundle.member_names)).answers(
         [img], cam=True, class_name=a.class_name, each_member=a.members)[0]
     g = r["gradcam"]
     out = Path(a.out)

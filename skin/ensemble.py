@@ -98,15 +98,18 @@ class Predictor:
 
     def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None, device: str = "cpu",
                  uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off",
-                 explain: Mapping[str, Mapping[str, object]] | None = None, load: bool = True) -> None:
+                 explain: Mapping[str, Mapping[str, object]] | None = None, load: bool = True,
+                 graphs: str = "auto") -> None:
         """`members`: given instead of loaded (a subset answers with its weights renormalised);
         `explain`: {member: options} overriding its stored Explanation (skin.explanation.requested);
-        answers never depend on it. `load=False`: no member in this process (`Predictor.remote`)."""
+        answers never depend on it. `load=False`: no member in this process (`Predictor.remote`).
+        `graphs`: members' passes under CUDA graphs ("auto": on a GPU; skin.graphs)."""
         self.bundle = bundle
         self.device = torch.device(device)
         given = members or {}
         names = list(given or bundle.member_names)
-        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, given.get(n), **(explain or {}).get(n, {}))
+        self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, given.get(n), graphs,
+                                                    **(explain or {}).get(n, {}))
                         for n in names} if load else {}
         self.weights = {n: bundle.weight_of(n) for n in names}
         # the ensemble map is built at the largest member input size (square, as the eval preset resizes)

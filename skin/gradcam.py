@@ -78,12 +78,17 @@ class GradCAM:
     """
 
     def __init__(self, member: Member, layer: str | None = None, fast: bool | None = None,
-                 dense: Member | None = None, method: str = "gradcam") -> None:
+                 dense: Member | None = None, method: str = "gradcam",
+                 features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 dense_features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.member, self.method = member, check_cam_method(method)
+        # the one-pass path's feature passes, when the caller runs them otherwise (skin.graphs: compiled)
+        self.features = features or member.forward_features
         # `dense`: the same weights at a finer output stride (skin.registry.restride). The logits and
         # the channel weights alpha (the head's Jacobian) stay the trained member's; eq. 2 is applied
         # to the dense feature map: a higher-resolution view of the same decision.
         self.dense = dense if dense is not None and dense is not member else None
+        self.dense_features = None if self.dense is None else (dense_features or self.dense.forward_features)
         self.layer_name = layer or member.spec.cam_layer
         structure_allows = member.spec.cam_fast_path and self.layer_name == member.spec.cam_layer
         if fast and not structure_allows:
@@ -127,8 +132,8 @@ class GradCAM:
 
     def _fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            feats = self.member.forward_features(x).float()  # bf16 maps are cast to float
-            cam_feats = feats if self.dense is None else self.dense.forward_features(x).float()
+            feats = self.features(x).float()  # bf16 maps are cast to float
+            cam_feats = feats if self.dense is None else self.dense_features(x).float()
         h, w = feats.shape[-2:]
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # the small head in fp32
             z = self.member.pool(feats).detach().requires_grad_(True)

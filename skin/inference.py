@@ -15,6 +15,7 @@ import torch
 from .device import autocast, configure_device
 from .explanation import Explanation, ExplanationError
 from .gradcam import FLIPS, GradCAM, flip_smoothed
+from .graphs import Compiled, use_graphs
 from .registry import Member, restride
 
 
@@ -49,10 +50,16 @@ class MemberRunner:
     stay the trained stride's. Another `explanation.layer` takes them by Grad-CAM's general path
     (one backward per class); the layer feeding the pooling keeps the one-pass path. With
     `smooth="flips"` the answer is the unflipped image's, exactly.
+
+    `graphs` ("auto": on CUDA devices; "on"; "off"; skin.graphs) runs the answer pass and the
+    one-pass maps' feature passes compiled, replayed as CUDA graphs on a GPU, with the same answers
+    (to float rounding: tested to 1e-4); the general path (another layer) stays eager. `warm_up`
+    captures the batch sizes a server will see before its first request.
     """
 
     def __init__(self, member: Member, temperature: float = 1.0, amp: str = "off",
-                 explanation: Explanation = Explanation()) -> None:
+                 explanation: Explanation = Explanation(), graphs: str = "off",
+                 _compiled: dict | None = None) -> None:
         if member.training:
             raise RuntimeError(f"member {member.spec.name} is in training mode; call .eval() first")
         self.member = member
@@ -67,20 +74,58 @@ class MemberRunner:
         self.temperature, self.amp = float(temperature), amp
         self.device = next(member.parameters()).device
         self.bf16 = configure_device(self.device, amp)  # False where the device lacks native bf16
+        self.graphs = graphs
+        # the compiled passes, shared by the runners `with_explanation` derives (keyed by the dense copy's stride)
+        self._compiled = _compiled if _compiled is not None else {}
+        if use_graphs(self.device, graphs) and not self._compiled:
+            m, bf16 = member, self.bf16
+            self._compiled["answer"] = Compiled(lambda x: member_logits(m, x, bf16), self.device)
+            self._compiled["features"] = Compiled(lambda x: m.forward_features(x), self.device)
+        if self._compiled and self.cam_member is not member and self.cam_stride not in self._compiled:
+            dense = self.cam_member
+            self._compiled[self.cam_stride] = Compiled(lambda x: dense.forward_features(x), self.device)
 
     @classmethod
     def from_bundle(cls, bundle, name: str, device: str | torch.device = "cpu", amp: str = "off",
-                    member: Member | None = None, **explain: object) -> "MemberRunner":
+                    member: Member | None = None, graphs: str = "off", **explain: object) -> "MemberRunner":
         """A bundle's member (loaded, unless given) with its temperature and its stored Explanation,
         overridden by `explain` (stride=, layer=, method=, smooth=; None keeps the stored one)."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         e = bundle.entry(name)
-        return cls(member, e.temperature, amp, e.explanation.override(**explain))
+        return cls(member, e.temperature, amp, e.explanation.override(**explain), graphs)
 
     def with_explanation(self, **explain: object) -> "MemberRunner":
         """The same member (weights shared) with its Explanation overridden; itself when nothing changes."""
         x = self.explanation.override(**explain)
-        return self if x == self.explanation else MemberRunner(self.member, self.temperature, self.amp, x)
+        return self if x == self.explanation else MemberRunner(self.member, self.temperature, self.amp, x,
+                                                                self.graphs, self._compiled)
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._compiled)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The answer pass's logits, under inference mode (compiled when `graphs` says so)."""
+        with torch.inference_mode():
+            if self._compiled:
+                return self._compiled["answer"](x)
+            return member_logits(self.member, x, self.bf16)
+
+    def warm_up(self, max_batch: int, cam: bool = True) -> list[int]:
+        """Compile (capture, on CUDA) every batch size up to `max_batch` (padded to powers of two) of
+        the answer pass and, with `cam` on the one-pass path, of the maps' feature passes; the sizes
+        captured ([] when this runner runs eagerly)."""
+        if not self._compiled:
+            return []
+        size = self.member.data_config.input_size
+        shape = (3, size, size)
+        sizes = self._compiled["answer"].warm_up(shape, max_batch)
+        if cam and not self.explanation.layer:
+            with autocast(self.device, self.bf16):
+                self._compiled["features"].warm_up(shape, max_batch, grad="no_grad")
+                if self.cam_stride in self._compiled:
+                    self._compiled[self.cam_stride].warm_up(shape, max_batch, grad="no_grad")
+        return sizes
 
     @property
     def cam_stride(self) -> int:
@@ -98,14 +143,11 @@ class MemberRunner:
     def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
         x = x.to(self.device)
         if not cam:
-            with torch.inference_mode():
-                logits = member_logits(self.member, x, self.bf16)
-            return calibrated(logits, self.temperature).cpu().numpy(), None
+            return calibrated(self._logits(x), self.temperature).cpu().numpy(), None
         if len(x) <= self.map_chunk:  # the answer from the maps' own pass (one pass on the default path)
             logits, maps = self._maps(x, answer=True)
             return calibrated(logits, self.temperature).cpu().numpy(), self._smoothed(x, maps).cpu()
-        with torch.inference_mode():  # the answer from the whole batch, exactly as without maps
-            logits = member_logits(self.member, x, self.bf16)
+        logits = self._logits(x)  # the answer from the whole batch, exactly as without maps
         maps = [self._smoothed(part, self._maps(part, answer=False)[1]).cpu() for part in x.split(self.map_chunk)]
         return calibrated(logits, self.temperature).cpu().numpy(), torch.cat(maps)
 
@@ -135,12 +177,11 @@ class MemberRunner:
         (B,) each image's map of its class, (B, 1, h, w))."""
         layer, method = self.explanation.layer, self.explanation.method
         if layer:  # the answer from the trained member, the maps by the general path
-            logits = None
-            if answer:
-                with torch.inference_mode():
-                    logits = member_logits(self.member, x, self.bf16)
+            logits = self._logits(x) if answer else None
             with GradCAM(self.cam_member, layer=layer, fast=False, method=method) as g, autocast(x.device, self.bf16):
                 return logits, g(x, classes)[1]
         # one pass (+ the dense pass at a finer cam_stride) and the head's Jacobian: all classes' maps
-        with GradCAM(self.member, dense=self.cam_member, method=method) as g, autocast(x.device, self.bf16):
+        c = self._compiled
+        with GradCAM(self.member, dense=self.cam_member, method=method, features=c.get("features"),
+                     dense_features=c.get(self.cam_stride)) as g, autocast(x.device, self.bf16):
             return g(x, classes)
