@@ -11,13 +11,14 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo demo-stop test test-all bench ui clean help
+.PHONY: install demo demo-stop test test-all bench bench-gpu ui clean help
 
 help:
 	@echo "make demo       set up .venv, run the main job on synthetic lesions, print where results are"
 	@echo "make test       set up .venv (with test extras) and run the test suite (< 20 min on 2 cores)"
 	@echo "make test-all   the suite plus slow full-size runs"
 	@echo "make bench      every benchmark under benchmarks/ (prints the figures)"
+	@echo "make bench-gpu  the GPU figures in one table (benchmarks/gpu.py; needs a GPU)"
 	@echo "make demo-stop  stop what the demo started"
 	@echo "make ui         the Streamlit page on 127.0.0.1:8501 (API at \$$SKINRAY_API_URL)"
 
@@ -78,6 +79,9 @@ bench: $(STAMP)
 	  $(PY) benchmarks/explanations.py lesion-removed --bundle $(DEMO_DIR)/train/bundle-tuned $$d && \
 	  $(PY) benchmarks/explanations.py border --bundle $(DEMO_DIR)/train/bundle-tuned-t $$d; \
 	else echo "the explanation-quality benchmarks need the demo bundle: run make demo first"; fi
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py
 
 ui: $(STAMP)
 	SKINRAY_API_URL=$${SKINRAY_API_URL:-http://127.0.0.1:8000} $(VENV)/bin/streamlit run ui/app.py \

@@ -28,8 +28,8 @@ print(json.dumps({{"nodes": sorted((n["NodeManagerAddress"], n["Resources"].get(
 
 def test_a_cluster_of_hosts_with_token_auth_between_them(tmp_path):
     """Workers in B and C join A's head over the network with their declared CPUs; D with the token
-    sees the three nodes and runs tasks on B and C; without it, D's driver, the Jobs API and the Ray
-    Client port are refused. Torn down: no namespace of the run is left."""
+    sees the three nodes and runs tasks on B and C; without it, D's driver, the Jobs API, `ray job
+    submit` and the Ray Client port are refused. Torn down: no namespace of the run is left."""
     import secrets
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(32))
@@ -57,6 +57,12 @@ def test_a_cluster_of_hosts_with_token_auth_between_them(tmp_path):
         r = hosts.run(3, [sys.executable, "-c", f"import ray; ray.init('ray://{a}:10001')"], env=hosts.env(None),
                       check=False, timeout=120)
         assert r.returncode != 0
+        # `ray job submit` without the token is refused; with it the job runs
+        submit = [hosts.ray(), "job", "submit", "--address", f"http://{a}:8265", "--", "echo", "submitted"]
+        r = hosts.run(3, submit, env=hosts.env(None), check=False, timeout=120)
+        assert r.returncode != 0 and "submitted" not in r.stdout, r.stdout[-2000:]
+        r = hosts.run(3, submit, env=hosts.env(str(token)), timeout=180)
+        assert "submitted" in r.stdout, r.stdout[-2000:]
         names = list(hosts.names) + [hosts.switch]
     left = subprocess.run([IP, "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in left for n in names), left
