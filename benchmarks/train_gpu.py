@@ -80,23 +80,17 @@ def model_bound(name: str, a, device: torch.device) -> dict[str, float]:
     model = model.to(memory_format=torch.channels_last)
     xcl = x.contiguous(memory_format=torch.channels_last)
 
-    def ref_bf16():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(xcl), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out["ref bf16+CL"] = rate(ref_bf16, a.batch, a.steps, a.warmup, device)
-
-    compiled = torch.compile(model)  # the same plain loop with the model under torch.compile (inductor)
-
-    def ref_compiled():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(compiled(xcl), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out["ref compiled"] = rate(ref_compiled, a.batch, a.steps, a.warmup, device)
+    def ref_bf16(net):
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(net(xcl), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+    out["ref bf16+CL"] = rate(ref_bf16(model), a.batch, a.steps, a.warmup, device)
+    # the same plain loop with the model under torch.compile (inductor; its warm-up steps compile)
+    out["ref compiled"] = rate(ref_bf16(torch.compile(model)), a.batch, a.steps, a.warmup, device)
 
     amp = configure_device(device)  # what skin's loop sets
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
