@@ -45,15 +45,19 @@ def _save(args) -> None:
     make_sample(i % 6, 11, i, 256).image.save(folder / f"{i // 500:02d}" / f"img_{i:05d}.jpg", quality=90)
 
 
-def floor(bundle: Path, n: int, batch: int, threads: int, cam: bool) -> float:
-    """Images/s of the members' batched forward on prepared tensors (the actor's compute alone)."""
+def floor(bundle: Path, n: int, batch: int, threads: int, cam: bool, device: str = "cpu", graphs: str = "off") -> float:
+    """Images/s of the members' batched forward on prepared tensors (the actor's compute alone), on
+    `device` (tensors already there), compiled as `graphs` says (skin.graphs)."""
     from skin.bundle import Bundle
     from skin.inference import MemberRunner
     torch.set_num_threads(threads)
     b = Bundle.load(bundle)
-    runners = [MemberRunner(m.eval(), b.entry(k).temperature) for k, m in b.load_members().items()]
-    x = {id(r): torch.randn(batch, 3, r.member.data_config.input_size, r.member.data_config.input_size) for r in runners}
-    for r in runners:  # warm-up
+    runners = [MemberRunner(m.eval().to(device), b.entry(k).temperature, graphs=graphs)
+               for k, m in b.load_members().items()]
+    x = {id(r): torch.randn(batch, 3, r.member.data_config.input_size, r.member.data_config.input_size, device=device)
+         for r in runners}
+    for r in runners:  # warm-up (compile and capture, when compiled)
+        r.warm_up(batch, cam=cam, sizes=[batch])
         r(x[id(r)], cam=cam)
     t0 = time.perf_counter()
     done = 0
@@ -64,10 +68,14 @@ def floor(bundle: Path, n: int, batch: int, threads: int, cam: bool) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def run_job(bundle: Path, images: Path, out: Path, cpus: int, batch: int, cam: bool) -> dict:
+def run_job(bundle: Path, images: Path, out: Path, cpus: int, batch: int, cam: bool, workers: int = 1,
+            gpus: float = 0.0, total_cpus: int | None = None) -> dict:
+    """jobs/predict.py on its own local Ray of `total_cpus` (default `cpus`): `workers` actors of `cpus`
+    CPUs (+ `gpus` GPU) each."""
     cmd = [sys.executable, str(ROOT / "jobs" / "predict.py"), "--bundle", str(bundle), "--input", str(images),
-           "--out", str(out), "--num-cpus", str(cpus), "--cpus-per-worker", str(cpus), "--batch-size", str(batch),
-           "--progress-every", str(batch)] + (["--cam"] if cam else [])
+           "--out", str(out), "--num-cpus", str(total_cpus or cpus), "--cpus-per-worker", str(cpus),
+           "--workers", str(workers), "--batch-size", str(batch), "--progress-every", str(batch)]
+    cmd += (["--cam"] if cam else []) + (["--gpus-per-worker", str(gpus)] if gpus else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     peak, stop = [0], threading.Event()

@@ -1,28 +1,40 @@
-"""The GPU figures in one command: in-process serving against its CUDA-graph floor, then the
-training check (benchmarks/train_gpu.py), one table of ratios, results under benchmarks/results/.
+"""The GPU figures in one command (issue #28): in-process serving against its CUDA-graph floor, the
+real jobs under Ray against their in-process floors (benchmarks/gpu_ray.py), the training check
+(benchmarks/train_gpu.py); one table of ratios, written as each phase ends.
 
-    python benchmarks/gpu.py [--size 224] [--repeats 50] [--skip-train] [--out benchmarks/results/gpu_h200.txt]
-    python benchmarks/gpu.py --device cpu --size 64 --repeats 2 --batch 2 --backend eager --skip-train
-                                    # a dry run of the script on a CPU (inductor's CPU compile takes minutes)
+    python benchmarks/gpu.py [--budget-s 480] [--phases serve ray train serve-cudagraphs] [--out FILE]
+    python benchmarks/gpu.py --device cpu --size 64 --repeats 2 --batch 2 --backends eager --phases serve
+                                    # a dry run of the serving rows on a CPU (inductor's CPU compile takes minutes)
 
-Serving (random-weight bundle of the three default members, 800x600 JPEG-decoded uploads, batch 1
-unless said; each figure the median of --repeats timed calls after warm-up, CUDA synchronised):
-  floor            each member's bare forward (no head maths, no preprocessing) under
-                   torch.compile(mode="reduce-overhead") (CUDA graphs), summed over the members;
-                   the same eager beside it
-  preprocess       the eval preset of one upload for every member (PIL resize + normalise)
-  answer           skin.ensemble.Predictor.answers(cam=False), graphs off (eager) and on (skin.graphs)
+Phases run in the order given while --budget-s lasts (a phase that would start with less than a
+minute left is listed as not run; subprocess phases get the time left as their timeout), so one
+call on a lent GPU always comes back with what it had. The table file is rewritten after each phase.
+
+Serving (random-weight bundle of the three default members, an 800x600 JPEG-decoded upload, batch 1
+unless said; each figure the median of --repeats timed calls after warm-up, CUDA synchronised), for
+each compile backend (skin.graphs; "serve" is the default backend, "serve-cudagraphs" torch's
+cudagraphs backend: CUDA graphs of torch's own kernels, no code generation):
+  warm-up          compiling and capturing the sizes measured (1, 4, --batch) for answer and maps
+  floor            each member's compiled answer pass alone on a ready device tensor (no
+                   preprocessing, no answer assembly), summed over the members; eager beside it
+  preprocess       the eval preset of one upload for every member: PIL on the CPU (skin.presets.to_batch)
+                   and on the device from the uint8 upload (skin.presets.eval_batches, what Predictor runs)
+  answer           skin.ensemble.Predictor.answers(cam=False), graphs off (eager) and on
   answer+cam       answers(cam=True) with the bundle's default Grad-CAM, plus the overlay PNG
-  batch 16         per image: the answer, and the answer with Grad-CAM (--batch)
-  equal            largest |difference| of probabilities and maps between graphs on and off
+  batch N          per image: the answer, and the answer with Grad-CAM (--batch)
+  equal            largest |difference| of probabilities and maps between graphs on and off, and of the
+                   preset on the device against PIL's on the CPU
 
-Ratios (the targets of issue #28): answer(graphs) / (floor + preprocess) <= 1.5;
-answer+cam / answer <= 2. The training rows are train_gpu.py's (its own table).
+Ratios (the targets of issue #28): answer(graphs) / (floor + preprocess on the device) <= 1.5;
+answer+cam / answer <= 2; the Ray rows' own targets (gpu_ray.py); training: ours / best plain
+loop >= 1, loop / ours >= 0.9 (train_gpu.py's table).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +51,7 @@ from benchmarks._harness import random_bundle  # noqa: E402
 from skin.bundle import Bundle  # noqa: E402
 from skin.ensemble import Predictor  # noqa: E402
 import skin.graphs as graphs  # noqa: E402
-from skin.presets import to_batch  # noqa: E402
+from skin.presets import eval_batches, to_batch  # noqa: E402
 from skin.render import overlay, png_bytes  # noqa: E402
 
 
@@ -67,39 +79,33 @@ def upload(size: tuple[int, int] = (800, 600)):
     return Image.open(io.BytesIO(data)).convert("RGB").resize(size)
 
 
-def serving(a, device: torch.device, bundle_dir: Path) -> dict:
+def serving(a, device: torch.device, bundle_dir: Path, backend: str) -> dict:
+    graphs.COMPILE["backend"] = backend
+    torch._dynamo.reset()  # a fresh compile for each backend
     bundle = Bundle.load(bundle_dir)
     img = upload()
     eager = Predictor(bundle, device=str(device), graphs="off")
     fast = Predictor(bundle, device=str(device), graphs="on")
+    sizes = sorted({1, 4, a.batch})
     t = time.perf_counter()
     for run in fast.runners.values():
-        run.warm_up(a.batch)
-    r: dict = {f"warm-up s (compile, sizes 1..{a.batch})": time.perf_counter() - t}
+        run.warm_up(a.batch, sizes=sizes)
+    r: dict = {f"warm-up s (compile, sizes {sizes})": time.perf_counter() - t}
 
-    # the floor: bare forwards under CUDA graphs (and eager), summed over the members
+    # the floor: each member's compiled answer pass alone on a ready tensor (and the eager forward)
     floor_graphs = floor_eager = 0.0
-    for name, run in eager.runners.items():
-        m, s = run.member, run.member.data_config.input_size
+    for name, run in fast.runners.items():
+        s = run.member.data_config.input_size
         x = torch.randn(1, 3, s, s, device=device)
-        bare = torch.compile(lambda v, m=m: m(v), backend=a.backend,
-                             mode="reduce-overhead" if device.type == "cuda" and a.backend == "inductor" else None)
-
-        def graphed(bare=bare, x=x):
-            if device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.inference_mode():
-                bare(x)
-
-        def plain(m=m, x=x):
-            with torch.inference_mode():
-                m(x)
-        floor_graphs += timed(graphed, a.repeats, device, warmup=5)
-        floor_eager += timed(plain, a.repeats, device)
-    r["floor: members under CUDA graphs (ms)"] = floor_graphs
+        floor_graphs += timed(lambda run=run, x=x: run._logits(x), a.repeats, device, warmup=5)
+        floor_eager += timed(lambda run=eager.runners[name], x=x: run._logits(x), a.repeats, device)
+    r["floor: compiled answer passes (ms)"] = floor_graphs
     r["members eager (ms)"] = floor_eager
-    r["preprocess (ms)"] = timed(lambda: [to_batch([img], run.member.data_config) for run in eager.runners.values()],
-                                 a.repeats, device)
+    cfgs = [run.member.data_config for run in eager.runners.values()]
+    r["preprocess, PIL on the CPU (ms)"] = timed(lambda: [to_batch([img], c) for c in cfgs], a.repeats, device)
+    r["preprocess on the device (ms)"] = timed(lambda: eval_batches([img], cfgs, device), a.repeats, device)
+    on_device = eval_batches([img], cfgs, device)
+    r["max |dx| preset on device vs PIL"] = max(float((on_device[c].cpu() - to_batch([img], c)).abs().max()) for c in cfgs)
     for label, p in (("eager", eager), ("graphs", fast)):
         r[f"answer b1, {label} (ms)"] = timed(lambda p=p: p.answers([img]), a.repeats, device)
 
@@ -111,15 +117,30 @@ def serving(a, device: torch.device, bundle_dir: Path) -> dict:
         r[f"b{b} per image answer, {label} (ms)"] = timed(lambda p=p: p.answers(imgs), max(3, a.repeats // 5), device) / b
         r[f"b{b} per image answer+cam, {label} (ms)"] = timed(lambda p=p: p.answers(imgs, cam=True),
                                                              max(3, a.repeats // 5), device) / b
-    # equal: graphs on vs off
-    imgs = [img] * 3
+    imgs = [img] * 3  # padded to 4
     pe, pf = eager.member_outputs(imgs, cam=True), fast.member_outputs(imgs, cam=True)
     r["max |dprob| graphs vs eager"] = max(float(np.abs(pe[n][0] - pf[n][0]).max()) for n in pe)
     r["max |dmap| graphs vs eager"] = max(float((pe[n][1] - pf[n][1]).abs().max()) for n in pe)
-    r["answer(graphs) / (floor + preprocess)"] = r["answer b1, graphs (ms)"] / (floor_graphs + r["preprocess (ms)"])
+    r["answer(graphs) / (floor + preprocess on device)"] = r["answer b1, graphs (ms)"] / (
+        floor_graphs + r["preprocess on the device (ms)"])
     r["answer+cam+overlay / answer (graphs)"] = r["answer+cam+overlay b1, graphs (ms)"] / r["answer b1, graphs (ms)"]
     r["answer eager / answer graphs"] = r["answer b1, eager (ms)"] / r["answer b1, graphs (ms)"]
     return r
+
+
+def subprocess_rows(cmd: list[str], timeout: float) -> tuple[list[str], str]:
+    """Run a benchmark script in its own process group; (its stdout lines, a failure note or ""). At the
+    timeout the whole group goes (its Ray, its jobs), so the next phase has the GPU to itself."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        return stdout.strip().splitlines(), f"stopped at the budget ({timeout:.0f} s)"
+    note = f"exit {p.returncode}: {stderr.strip()[-1500:]}" if p.returncode else ""
+    return stdout.strip().splitlines(), note
 
 
 def main(argv=None) -> int:
@@ -127,34 +148,54 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None)
     ap.add_argument("--size", type=int, default=224, help="members' input size")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=16, help="the batched rows' size; sizes up to it are captured")
-    ap.add_argument("--backend", default="inductor", help="torch.compile backend (inductor: CUDA graphs on a GPU; "
-                    "eager: a quick dry run of this script)")
-    ap.add_argument("--skip-train", action="store_true", help="serving only")
+    ap.add_argument("--batch", type=int, default=16, help="the batched rows' size")
+    ap.add_argument("--phases", nargs="+", default=["serve", "ray", "train", "serve-cudagraphs"],
+                    choices=["serve", "serve-cudagraphs", "ray", "train"])
+    ap.add_argument("--backends", nargs="+", help="compile backend of the serve phase (default: skin.graphs' "
+                    "default; eager: a quick dry run of this script)")
+    ap.add_argument("--budget-s", type=float, default=480, help="start no phase after this (default 8 min)")
     ap.add_argument("--out", help="write the table here (default benchmarks/results/gpu_<device>.txt)")
     a = ap.parse_args(argv)
     if a.device is None:
-        print("gpu.py: no GPU here; --device cpu runs the same measurements on the CPU (a dry run)", file=sys.stderr)
+        print("gpu.py: no GPU here; --device cpu runs the serving rows on the CPU (a dry run)", file=sys.stderr)
         return 2
+    t_start = time.perf_counter()
     device = torch.device(a.device)
-    graphs.COMPILE["backend"] = a.backend
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    lines = [f"device: {name}, torch {torch.__version__}, {a.size} px, random weights",
-             f"command: python benchmarks/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}", ""]
-    with tempfile.TemporaryDirectory() as tmp:
-        r = serving(a, device, random_bundle(Path(tmp, "bundle"), size=a.size))
-    lines += [f"{k:<44}{v:>10.4g}" for k, v in r.items()]
-    print("\n".join(lines), flush=True)
-    if not a.skip_train and device.type == "cuda":
-        t = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_gpu.py"), "--size", str(a.size),
-                            "--epochs", "2", "--per-class", "200"], capture_output=True, text=True, cwd=ROOT)
-        lines += ["", "training (benchmarks/train_gpu.py --epochs 2 --per-class 200):", t.stdout.strip(),
-                  t.stderr.strip()[-2000:] if t.returncode else ""]
-        print("\n".join(lines[-4:]), flush=True)
     tag = "h200" if "H200" in name else "h100" if "H100" in name else device.type
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"gpu_{tag}.txt")
+    lines = [f"device: {name}, torch {torch.__version__}, {os.cpu_count()} CPUs, {a.size} px, random weights",
+             f"command: python benchmarks/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}"]
+
+    def flush(title: str, rows: list[str]) -> None:
+        lines.extend(["", title] + rows)
+        print("\n".join(["", title] + rows), flush=True)
+        out.write_text("\n".join(lines).rstrip() + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = random_bundle(Path(tmp, "bundle"), size=a.size)
+        for phase in a.phases:
+            left = a.budget_s - (time.perf_counter() - t_start)
+            if left < 60:
+                flush(f"{phase}: not run ({left:.0f} s of the budget left)", [])
+                continue
+            t0 = time.perf_counter()
+            if phase.startswith("serve"):
+                for backend in (a.backends or [phase.partition("-")[2] or graphs.COMPILE["backend"]]):
+                    r = serving(a, device, bundle, backend)
+                    flush(f"serving in-process, compile backend {backend}:",
+                          [f"{k:<52}{v:>10.4g}" for k, v in r.items()])
+            elif phase == "ray":
+                rows, note = subprocess_rows([sys.executable, str(ROOT / "benchmarks" / "gpu_ray.py"),
+                                              "--size", str(a.size)], left)
+                flush("the real jobs under Ray (benchmarks/gpu_ray.py):", rows + ([note] if note else []))
+            else:
+                rows, note = subprocess_rows([sys.executable, str(ROOT / "benchmarks" / "train_gpu.py"), "--size",
+                                              str(a.size), "--epochs", "2", "--per-class", "200"], left)
+                flush("training (benchmarks/train_gpu.py --epochs 2 --per-class 200):", rows + ([note] if note else []))
+            lines.append(f"({phase}: {time.perf_counter() - t0:.0f} s)")
     out.write_text("\n".join(lines).rstrip() + "\n")
-    print(f"written: {out}")
+    print(f"written: {out} ({time.perf_counter() - t_start:.0f} s in all)")
     return 0
 
 

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         scored = ds.map_batches(
             BatchPredictor, batch_size=a.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"bundle_dir": str(bundle.root.resolve()), "threads": max(1, int(cpus)),
-                                   "amp": a.amp, "graphs": a.graphs, "uncertain_below": a.uncertain_below, "alpha": a.alpha,
+                                   "amp": a.amp, "graphs": a.graphs, "max_batch": a.batch_size,
+                                   "uncertain_below": a.uncertain_below, "alpha": a.alpha,
                                    "cam_dir": str(Path(a.out, "cam").resolve()) if a.cam else None,
                                    "cam_root": inputs.root, "explain": explain},
             concurrency=a.workers, num_cpus=cpus, num_gpus=a.gpus_per_worker or None)

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES,
                    help="feature-map stride of every member (default 32); 16 or 8 give finer Grad-CAM maps at more compute")
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each member's training "
+                   "step (inductor; worth it on GPUs: benchmarks/train_gpu.py; each worker compiles for minutes first)")
     p.add_argument("--freeze-epochs", type=int, help="train only the head for the first N epochs")
     p.add_argument("--workers", type=worker_range, help="Ray Train workers per member (DDP when > 1; default 1); "
                    "MIN-MAX, e.g. 1-2, trains elastically: it starts with what fits, goes on with fewer when a node "
@@ -93,7 +95,7 @@ def resolve(a: argparse.Namespace) -> dict:
         cfg["train"].update(SMOKE)
     flags = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "image_size": a.image_size,
              "pretrained": a.pretrained, "per_image_norm": a.per_image_norm, "output_stride": a.output_stride,
-             "freeze_epochs": a.freeze_epochs, "seed": a.seed}
+             "freeze_epochs": a.freeze_epochs, "seed": a.seed, "compile": a.compile}
     cfg["train"].update({k: v for k, v in flags.items() if v is not None})
     for k in ("members", "weights", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures",
               "storage_path", "name"):

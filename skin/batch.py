@@ -168,18 +168,24 @@ def error_row(path: str, message: str, classes: Sequence[str], members: Sequence
 class BatchPredictor:
     """Callable on a batch {"path": [...]}: one row per path (columns()), scored through
     skin.ensemble.Predictor; with `cam_dir`, each overlay PNG written under it at the path's
-    place relative to `cam_root`, its maps made as `explain` asks (skin.explanation.requested)."""
+    place relative to `cam_root`, its maps made as `explain` asks (skin.explanation.requested).
+    `max_batch`: with compiled members, batch sizes up to it are compiled at construction, not in
+    the middle of the job (a no-op for eager members)."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None, amp: str = "off",
                  uncertain_below: float = UNCERTAIN_BELOW, cam_dir: str | None = None, cam_root: str | None = None,
                  alpha: float = 0.4, limits: ImageLimits = ImageLimits(),
-                 explain: Mapping[str, Mapping[str, object]] | None = None, graphs: str = "auto") -> None:
+                 explain: Mapping[str, Mapping[str, object]] | None = None, graphs: str = "auto",
+                 max_batch: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.predictor = Predictor(self.bundle, device=device, uncertain_below=uncertain_below, amp=amp,
                                    explain=explain, graphs=graphs)
+        if max_batch:  # compiled members (skin.graphs): every batch size the job can hand over, captured now
+            for run in self.predictor.runners.values():
+                run.warm_up(max_batch, cam=cam_dir is not None)
         self.classes, self.members = self.bundle.classes.names, self.bundle.member_names
         self.cam_dir, self.inputs, self.alpha, self.limits = cam_dir, Inputs([], cam_root), alpha, limits
 

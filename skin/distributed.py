@@ -59,10 +59,9 @@ class RayRuntime:
 
     def latest_checkpoint(self):
         import ray.train
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        return ckpt.to_directory()  # local copy, works for remote storage too
+        return local_copy(ray.train.get_checkpoint())
+
+    copies_checkpoints = True  # skin.train.restore removes the copy once it has read it
 
 
 @dataclass
@@ -88,8 +87,22 @@ class TuneRuntime(SingleWorker):
 
     def latest_checkpoint(self):
         from ray import tune
-        ckpt = tune.get_checkpoint()
-        return ckpt.to_directory() if ckpt is not None else None
+        return local_copy(tune.get_checkpoint())
+
+    copies_checkpoints = True
+
+
+RESUME_PREFIX = "skinray-resume-"
+
+
+def local_copy(ckpt) -> str | None:
+    """A local copy of a Train/Tune checkpoint (works for remote storage too), in a temporary folder
+    of its own (RESUME_PREFIX) that the resuming loop removes: one per resume, each a member's
+    weights and optimizer state, would otherwise pile up in the workers' /tmp."""
+    if ckpt is None:
+        return None
+    import tempfile
+    return ckpt.to_directory(tempfile.mkdtemp(prefix=RESUME_PREFIX))
 
 
 def bind_collectives_to_node_ip() -> None:

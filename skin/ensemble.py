@@ -14,7 +14,7 @@ from .bundle import Bundle
 from .calibration import apply_temperature
 from .gradcam import ensemble_map, input_size, normalize, upsample
 from .inference import MemberRunner
-from .presets import to_batch
+from .presets import eval_batches
 from .registry import Member
 
 UNCERTAIN_BELOW = 0.5  # ensemble confidence under this is flagged for a second look
@@ -140,7 +140,8 @@ class Predictor:
         """{member: (probabilities (B, C), all-class maps (B, C, h, w) or None)}."""
         if not self.runners:
             raise RuntimeError("this Predictor has no members in process (Predictor.remote): use answer()")
-        return {n: r(to_batch(list(images), r.member.data_config), cam=cam) for n, r in self.runners.items()}
+        x = eval_batches(images, (r.member.data_config for r in self.runners.values()), self.device)
+        return {n: r(x[r.member.data_config], cam=cam) for n, r in self.runners.items()}
 
     def member_probs(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         return {n: p for n, (p, _) in self.member_outputs(images).items()}

@@ -23,7 +23,7 @@ from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
 from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
                       pointing_hit, reliability_figure)
-from .presets import to_batch
+from .presets import eval_batches
 from .registry import get_spec, untrained_copy
 
 
@@ -82,10 +82,11 @@ class BatchScorer:
                "ok": np.array(ok)}
         c = len(self.bundle.classes)
         inputs = {}
+        xs = eval_batches(images, (r.member.data_config for r in self.runners.values()), self.device) if images else {}
         for name, run in self.runners.items():
             probs = np.full((len(paths), c), np.nan, dtype=np.float32)
             if images:
-                inputs[name] = to_batch(images, run.member.data_config)
+                inputs[name] = xs[run.member.data_config]
                 probs[np.array(ok)] = run(inputs[name])[0]
             out[name] = probs
         for k in FAITH_COLUMNS + member_faith_columns(list(self.runners)) + perturbation_columns(list(self.runners)):

@@ -14,6 +14,18 @@ holds four graphs per pass instead of eight; a member in eval mode treats each i
 so padding never changes a real image's output (tested). Outputs are copied out of the graph's
 memory pool, so a later replay never overwrites an answer already handed back.
 
+Each pass is compiled with torch's automatic dynamic shapes: the first batch size it sees is compiled
+static (batch 1 at warm-up: the latency that matters most), the next one once more with the batch
+dimension symbolic, and every later size reuses that graph (CUDA graphs are still recorded per size).
+Two compiles a pass instead of one per size: inductor takes tens of seconds a compile, and a Serve
+member replica pays them at start-up.
+
+The compiler backend is `COMPILE["backend"]`, from $SKINRAY_COMPILE_BACKEND (default inductor):
+"inductor" (mode "reduce-overhead": inductor's kernels, replayed as CUDA graphs), "cudagraphs"
+(torch's own kernels replayed as CUDA graphs, no code generation: a compile takes seconds, not tens of
+seconds) or "eager" (Dynamo's tracing alone: the tests' quick path). benchmarks/gpu.py measures the
+first two against each other.
+
 `graphs="auto"` turns this on for CUDA devices only: on a CPU the eager path stays (inductor's CPU
 compile takes minutes at start-up on 2 cores: the 30 passes of three members at sizes 1..16 did not
 finish within 15 minutes here, and there are no CUDA graphs to gain on a CPU).
@@ -22,13 +34,14 @@ GPU); `"off"` never does.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
 GRAPHS_CHOICES = ("auto", "on", "off")
-# the compiler backend: inductor, whose "reduce-overhead" mode records CUDA graphs on CUDA devices
-COMPILE = {"backend": "inductor"}
+BACKENDS = ("inductor", "cudagraphs", "eager")
+COMPILE = {"backend": os.environ.get("SKINRAY_COMPILE_BACKEND", "inductor")}  # see the module's text
 
 
 def check_graphs(graphs: str) -> str:
@@ -64,8 +77,11 @@ class Compiled:
         _allow_recompiles(256)
         self.device, self.cuda = device, device.type == "cuda"
         backend = COMPILE["backend"]
+        if backend not in BACKENDS:
+            raise ValueError(f"compile backend must be one of {', '.join(BACKENDS)} (SKINRAY_COMPILE_BACKEND), "
+                             f"got {backend!r}")
         mode = "reduce-overhead" if self.cuda and backend == "inductor" else None
-        self.fn = torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+        self.fn = torch.compile(fn, backend=backend, mode=mode, dynamic=None)  # automatic dynamic: see above
         self.sizes: set[int] = set()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,16 +95,16 @@ class Compiled:
         self.sizes.add(size)
         return out[:n].clone()
 
-    def warm_up(self, shape: tuple[int, ...], max_batch: int, grad: str = "inference") -> list[int]:
-        """Capture every size up to `max_batch`'s bucket now (a zero batch of `shape` images each), under the
-        grad mode the calls will run in ("inference" or "no_grad"); the sizes captured."""
+    def warm_up(self, shape: tuple[int, ...], max_batch: int, grad: str = "inference",
+                sizes: list[int] | None = None) -> list[int]:
+        """Capture every size up to `max_batch`'s bucket now (or the buckets of `sizes`), a zero batch of
+        `shape` images each, under the grad mode the calls will run in ("inference" or "no_grad");
+        the sizes captured, smallest first."""
         ctx = torch.inference_mode if grad == "inference" else torch.no_grad
-        sizes = []
-        s = 1
-        while s <= bucket(max_batch):
+        wanted = sorted({bucket(n) for n in sizes} if sizes else
+                        {1 << k for k in range(bucket(max_batch).bit_length())})
+        for s in wanted:
             with ctx():
                 for _ in range(3 if self.cuda else 1):  # cudagraph trees record on the third call
                     self(torch.zeros((s, *shape), device=self.device))
-            sizes.append(s)
-            s *= 2
-        return sizes
+        return wanted

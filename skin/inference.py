@@ -111,21 +111,21 @@ class MemberRunner:
                 return self._compiled["answer"](x)
             return member_logits(self.member, x, self.bf16)
 
-    def warm_up(self, max_batch: int, cam: bool = True) -> list[int]:
-        """Compile (capture, on CUDA) every batch size up to `max_batch` (padded to powers of two) of
-        the answer pass and, with `cam` on the one-pass path, of the maps' feature passes; the sizes
-        captured ([] when this runner runs eagerly)."""
+    def warm_up(self, max_batch: int, cam: bool = True, sizes: list[int] | None = None) -> list[int]:
+        """Compile (capture, on CUDA) every batch size up to `max_batch` (padded to powers of two), or
+        just those of `sizes`, of the answer pass and, with `cam` on the one-pass path, of the maps'
+        feature passes; the sizes captured ([] when this runner runs eagerly)."""
         if not self._compiled:
             return []
         size = self.member.data_config.input_size
         shape = (3, size, size)
-        sizes = self._compiled["answer"].warm_up(shape, max_batch)
+        captured = self._compiled["answer"].warm_up(shape, max_batch, sizes=sizes)
         if cam and not self.explanation.layer:
             with autocast(self.device, self.bf16):
-                self._compiled["features"].warm_up(shape, max_batch, grad="no_grad")
+                self._compiled["features"].warm_up(shape, max_batch, grad="no_grad", sizes=sizes)
                 if self.cam_stride in self._compiled:
-                    self._compiled[self.cam_stride].warm_up(shape, max_batch, grad="no_grad")
-        return sizes
+                    self._compiled[self.cam_stride].warm_up(shape, max_batch, grad="no_grad", sizes=sizes)
+        return captured
 
     @property
     def cam_stride(self) -> int:

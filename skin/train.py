@@ -70,6 +70,10 @@ class TrainConfig:
     # bf16 autocast: "auto" = on a GPU only; "bf16" = also on a CPU with native bf16 (avx512_bf16 /
     # AMX: ResNet50 trains 1.7x faster here, depthwise-conv members slower); "off" = fp32
     amp: str = "auto"
+    # torch.compile the training forward/backward (inductor): the plain loop under torch.compile is the
+    # faster reference on a GPU (benchmarks/train_gpu.py measures our step both ways); off by default:
+    # its compile costs minutes at the start of every worker and gains nothing measured on a CPU
+    compile: bool = False
 
     def validate(self) -> None:
         get_spec(self.backbone)
@@ -359,6 +363,8 @@ def _setup(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None]) -> _R
     if cfg.channels_last:
         member = member.to(memory_format=torch.channels_last)
     model = runtime.prepare_model(member)
+    if cfg.compile:
+        model = torch.compile(model)  # weights shared with `member`, which validation and checkpoints use
     steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if runtime.world_size > 1:
         log(f"[{member.spec.name}] rank {runtime.rank}/{runtime.world_size} on node {runtime.node}")
@@ -377,9 +383,14 @@ def restore(run: _Run, runtime: Runtime, log: Callable[[str], None]) -> tuple[in
     ckpt = runtime.latest_checkpoint()
     if not ckpt:
         return 0, {}
-    state = json.loads(Path(ckpt, "state.json").read_text())
-    run.member.load_state_dict(load_tensors(Path(ckpt, "model.safetensors")))
-    _load_optimizer(run.opt, load_tensors(Path(ckpt, "optimizer.safetensors")))
+    try:
+        state = json.loads(Path(ckpt, "state.json").read_text())
+        run.member.load_state_dict(load_tensors(Path(ckpt, "model.safetensors")))
+        _load_optimizer(run.opt, load_tensors(Path(ckpt, "optimizer.safetensors")))
+    finally:
+        if getattr(runtime, "copies_checkpoints", False):  # a copy made for this resume (skin.distributed)
+            import shutil
+            shutil.rmtree(ckpt, ignore_errors=True)
     log(f"[{run.member.spec.name}] resumed from epoch {state['epoch']} ({ckpt})")
     return state["epoch"], {"resumed_from_epoch": state["epoch"],
                             "resumed_weights_digest": state_digest(run.member.state_dict())}

@@ -160,9 +160,15 @@ def test_jobs_api_refuses_a_client_without_the_token(head):
     assert r.returncode != 0
 
 
-def test_serve_run_works_after_the_local_head_is_stopped(random_bundle, tmp_path):
+def test_serve_run_works_after_the_local_head_is_stopped(tmp_path):
     """The README's `serve run` after `make demo-stop`: the stopped head left nothing in /tmp/ray
-    naming it, so `serve run` starts its own Ray instead of retrying a dead GCS forever."""
+    naming it, so `serve run` starts its own Ray instead of retrying a dead GCS forever (the shipped
+    config, narrowed to a one-member bundle: the app's size is not what this checks)."""
+    from skin.bundle import write_bundle
+    from skin.classes import ClassMap
+    from skin.registry import create_model
+    bundle = write_bundle(tmp_path / "bundle", ClassMap(), {"mobilenetv2": create_model(
+        "mobilenetv2", 6, pretrained="none", input_size=64)}, untrained=True).root
     marker = Path("/tmp/ray/ray_current_cluster")
     before = marker.stat().st_mtime if marker.exists() else None
     state = tmp_path / "state"
@@ -173,7 +179,8 @@ def test_serve_run_works_after_the_local_head_is_stopped(random_bundle, tmp_path
     port = _free_port()
     cfg = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
-    cfg["applications"][0]["args"]["bundle"] = str(random_bundle)
+    app = cfg["applications"][0]["args"]
+    app["bundle"], app["members"] = str(bundle), {"mobilenetv2": app["members"]["mobilenetv2"]}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
     run_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "serve_run.log", "w")
@@ -219,49 +226,14 @@ def _wait(client, job_id, timeout=600):
     return status
 
 
-def test_submit_train_job_then_deploy_and_predict(head, scanned, tmp_path):
+def test_submitted_training_survives_its_driver_then_deploys_and_predicts(head, scanned, tmp_path):
+    """`ray job submit` of jobs/train.py to the token-auth head; its driver is stopped (killed) once a
+    checkpoint exists and the job resubmitted with the same run name and storage: it resumes from the
+    last checkpoint and finishes with a bundle, which `serve deploy` of the shipped Serve config (its
+    members narrowed to the bundle's) serves. One member: three at once are tested by tests/test_train.py."""
     from ray.job_submission import JobStatus, JobSubmissionClient
     url, env = head
     client = JobSubmissionClient(url)  # the token comes from RAY_AUTH_TOKEN_PATH, as for `ray job submit`
-    out = tmp_path / "train"
-    job_id = _submit(client, f"python jobs/train.py --data {scanned} --out {out} --smoke --name cluster")
-    status = _wait(client, job_id)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-5000:]  # the job's logs, on failure
-    assert (out / "bundle" / "bundle.json").is_file()
-    assert list((out / "ray_results").glob("cluster-*"))  # checkpoints in the storage path
-
-    api_port = _free_port()
-    cfg = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
-    cfg["http_options"]["port"] = api_port
-    cfg["applications"][0]["args"]["bundle"] = str(out / "bundle")
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    serve_env = dict(env, PYTHONPATH=str(ROOT))
-    subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(tmp_path / "serve.yaml"),
-                    "-a", url], env=serve_env, check=True, cwd=ROOT, timeout=120)
-    from skin.synth import jpeg_bytes, make_sample
-    data = jpeg_bytes(make_sample(1, 0, 0, 96), 0, 0)
-    deadline, status_code = time.time() + 240, None
-    while time.time() < deadline:
-        try:
-            r = requests.post(f"http://127.0.0.1:{api_port}/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
-                              timeout=30)
-            status_code = r.status_code
-            if status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    assert status_code == 200, subprocess.run([str(Path(sys.executable).parent / "serve"), "status", "-a", url],
-                                              capture_output=True, text=True, env=serve_env).stdout
-    assert abs(sum(r.json()["probabilities"].values()) - 1) < 1e-6
-
-
-def test_killed_driver_resumes_on_resubmit(head, scanned, tmp_path):
-    """Stop (kill) the driver of a submitted training job once a checkpoint exists, resubmit with
-    the same run name and storage: it resumes from the last checkpoint and finishes."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    url, _ = head
-    client = JobSubmissionClient(url)
     out = tmp_path / "train"
     cmd = (f"python jobs/train.py --data {scanned} --out {out} --smoke --epochs 6 --members mobilenetv2 "
            f"--name resume")
@@ -285,4 +257,33 @@ def test_killed_driver_resumes_on_resubmit(head, scanned, tmp_path):
     assert summary["mobilenetv2"]["best_epoch"] >= 1
     epochs = sorted(json.loads(p.read_text())["epoch"] for p in ckpts.glob("checkpoint_*/state.json"))
     assert epochs[-1] == 6
+    assert (out / "bundle" / "bundle.json").is_file()
     print(f"driver killed after epoch {done_before}; resubmitted run resumed and reached epoch 6")
+
+    api_port = _free_port()
+    cfg = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    cfg["http_options"]["port"] = api_port
+    app = cfg["applications"][0]["args"]
+    app["bundle"] = str(out / "bundle")
+    app["members"] = {"mobilenetv2": app["members"]["mobilenetv2"]}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    serve_env = dict(env, PYTHONPATH=str(ROOT))
+    subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(tmp_path / "serve.yaml"),
+                    "-a", url], env=serve_env, check=True, cwd=ROOT, timeout=120)
+    from skin.synth import jpeg_bytes, make_sample
+    data = jpeg_bytes(make_sample(1, 0, 0, 96), 0, 0)
+    deadline, status_code = time.time() + 240, None
+    while time.time() < deadline:
+        try:
+            r = requests.post(f"http://127.0.0.1:{api_port}/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
+                              timeout=30)
+            status_code = r.status_code
+            if status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    assert status_code == 200, subprocess.run([str(Path(sys.executable).parent / "serve"), "status", "-a", url],
+                                              capture_output=True, text=True, env=serve_env).stdout
+    body = r.json()
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-6 and list(body["members"]) == ["mobilenetv2"]

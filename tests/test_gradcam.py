@@ -306,9 +306,9 @@ def test_flip_smoothed_maps_follow_a_flip_of_the_image():
     """The smoothed map of a flipped image is the flipped map of the image (the four views are a
     group); the unsmoothed maps of the stride-8 copy are not (strided convolutions are not
     flip-symmetric), so the property is the smoothing's."""
-    member, x = _member("efficientnet_b1")
-    smooth = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.2", method="layercam", smooth="flips"))
-    plain = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.2", method="layercam"))
+    member, x = _member("mobilenetv2")
+    smooth = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.3", method="layercam", smooth="flips"))
+    plain = MemberRunner(member, explanation=Explanation(stride=8, layer="backbone.blocks.3", method="layercam"))
     for dims in ((-1,), (-2,)):
         torch.testing.assert_close(smooth(x.flip(dims), cam=True)[1], smooth(x, cam=True)[1].flip(dims),
                                    rtol=1e-4, atol=1e-5)

@@ -74,6 +74,18 @@ def test_padding_never_reaches_an_answer(monkeypatch):
     torch.testing.assert_close(out, x * 2)
 
 
+def test_warm_up_captures_the_sizes_asked_for_and_backends_are_checked(monkeypatch):
+    monkeypatch.setitem(graphs.COMPILE, "backend", "eager")
+    seen = []
+    c = Compiled(lambda x: seen.append(x.shape[0]) or x + 1, torch.device("cpu"))
+    assert c.warm_up((2,), 8) == [1, 2, 4, 8] and seen == [1, 2, 4, 8]
+    assert c.warm_up((2,), 8, sizes=[3, 1, 16]) == [1, 4, 16] and c.sizes == {1, 2, 4, 8, 16}
+    monkeypatch.setitem(graphs.COMPILE, "backend", "tensorrt")
+    with pytest.raises(ValueError, match="compile backend must be one of inductor, cudagraphs, eager "
+                                         r"\(SKINRAY_COMPILE_BACKEND\), got 'tensorrt'"):
+        Compiled(lambda x: x, torch.device("cpu"))
+
+
 @pytest.mark.slow
 def test_inductor_compiled_member_answers_as_the_eager_path(monkeypatch):
     """The same comparison through inductor (the backend the GPU path uses), on this CPU."""

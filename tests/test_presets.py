@@ -116,3 +116,21 @@ def test_the_served_tensor_equals_the_eval_preset(random_bundle):
         assert sent[name].dtype == np.uint8
         served = eval_pixels(cfg)(torch.from_numpy(np.stack([sent[name]])))
         torch.testing.assert_close(served, eval_preset(cfg)(img)[None], atol=1e-6, rtol=0)
+
+
+def test_device_batches_equal_the_eval_preset():
+    """skin.presets.eval_batches (what Predictor runs: each upload sent to the device once as uint8,
+    resized and normalised there) gives the eval preset's tensors, one batch per distinct config,
+    for images of different sizes (on a CPU to float rounding: per-image
+    standardisation reduces a batch at once)."""
+    from skin.presets import eval_batches, to_batch
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((97, 131), (240, 180))]
+    cfgs = [DataConfig(64, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+            DataConfig(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), interpolation="bilinear"),
+            DataConfig(64, (0, 0, 0), (1, 1, 1), normalize="per_image")]
+    got = eval_batches(imgs, cfgs + [DataConfig(64, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))], "cpu")
+    assert len(got) == 3
+    for cfg in cfgs:
+        assert got[cfg].shape == (2, 3, cfg.input_size, cfg.input_size)
+        torch.testing.assert_close(got[cfg], to_batch(imgs, cfg), atol=1e-6, rtol=0)

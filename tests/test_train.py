@@ -221,8 +221,12 @@ def test_worker_killed_mid_run_resumes(ray_local, scanned, tmp_path):
     cfg = TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), **(TINY | {"epochs": 3}))
     trainer = make_trainer(cfg, Scaling(1, 0.5), "kill", str(tmp_path / "storage"), max_failures=2, keep=None,
                            loop=_loop_that_dies_once, extra_config={"_kill_marker": str(tmp_path / "killed")})
+    import tempfile
+    from skin.distributed import RESUME_PREFIX
+    copies = set(Path(tempfile.gettempdir()).glob(RESUME_PREFIX + "*"))
     result = fit_concurrently({"m": trainer})["m"]
     assert (tmp_path / "killed").is_file()  # the worker really was killed once
+    assert set(Path(tempfile.gettempdir()).glob(RESUME_PREFIX + "*")) == copies  # the resume's copy removed
     assert result.metrics["epoch"] == 3
     by_epoch = {m["epoch"]: (c, m) for c, m in result.best_checkpoints}
     assert sorted(by_epoch) == [1, 2, 3]
@@ -359,3 +363,19 @@ def test_elastic_workers_reach_ray_train_and_collectives_bind_to_the_node_addres
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
     bind_collectives_to_node_ip()
     assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"
+
+
+def test_compile_setting_reaches_the_training_model(scanned, tmp_path, monkeypatch):
+    """`--compile` (TrainConfig.compile) puts the training model under torch.compile, the weights shared
+    with the member that is validated and saved (inductor itself is measured on a GPU: train_gpu.py)."""
+    import torch
+    import jobs.train as job
+    cfg = job.resolve(job.parse_args(["--data", "d", "--out", "o", "--smoke", "--compile"]))
+    assert cfg["train"]["compile"] is True
+    assert "compile" not in job.resolve(job.parse_args(["--data", "d", "--out", "o"]))["train"]
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(model) or model)
+    rt = LocalRuntime(str(tmp_path / "run"))
+    train_member(TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), compile=True, **{**TINY, "epochs": 1}),
+                 rt, log=lambda s: None)
+    assert len(seen) == 1 and seen[0].spec.name == "mobilenetv2" and rt.history[0]["epoch"] == 1
