@@ -71,8 +71,8 @@ class TrainConfig:
     # AMX: ResNet50 trains 1.7x faster here, depthwise-conv members slower); "off" = fp32
     amp: str = "auto"
     # torch.compile the training forward/backward (inductor): the plain loop under torch.compile is the
-    # faster reference on a GPU (benchmarks/train_gpu.py measures our step both ways); off by default:
-    # its compile costs minutes at the start of every worker and gains nothing measured on a CPU
+    # reference to beat on a GPU (benchmarks/train_gpu.py measures our step both ways); off by default:
+    # every worker compiles for a minute or more before its first step, and nothing measures a gain on a CPU
     compile: bool = False
 
     def validate(self) -> None:
