@@ -142,13 +142,14 @@ def serve_phase(a, bundle: Path) -> None:
     del p
     if CUDA:
         torch.cuda.empty_cache()
-    # on the GPU machine: a quarter of its CPUs for each member and ingress replica; a dry run fits 2 CPUs
+    # every replica (members and ingress) an equal share of the machine's CPUs but one (Serve's proxy and
+    # controller), so that all of them are placed: an app with a replica left unplaced never answers
+    names = Bundle.load(bundle).member_names
     gpu = 0.33 if CUDA else 0.0
-    cpus = max(1, (os.cpu_count() or 2) // 4) if CUDA else 0.4
     replicas = a.ingress_replicas if CUDA else 1
+    cpus = max(0.25, ((os.cpu_count() or 2) - 1) // (len(names) + replicas)) if CUDA else 0.4
     args = AppArgs(bundle=str(bundle), ingress_replicas=replicas, ingress_cpus=cpus,
-                   members={n: {"num_gpus": gpu, "num_cpus": cpus, "max_batch_size": 8}
-                            for n in Bundle.load(bundle).member_names})
+                   members={n: {"num_gpus": gpu, "num_cpus": cpus, "max_batch_size": 8} for n in names})
     with local_ray(os.cpu_count() if CUDA else a.cpus):
         url = start_serve()
         t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def serve_phase(a, bundle: Path) -> None:
 def predict_phase(a, tmp: Path, bundle: Path) -> None:
     from batch_predict import floor, run_job, write_images
     write_images(tmp / "photos", a.images)
-    cpus = max(1, (os.cpu_count() or 2) // a.workers) if CUDA else a.cpus
+    cpus = max(1, ((os.cpu_count() or 2) - 2) // a.workers) if CUDA else a.cpus  # two CPUs left to Ray Data
     gpus = round(1 / a.workers, 3) if CUDA else 0.0
     device, graphs = ("cuda", "auto") if CUDA else ("cpu", "off")
     for cam in (False, True):
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="training batch; predict/evaluate use 16")
     ap.add_argument("--requests", type=int, default=40, help="requests at concurrency 1 (x8 at 32)")
     ap.add_argument("--ingress-replicas", type=int, default=2)
-    ap.add_argument("--images", type=int, default=1000, help="photographs for jobs/predict.py")
+    ap.add_argument("--images", type=int, default=800, help="photographs for jobs/predict.py")
     ap.add_argument("--floor-images", type=int, default=320)
     ap.add_argument("--workers", type=int, default=2, help="jobs/predict.py actors (sharing the GPU)")
     ap.add_argument("--cpus", type=int, default=2, help="without a GPU: the local Ray's CPUs")
