@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 help:
 	@echo "make demo       set up .venv, run the main job on synthetic lesions, print where results are"
-	@echo "make test       set up .venv (with test extras) and run the test suite (< 20 min on 2 cores)"
+	@echo "make test       set up .venv (with test extras) and run the test suite (target < 20 min on 2 cores)"
 	@echo "make test-all   the suite plus slow full-size runs"
 	@echo "make bench      every benchmark under benchmarks/ (prints the figures)"
 	@echo "make bench-gpu  the GPU figures in one table (benchmarks/gpu.py; needs a GPU)"
