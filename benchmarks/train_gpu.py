@@ -14,7 +14,8 @@ For each backbone (random weights, the same Member model everywhere, AdamW, batc
   skin loop      skin.train.train_member (LocalRuntime on the GPU) over the cached synthetic
                  dataset: DataLoader workers, pinned memory, augmentation; training-phase
                  images/s of the epochs after the first, with the faster of the two steps
-  loader         the same DataLoader alone (no model; cache read, crop, flips, collate), images/s
+  loader         the same DataLoader alone (no model; cache read, crop, flips, collate), images/s,
+                 with the loop's worker count (up to 8 beside a GPU) and, printed after, with every CPU but one
 
     python benchmarks/train_gpu.py [--size 224] [--batch 128] [--steps 30] [--epochs 3]
 
@@ -165,8 +166,11 @@ def main() -> None:
                               compile=best == "skin compiled")  # the full loop with the faster step
             train_member(cfg, rt, log=lambda s: None)
             r["skin loop"] = statistics.median(h["train_images_per_s"] for h in rt.history[1:])
+            # the loop's own worker count (skin.train.loaders: up to 8 beside a GPU), and more where the CPUs allow
             workers = min(8 if device.type == "cuda" else 4, cpus - 1) if cpus > 2 else 0
             r["loader"] = loader_rate(data, name, a, workers)
+            if cpus - 1 > workers:
+                r[f"loader x{cpus - 1}"] = loader_rate(data, name, a, cpus - 1)
             rows.append((name, r))
             print(f"{name}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()), flush=True)
 
