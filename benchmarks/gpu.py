@@ -32,7 +32,6 @@ loop >= 1, loop / ours >= 0.9 (train_gpu.py's table).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import statistics
@@ -47,6 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from benchmarks._harness import random_bundle  # noqa: E402
 from skin.bundle import Bundle  # noqa: E402
 from skin.ensemble import Predictor  # noqa: E402
@@ -71,12 +71,11 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> float:
     return statistics.median(out)
 
 
-def upload(size: tuple[int, int] = (800, 600)):
-    from PIL import Image
-    from skin.synth import jpeg_bytes, make_sample
-    big = make_sample(3, 1, 0, max(size))
-    data = jpeg_bytes(big, 0, 0)
-    return Image.open(io.BytesIO(data)).convert("RGB").resize(size)
+def upload():
+    """The 800x600 JPEG upload of benchmarks/gpu_ray.py, decoded as the API decodes it."""
+    from gpu_ray import upload_bytes
+    from skin.images import load_image
+    return load_image(upload_bytes())
 
 
 def serving(a, device: torch.device, bundle_dir: Path, backend: str) -> dict:

@@ -104,11 +104,13 @@ class Runtime(Protocol):
     def gather(self, obj: object) -> list: ...
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
     def latest_checkpoint(self) -> str | None: ...
+    copies_checkpoints: bool  # latest_checkpoint() hands over a copy of its own, which `restore` removes
 
 
 class SingleWorker:
     """The Runtime methods of a run that is its one and only worker (no DDP, nothing to gather)."""
     device: torch.device
+    copies_checkpoints = False
 
     def prepare_model(self, model):
         return model.to(self.device)
@@ -388,7 +390,7 @@ def restore(run: _Run, runtime: Runtime, log: Callable[[str], None]) -> tuple[in
         run.member.load_state_dict(load_tensors(Path(ckpt, "model.safetensors")))
         _load_optimizer(run.opt, load_tensors(Path(ckpt, "optimizer.safetensors")))
     finally:
-        if getattr(runtime, "copies_checkpoints", False):  # a copy made for this resume (skin.distributed)
+        if runtime.copies_checkpoints:  # a copy made for this resume (skin.distributed.local_copy)
             import shutil
             shutil.rmtree(ckpt, ignore_errors=True)
     log(f"[{run.member.spec.name}] resumed from epoch {state['epoch']} ({ckpt})")
