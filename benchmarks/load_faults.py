@@ -1,4 +1,6 @@
-"""Full-size load and fault run against a local Serve app (loopback only, bounded).
+"""Full-size load and fault run against a local Serve app (loopback only, bounded), deployed with a latency
+budget that admits every request (`latency_budget` 1000: a deployment that queues for throughput), so that
+every request reaches the members; overload at the shipped defaults is benchmarks/admission.py's.
 
   load    2,000 requests at concurrency 16 with Grad-CAM on: errors, p50/p99, and PSS of the
           Serve replica processes before and after (growth must stay < 10%: no hook leaks)
@@ -6,9 +8,6 @@
           (200 or 503) within their timeout, Serve restarts the replica, and within 30 s every
           request succeeds again; prints the error count, the slowest request, when the first
           request started after the kill succeeded, and from when on every request succeeded
-  overload  --overload N requests at 3x the ingress's capacity (max_ongoing_requests +
-          max_queued_requests, both set to --slots): only 200 and 503 (with Retry-After), the 503s
-          fast, no request past the 60 s timeout, memory flat, and normal answers afterwards
 
     python benchmarks/load_faults.py [--requests 2000] [--concurrency 16] [--size 224]
 """
@@ -44,8 +43,6 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--overload", type=int, default=300, help="requests of the overload phase (0: skip)")
-    ap.add_argument("--slots", type=int, default=4, help="max_ongoing_requests and max_queued_requests in it")
     a = ap.parse_args()
     from ray import serve
     from serve_app import AppArgs, build_app
@@ -55,7 +52,7 @@ def main() -> None:
         bundle = random_bundle(Path(tmp, "b"), a.size)
         data = jpeg_bytes(make_sample(3, 0, 0, 384), 0, 0)
         url = start_serve()
-        serve.run(build_app(AppArgs(bundle=str(bundle))), name="skinray", route_prefix="/")
+        serve.run(build_app(AppArgs(bundle=str(bundle), latency_budget=1000)), name="skinray", route_prefix="/")
         run_load(url, data, 32, a.concurrency)
         before = serve_pss_gb()
         t0 = time.perf_counter()
@@ -95,31 +92,7 @@ def main() -> None:
               + (f"{last_fail - killed:.1f} s" if last_fail else "- (none)") + " after; every request started "
               + (f"{whole - killed:+.1f} s" if whole else "never") + " after the kill or later succeeded "
               f"(target <= 30 s); {sum(c == 200 for _, c, _ in after)}/16 succeed right after the run")
-        if a.overload:
-            overload(url, data, bundle, a.overload, a.slots)
         serve.shutdown()
-
-
-def overload(url: str, data: bytes, bundle, n: int, slots: int) -> None:
-    """Past capacity: concurrency 3 x (ongoing + queued slots) against an ingress that sheds the rest."""
-    from ray import serve
-    from serve_app import AppArgs, build_app
-    serve.run(build_app(AppArgs(bundle=str(bundle), max_ongoing_requests=slots, max_queued_requests=slots,
-                                retry_after_s=2)), name="skinray", route_prefix="/")
-    run_load(url, data, 8, 2)
-    before = serve_pss_gb()
-    out = run_load(url, data, n, 6 * slots, timeout=60.0)
-    after = serve_pss_gb()
-    codes = [c for _, c, _ in out]
-    shed = np.array([t for t, c, _ in out if c == 503])
-    ok = np.array([t for t, c, _ in out if c == 200])
-    normal = run_load(url, data, 8, 1)
-    print(f"overload: {n} requests at concurrency {6 * slots} against {slots} ongoing + {slots} queued slots: "
-          f"{codes.count(200)} x 200, {codes.count(503)} x 503, {sum(c not in (200, 503) for c in codes)} other; "
-          f"503 p50 {np.percentile(shed, 50) if len(shed) else float('nan'):.0f} ms against 200 p50 "
-          f"{np.percentile(ok, 50) if len(ok) else float('nan'):.0f} ms; slowest {max(t for t, _, _ in out) / 1e3:.1f} s "
-          f"(timeout 60 s); PSS {before:.2f} -> {after:.2f} GB ({(after - before) / before:+.1%}); "
-          f"afterwards {sum(c == 200 for _, c, _ in normal)}/8 answered 200 one at a time")
 
 
 if __name__ == "__main__":

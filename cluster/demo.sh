@@ -33,10 +33,7 @@ UI_PORT=${SKINRAY_UI_PORT:-8501}
 
 stop_all() {
   if [ -f "$STATE/ui.pid" ]; then kill -TERM "$(cat "$STATE/ui.pid")" 2>/dev/null || true; rm -f "$STATE/ui.pid"; echo "page stopped"; fi
-  if [ -f "$STATE/ray-head.pid" ]; then
-    serve shutdown -a "$DASH" -y >/dev/null 2>&1 || true
-    bash cluster/local.sh stop "$STATE"
-  fi
+  if [ -f "$STATE/ray-head.pid" ]; then bash cluster/local.sh stop "$STATE"; fi  # the Serve app, then the head
 }
 if [ "$STOP" = 1 ]; then stop_all; exit 0; fi
 

@@ -134,7 +134,10 @@ class Hosts:
     def env(self, token_path: str | None) -> dict:
         # this interpreter's bin first and this checkout importable: Ray's daemons, a job's `python` and
         # Serve's replicas run our code, as a host's image would have it installed
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1: these hosts form a real multi-node cluster over their network,
+        # whatever single-machine mode the caller runs its own Ray in (the tests' is loopback-only)
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1",
+                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         env.pop("RAY_ADDRESS", None)

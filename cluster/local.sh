@@ -21,6 +21,11 @@ TOKEN=$STATE/ray_token
 RAY_PORT=${RAY_PORT:-6390}
 DASH_PORT=${RAY_DASHBOARD_PORT:-8265}
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN RAY_USAGE_STATS_ENABLED=0
+# Local means local: `ray start` turns --node-ip-address=127.0.0.1 into the machine's network address, and
+# then GCS, raylet, workers, the Ray Client server and the metrics exporters listen on every interface.
+# Ray's single-machine mode (its switch for Windows and macOS, where it is the default) keeps the node at
+# 127.0.0.1, and every one of them then listens on loopback only (tests/test_reliability.py checks with ss).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}
 export PATH="$PWD/.venv/bin:$PATH"   # jobs run `python` from the project's venv
 
 make_token() {
@@ -48,6 +53,7 @@ start)
     --dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_PORT:-52365}" \
     --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --disable-usage-stats >"$STATE/ray-head.log" 2>&1 &
   echo $! >"$PIDFILE"
+  echo "http://127.0.0.1:$DASH_PORT" >"$STATE/ray-dashboard"
   for _ in $(seq 1 90); do
     # The dashboard answers before the job agent is ready: wait until the Jobs API lists jobs.
     if curl -fsS -H "Authorization: Bearer $(cat "$TOKEN")" "http://127.0.0.1:$DASH_PORT/api/version" >/dev/null 2>&1 &&
@@ -63,10 +69,14 @@ start)
 stop)
   if [ -f "$PIDFILE" ]; then
     pid=$(cat "$PIDFILE")
+    # Serve's applications first: a head still running replicas takes 30 s or more to end on SIGTERM
+    if [ -f "$STATE/ray-dashboard" ] && command -v serve >/dev/null; then
+      timeout 60 serve shutdown -y -a "$(cat "$STATE/ray-dashboard")" >/dev/null 2>&1 || true
+    fi
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$PIDFILE"
+    rm -f "$PIDFILE" "$STATE/ray-dashboard"
     if [ -f "$STATE/ray-temp-dir" ]; then rm -rf "$(cat "$STATE/ray-temp-dir")"; rm -f "$STATE/ray-temp-dir"; fi
     echo "Ray head stopped"
   else

@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # the metrics test reads them sooner (default 10 s)
+# Local means local: the tests' Ray keeps its node at 127.0.0.1 so every port it opens is on loopback
+# (see cluster/local.sh; tests/test_reliability.py checks with ss)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray's token auth stays on in the tests too: one token for the session, in a file of its own.
 os.environ["RAY_AUTH_MODE"] = "token"
 if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
@@ -73,17 +76,20 @@ def _free_port() -> int:
 
 
 METRICS_PORT = _free_port()  # Ray's Prometheus endpoint of the session's local Ray
+DASHBOARD_PORT = _free_port()  # its dashboard: the REST API `serve deploy` talks to
+API_PORT = _free_port()  # the Serve app's HTTP port
 
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (127.0.0.1, no dashboard). 4 logical CPUs on the
-    2-core machine so the Serve app (1.75 CPUs) and Train smoke runs (3 x 0.6) can coexist."""
+    """One local Ray for the whole session (127.0.0.1, its dashboard for `serve deploy`). 4 logical CPUs on
+    the 2-core machine so the Serve app (1.75 CPUs) and Train smoke runs (3 x 0.6) can coexist."""
     import ray
     if not ray.is_initialized():
         # address="local": a private Ray even when /tmp/ray names another (or a stale) cluster
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False, _metrics_export_port=METRICS_PORT)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=DASHBOARD_PORT, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False, _metrics_export_port=METRICS_PORT)
     yield ray
     try:
         from ray import serve
@@ -94,32 +100,37 @@ def ray_local():
 
 
 def deploy(bundle, **overrides):
-    from ray import serve
-    from serve_app import AppArgs, build_app
+    """Deploy the app as `serve deploy` does (the dashboard's REST API, a Serve config as a user writes it):
+    what the replicas are built from in `args`, the ingress's per-request settings and the members' fault
+    drills as `user_config` in `deployments` (service.config.serve_application), so a redeploy changing
+    only those is applied to the running replicas in place."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from service.config import AppArgs, serve_application
+    from skin.bundle import Bundle
     args = AppArgs(bundle=str(bundle), **overrides)
-    serve.run(build_app(args), name="skinray", route_prefix="/", blocking=False)
+    candidate = Bundle.load(args.candidate.bundle).member_names if args.candidate else None
+    app = serve_application(args, Bundle.load(bundle).member_names, candidate)
+    ServeSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").deploy_applications(
+        {"http_options": {"host": "127.0.0.1", "port": API_PORT}, "applications": [app]})
 
 
 @pytest.fixture(scope="session")
 def api(ray_local, random_bundle):
     """Base URL of the session's Serve app (random-weight bundle, 127.0.0.1, free port)."""
-    from ray import serve
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(random_bundle)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    url = f"http://127.0.0.1:{API_PORT}"
+    deadline = time.time() + 180
     while True:
         try:
             if requests.get(url + "/healthz", timeout=2).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except requests.RequestException:  # the proxy may accept before the app is up
             pass
         if time.time() > deadline:
-            serve.delete("skinray")
-            pytest.fail(f"the Serve app at {url} did not answer /healthz within 120 s")
+            pytest.fail(f"the Serve app at {url} did not answer /healthz within 180 s")
         time.sleep(0.5)
     yield url
+    from ray import serve
     serve.delete("skinray")
 
 

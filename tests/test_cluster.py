@@ -77,6 +77,7 @@ def test_rayservice_is_the_serve_config_with_the_cluster_differences_only():
         {k: v for k, v in local.items() if k not in ("http_options", "applications")}
     (ra,), (la,) = remote["applications"], local["applications"]
     assert {k: v for k, v in ra.items() if k != "args"} == {k: v for k, v in la.items() if k != "args"}
+    assert ra["deployments"] == la["deployments"]  # the same per-request settings
     rargs, largs = dict(ra["args"]), dict(la["args"])
     rmem, lmem = rargs.pop("members"), largs.pop("members")
     assert rargs == largs  # bundle, limits, degraded mode, ingress: the same application
@@ -94,10 +95,15 @@ def test_rayservice_is_the_serve_config_with_the_cluster_differences_only():
 
 def test_serve_config_matches_the_builder():
     from serve_app import AppArgs
+    from service.config import IngressSettings
     cfg = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
     app = cfg["applications"][0]
     assert app["import_path"] == "serve_app:app"
     AppArgs.model_validate(app["args"])  # every key is a known builder argument
+    (ingress,) = [d for d in app["deployments"] if d["name"] == "Ensemble"]
+    IngressSettings.model_validate(ingress["user_config"])  # every per-request setting is one the ingress knows
+    with pytest.raises(ValueError, match="latency_budgt"):
+        IngressSettings.model_validate({"latency_budgt": 2})  # a misspelt one fails the update, named
     import typing
     from serve_app import MemberOptions
     from skin.device import AMP_CHOICES

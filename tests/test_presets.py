@@ -100,12 +100,12 @@ def test_loader_ships_uint8_to_a_gpu_and_floats_on_a_cpu(scanned, tmp_path):
 
 
 def test_the_served_tensor_equals_the_eval_preset(random_bundle):
-    """The Serve path splits the eval preset: the ingress resizes (serve_app.prepare_inputs, uint8)
+    """The Serve path splits the eval preset: the ingress resizes (service.dataplane.prepare_inputs, uint8)
     and the member normalises (eval_pixels, as MemberModel runs it on a batch). Together they
     give the eval preset's tensor for every member."""
     import torch
     from PIL import Image
-    from serve_app import prepare_inputs
+    from service.dataplane import prepare_inputs
     from skin.bundle import Bundle
     from skin.presets import eval_pixels, eval_preset
     b = Bundle.load(random_bundle)

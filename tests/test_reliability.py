@@ -59,7 +59,7 @@ def test_every_bad_input_gets_the_right_answer(api):
 
 def test_every_bad_image_gets_the_same_answer_through_the_open_inference_protocol(api):
     """The corpus's image cases (those about the file itself, not the form) as base64 in an OIP infer:
-    the same status as through /v1/predict, never a 5xx, the JSON error shape."""
+    the same status as through /v1/predict, never a 5xx, the protocol's error shape ({"error": "<message>"})."""
     sent = 0
     for c in cases():
         if c.data is None or c.raw_body is not None or c.params or c.extra_files or c.form_field != "file":
@@ -71,7 +71,7 @@ def test_every_bad_image_gets_the_same_answer_through_the_open_inference_protoco
         assert r.status_code == c.expect, (c.name, r.status_code, r.text[:300])
         if r.status_code != 200:
             err = r.json()["error"]
-            assert err["code"] and len(err["message"]) > 10 and "Traceback" not in r.text, c.name
+            assert isinstance(err, str) and len(err) > 10 and "Traceback" not in r.text, c.name
     assert sent >= 15
 
 
@@ -129,15 +129,31 @@ def _load(api, n, concurrency, data, timeout=60):
         return list(pool.map(one, range(n)))
 
 
-def test_load_no_errors_no_leak(api):
+def test_load_no_errors_no_leak(api, random_bundle):
+    """120 requests at concurrency 16, every one admitted (a latency budget that queues them all): all
+    answered, and the replicas' memory does not grow."""
+    from conftest import deploy
     data = _ok_jpeg()
-    _load(api, 16, 8, data)  # warm-up
-    before = _replica_pss()
-    out = _load(api, 120, 16, data)
-    after = _replica_pss()
+    try:
+        deploy(random_bundle, latency_budget=1000)
+        _wait_budget(api, 1000)
+        _load(api, 16, 8, data)  # warm-up
+        before = _replica_pss()
+        out = _load(api, 120, 16, data)
+        after = _replica_pss()
+    finally:
+        deploy(random_bundle)
+        _wait_budget(api, 2)
     codes = [c for _, c, _ in out]
     assert codes.count(200) == len(codes), {c: codes.count(c) for c in set(codes)}
     assert before > 0 and (after - before) / before < 0.10, (before, after)
+
+
+def _wait_budget(api, budget, timeout=60):
+    deadline = time.time() + timeout
+    while requests.get(api + "/v1/info", timeout=10).json()["admission"]["budget"] != budget:
+        assert time.time() < deadline, "the latency budget was not applied"
+        time.sleep(0.5)
 
 
 def test_killing_a_member_replica_recovers(api, ray_local):
@@ -166,7 +182,7 @@ def test_killing_a_member_replica_recovers(api, ray_local):
             break
         time.sleep(0.5)
     assert recovered is not None and recovered <= 30, recovered
-    assert all(c == 200 for _, c, _ in _load(api, 12, 4, data))
+    assert all(c == 200 for _, c, _ in _load(api, 12, 1, data))
     print(f"replica kill: {codes.count(503)} x 503 of {len(codes)} in flight; recovered in {recovered:.1f}s")
 
 
@@ -197,7 +213,8 @@ def test_crash_while_writing_a_bundle_keeps_the_old_one(random_bundle, tmp_path,
 def test_no_pickle_is_ever_loaded():
     pattern = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only\s*=\s*True)|joblib\.load\(")
     offenders = []
-    for path in [*ROOT.glob("skin/*.py"), *ROOT.glob("jobs/*.py"), ROOT / "serve_app.py", *ROOT.glob("ui/*.py")]:
+    for path in [*ROOT.glob("skin/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("service/*.py"), ROOT / "serve_app.py",
+                 *ROOT.glob("ui/*.py")]:
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.name}:{i}: {line.strip()}")
@@ -209,6 +226,40 @@ def test_servers_bind_loopback_by_default():
     assert yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())["http_options"]["host"] == "127.0.0.1"
     assert "--server.address 127.0.0.1" in (ROOT / "Makefile").read_text()
     assert "--node-ip-address=127.0.0.1" in (ROOT / "cluster" / "local.sh").read_text()
+
+
+def listening(pids: set[int]) -> list[tuple[str, str]]:
+    """(address:port, process) of every TCP socket these processes listen on, as `ss -ltnpH` lists them."""
+    import subprocess
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        procs = re.findall(r'\("([^"]+)",pid=(\d+)', line)
+        for name, pid in procs:
+            if int(pid) in pids:
+                found.append((fields[3], name))
+    return found
+
+
+def on_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "localhost")
+
+
+def test_the_local_ray_and_the_app_listen_on_loopback_only(api):
+    """Every port the session's Ray and Serve app opened (GCS, raylet, workers, dashboard and its agent, the
+    metrics exporters, the Serve proxy) is on 127.0.0.1, as `ss -ltnp` shows (cluster/local.sh and the tests
+    run Ray in its single-machine mode), but one stated exception: each Serve replica's inter-deployment
+    gRPC server, which Ray Serve 2.60 binds to [::]:0 whatever the node's address (docs/cluster.md)."""
+    import psutil
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    sockets = listening(ours)
+    assert len(sockets) >= 6, sockets  # GCS, raylet, dashboard, metrics, proxy, workers... were found
+    exposed = [s for s in sockets if not on_loopback(s[0])]
+    replicas = [name for _, name in exposed if name.startswith("ray::ServeRepli")]
+    assert len(replicas) == len(exposed), exposed  # nothing but the replicas' own gRPC servers
+    assert len(replicas) <= 4, exposed  # one per replica of the app: three members and the ingress
 
 
 def test_logs_carry_request_ids_not_image_bytes(api):

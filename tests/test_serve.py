@@ -103,12 +103,19 @@ def test_errors(api, case, status, code):
     assert post(api, _jpeg()).status_code == 200  # and the server still answers
 
 
-def test_twenty_concurrent_requests_are_batched_by_the_members(api):
-    """Through the live app: 20 requests at once all answer, and each member computed some of
-    them together (its @serve.batch formed batches > 1 while a batch ran)."""
+def test_twenty_concurrent_requests_are_batched_by_the_members(api, random_bundle):
+    """Through the live app, with a latency budget that admits them all (a deployment for throughput):
+    20 requests at once all answer, and each member computed some of them together (its @serve.batch
+    formed batches > 1 while a batch ran)."""
     payloads = [_jpeg(i % 6, i) for i in range(20)]
-    with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(lambda d: post(api, d, params={"cam": "false"}), payloads))
+    try:
+        _deploy(random_bundle, latency_budget=1000)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["admission"]["budget"] == 1000)
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda d: post(api, d, params={"cam": "false"}), payloads))
+    finally:
+        _deploy(random_bundle)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["admission"]["budget"] == 2)
     assert [r.status_code for r in answers] == [200] * 20
     sizes = {n: [r.json()["batch_sizes"][n] for r in answers] for n in answers[0].json()["batch_sizes"]}
     assert set(sizes) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
@@ -255,29 +262,53 @@ def test_a_request_overrides_only_what_it_sets(api, random_bundle, tmp_path_fact
         _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == src.id)
 
 
+def test_admission_at_the_shipped_defaults_refuses_what_cannot_finish_in_time(api):
+    """The app as deployed with no setting touched: a burst of 24 requests gets only 200s and 503s; each
+    503 says the service is busy (never a member) with a Retry-After; fewer than all were admitted at once
+    (/v1/info's admission peak; service.admission's own tests check the limit against a simulated
+    service), for maps and without; then a normal answer."""
+    data = _jpeg(4, 7, 96)
+    for params in ({}, {"cam": "false"}):
+        assert post(api, data, params=params).status_code == 200  # this kind measured alone
+        requests.get(api + "/v1/info", timeout=10)
+        with ThreadPoolExecutor(24) as pool:
+            got = list(pool.map(lambda _: post(api, data, params=params), range(24)))
+        codes = [r.status_code for r in got]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        for r in got:
+            if r.status_code == 503:
+                err = r.json()["error"]
+                assert err["code"] == "busy" and "capacity" in err["message"] and int(r.headers["Retry-After"]) >= 1
+        info = requests.get(api + "/v1/info", timeout=10).json()["admission"]
+        assert info["budget"] == 2.0 and info["limit_s"] > 0 and info["peak_in_flight"] < 24, info
+        assert post(api, data, params=params).status_code == 200
+
+
 def test_overload_answers_503_with_retry_after_at_once(api, random_bundle):
-    """Past max_ongoing + max_queued requests the app answers 503 with Retry-After straight away (no
-    unbounded queue), every other request 200, and afterwards it answers normally."""
+    """The backstop behind the latency budget: past the ingress's max_ongoing + max_queued requests (Serve's
+    own bound; here with a budget that admits everything) the app answers 503 with Retry-After straight away
+    (no unbounded queue), every other request 200, and afterwards it answers normally."""
     data = _jpeg(5, 2, 96)
     try:
-        _deploy(random_bundle, max_ongoing_requests=1, max_queued_requests=1, retry_after_s=3)
+        _deploy(random_bundle, max_ongoing_requests=1, max_queued_requests=1, retry_after_s=3, latency_budget=1000)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["admission"]["budget"] == 1000)
         _wait(lambda: post(api, data).status_code == 200)
 
         def one(_):
             t0 = time.perf_counter()
             r = post(api, data)
-            return r.status_code, r.headers.get("Retry-After"), time.perf_counter() - t0
+            return r.status_code, r.headers.get("Retry-After"), time.perf_counter() - t0, r.text[:150]
         with ThreadPoolExecutor(12) as pool:
             got = list(pool.map(one, range(12)))
-        codes = [c for c, _, _ in got]
+        codes = [c for c, *_ in got]
         assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1, got
-        rejected = [(h, s) for c, h, s in got if c == 503]
+        rejected = [(h, s) for c, h, s, _ in got if c == 503]
         assert all(h == "3" for h, _ in rejected), rejected
-        fastest_ok = min(s for c, _, s in got if c == 200)
+        fastest_ok = min(s for c, _, s, _ in got if c == 200)
         assert min(s for _, s in rejected) < fastest_ok, got  # refused at once, not after queueing
     finally:
         _deploy(random_bundle)
-        _wait(lambda: post(api, data).status_code == 200)
+        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["admission"]["budget"] == 2)
     assert post(api, data).status_code == 200
 
 
@@ -362,11 +393,47 @@ def test_open_inference_protocol_with_tritons_client(api):
                                (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%"]}]}',
                                 400, "base64")):
         r = requests.post(api + "/v2/models/skinray/infer", data=bad, timeout=60)
-        assert r.status_code == status and words in r.json()["error"]["message"], (bad, r.text)
+        assert r.status_code == status and words in r.json()["error"], (bad, r.text)  # the protocol's {"error": msg}
     r = requests.post(api + "/v2/models/other/infer", json=body, timeout=60)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.status_code == 404 and "not served here" in r.json()["error"] and r.headers["X-Request-ID"]
     r = requests.post(api + "/v2/models/skinray/infer", json=body | {"outputs": [{"name": "logits"}]}, timeout=60)
-    assert r.status_code == 422 and "logits" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "logits" in r.json()["error"]
+
+
+def test_open_inference_protocol_errors_and_versions_as_tritons_client_reads_them(api):
+    """Errors on /v2 are the protocol's `{"error": "<message>"}`: tritonclient's InferenceServerException
+    carries the message (its str() and message()) and the status; a model version the metadata lists
+    answers (the version is the bundle id), any other is a 404; /v1 keeps its richer shape."""
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+    client = triton.InferenceServerClient(url=api.removeprefix("http://"))
+    version = client.get_model_metadata("skinray")["versions"][0]
+    assert version == requests.get(api + "/v1/info", timeout=10).json()["bundle"]
+    assert client.get_model_metadata("skinray", model_version=version)["versions"] == [version]
+    assert client.is_model_ready("skinray", model_version=version)
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([_jpeg(2, 5, 96)], dtype=object))
+    out = client.infer("skinray", [image], model_version=version)
+    assert out.get_response()["model_version"] == version and out.as_numpy("probabilities").shape == (6,)
+    for call, status, words in (
+            (lambda: client.get_model_metadata("other"), "404", "is not served here"),
+            (lambda: client.get_model_metadata("skinray", model_version="sk-000000000000"), "404", "has no version"),
+            (lambda: client.infer("skinray", [image], model_version="sk-000000000000"), "404", "has no version"),
+            (lambda: client.infer("skinray", [image], outputs=[triton.InferRequestedOutput("logits")]), "422",
+             "unknown output")):
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        e = caught.value
+        assert isinstance(e.message(), str) and words in e.message() and words in str(e), str(e)
+        assert e.status() == status
+    bad = triton.InferInput("image", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"not an image"], dtype=object))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("skinray", [bad])
+    assert caught.value.status() == "400" and "not a readable image" in str(caught.value)
+    v1 = post(api, b"not an image")
+    assert v1.status_code == 400 and v1.json()["error"]["code"] == "undecodable_image"  # /v1's shape stays
 
 
 def test_a_canary_bundle_beside_the_stable_one(api, random_bundle, tmp_path_factory):
@@ -383,8 +450,7 @@ def test_a_canary_bundle_beside_the_stable_one(api, random_bundle, tmp_path_fact
         _wait(lambda: requests.get(api + "/v1/info", timeout=5).json().get("candidate") is not None)
         info = requests.get(api + "/v1/info", timeout=5).json()
         assert info["bundles"] == [src.id, cand.id] and info["candidate"]["share"] == 0.3
-        with ThreadPoolExecutor(4) as pool:
-            ids = list(pool.map(lambda _: post(api, data).json()["bundle"], range(60)))
+        ids = [post(api, data).json()["bundle"] for _ in range(60)]
         n = ids.count(cand.id)
         assert set(ids) == {src.id, cand.id} and 8 <= n <= 30, n  # 60 x 0.3 = 18, about +-3 standard deviations
         for pin, want in (("candidate", cand.id), ("stable", src.id), (cand.id, cand.id)):

@@ -1,0 +1,127 @@
+"""The /v1 API: POST /v1/predict (multipart upload), GET /v1/info, GET /healthz; its data models.
+
+Routes are methods of `V1Routes`, which the ingress deployment inherits (Serve's class-based FastAPI
+views find routes through the class's bases); they reach the dataplane as `self.plane`."""
+import asyncio
+import time
+from typing import Any, Dict, List, Optional
+
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from .errors import V1_ERRORS, ApiError
+
+router = APIRouter()
+
+
+class MemberView(BaseModel):
+    probabilities: Dict[str, float]
+    top_class: str
+    weight: float
+
+
+class GradcamView(BaseModel):
+    model_config = {"populate_by_name": True}
+    class_: str = Field(..., alias="class")
+    overlay_png: str = Field(..., description="base64 PNG: the map blended on the upload (aspect kept)")
+    map_png: str = Field(..., description="base64 8-bit grey PNG of the raw [0,1] map, for re-blending")
+    maps_png: Optional[Dict[str, str]] = Field(None, description="every class's raw map (all_classes=true)")
+
+
+class PredictResponse(BaseModel):
+    model_config = {"populate_by_name": True}
+    class_: str = Field(..., alias="class")
+    class_index: int
+    confidence: float
+    probabilities: Dict[str, float]
+    members: Dict[str, MemberView]
+    uncertain: bool
+    uncertain_reasons: List[str]
+    degraded: bool = False
+    missing_members: List[str] = []
+    gradcam: Optional[GradcamView] = None
+    bundle: str
+    timings_ms: Dict[str, float]
+    batch_sizes: Dict[str, int] = Field(default_factory=dict, description="per member: how many requests it "
+                                        "computed together with this one (@serve.batch)")
+
+
+def info(plane, settings) -> Dict[str, Any]:
+    """What /v1/info says of the bundles served, their explanations, metrics and limits."""
+    from skin.explanation import COST_NOTE
+    from skin.gradcam import method_name
+    from skin.registry import get_spec
+    stable = plane.stable
+    b = stable.bundle
+    limits = plane.limits
+    return {"bundle": b.id, "classes": list(b.classes), "untrained": b.untrained,
+            "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
+                         "input_size": e.data_config.input_size, "output_stride": e.output_stride}
+                        | {f"cam_{k}": v for k, v in e.explanation.describe(
+                            e.output_stride, get_spec(e.backbone).cam_layer).items() if k != "name"}
+                        | {"explanation": e.explanation.describe(e.output_stride, get_spec(e.backbone).cam_layer)}
+                        for e, w in zip(b.members, b.weights)],
+            "explanation": method_name([e.explanation.method for e in b.members],
+                                       [e.explanation.smooth for e in b.members]),
+            "explanation_cost": COST_NOTE,
+            "weights": stable.ensemble.weights, "ensemble_temperature": b.ensemble_temperature,
+            "metrics": b.metrics, "provenance": b.provenance,
+            "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,
+                       "min_side": limits.min_side, "formats": sorted(limits.formats)},
+            "allow_degraded": settings.allow_degraded, "uncertain_below": settings.uncertain_below,
+            "admission": plane.admission.snapshot(),
+            "bundles": [v.bundle.id for v in plane.variants()],
+            "candidate": None if plane.candidate is None else {
+                "bundle": plane.candidate.bundle.id, "share": settings.candidate_share,
+                "members": plane.candidate.bundle.member_names, "weights": plane.candidate.ensemble.weights,
+                "metrics": plane.candidate.bundle.metrics, "untrained": plane.candidate.bundle.untrained}}
+
+
+class V1Routes:
+    """The /v1 routes and the liveness probe, over `self.plane` (service.dataplane.DataPlane)."""
+
+    @router.get("/healthz")
+    async def healthz(self) -> Dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/v1/info", responses={401: V1_ERRORS[401]})
+    async def info(self) -> Dict[str, Any]:
+        return info(self.plane, self.plane.settings)
+
+    @router.post("/v1/predict", response_model=PredictResponse, response_model_by_alias=True,
+                 responses={s: V1_ERRORS[s] for s in (400, 401, 413, 415, 422, 503)})
+    async def predict(self, request: Request,
+                      file: UploadFile = File(..., description="JPEG, PNG, WebP or HEIC/HEIF photograph"),
+                      cam: bool = Query(True, description="include the Grad-CAM overlay"),
+                      alpha: float = Query(0.4, ge=0.0, le=1.0, description="overlay opacity"),
+                      all_classes: bool = Query(False, description="include every class's raw map"),
+                      class_name: Optional[str] = Query(None, alias="class", description="explain this class instead"),
+                      cam_stride: Optional[int] = Query(None, description="resolution of the Grad-CAM maps: 8, 16 "
+                                                        "or 32 px of the member's input per map cell (default: the "
+                                                        "bundle's, per member); the answer does not change"),
+                      cam_layer: List[str] = Query([], description="MEMBER=LAYER: that member's maps at this layer "
+                                                   "(e.g. resnet50=backbone.layer1; repeatable; default: the bundle's)"),
+                      cam_method: Optional[str] = Query(None, description="gradcam or layercam, every member "
+                                                        "(default: the bundle's, per member)"),
+                      cam_smooth: Optional[str] = Query(None, description="flips: each member's maps averaged over the "
+                                                        "image's four flips (4x the maps' cost); none: the image's own "
+                                                        "maps (default: the bundle's, per member); the answer does not "
+                                                        "change")):
+        from skin.explanation import ExplanationError, parse_layers, requested
+        t0 = time.perf_counter()
+        variant, pinned = self.plane.choose(request.headers.get("X-Skinray-Bundle"))
+        try:
+            explain = requested(variant.bundle.member_names, stride=cam_stride, method=cam_method, smooth=cam_smooth,
+                                layers=parse_layers(cam_layer))
+            await asyncio.to_thread(variant.check_layers, explain)
+        except ExplanationError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        if class_name is not None and class_name not in variant.bundle.classes.names:
+            raise ApiError(422, "invalid_request", f"unknown class {class_name!r}; one of {list(variant.bundle.classes)}")
+        form = await request.form()  # already parsed for `file`; Starlette caches it
+        if len(form.getlist("file")) > 1:
+            raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
+                           "(several images: one request each)")
+        data = await file.read(self.plane.limits.max_bytes + 1)
+        return await self.plane.answer(variant, pinned, data, t0, cam=cam, alpha=alpha, all_classes=all_classes,
+                                       class_name=class_name, explain=explain)

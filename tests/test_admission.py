@@ -1,0 +1,104 @@
+"""The admission controller (service.admission) against a simulated service, on a fake clock: no Ray,
+no timing of this machine. The service shares its capacity among the requests in flight (processor
+sharing): `parallel` idle-service requests' worth at once, so n requests each run min(1, parallel / n)
+as fast as alone."""
+import math
+import random
+
+import pytest
+
+from service.admission import Admission, Busy
+
+
+def simulate(adm: Admission, parallel: float, offered: float, seconds: float = 120, kinds=(("cheap", 0.2),),
+             seed: int = 0, dt: float = 0.002, poisson: bool = True):
+    """Requests arrive at `offered` per second (Poisson, or evenly spaced), each of a kind drawn from `kinds` (name, seconds
+    alone). Returns (answers [(kind, latency)], refusals, steady-state start)."""
+    rng = random.Random(seed)
+    clock = [0.0]
+    adm.clock = lambda: clock[0]
+    running, answers, refused = [], [], 0
+    gap = (lambda: rng.expovariate(offered)) if poisson else (lambda: 1 / offered)
+    next_arrival = gap()
+    t = 0.0
+    while t < seconds:
+        while next_arrival <= t:
+            kind, alone = rng.choice(kinds)
+            try:
+                running.append([adm.admit(kind), alone, kind])
+            except Busy as e:
+                refused += 1
+                assert e.retry_after_s >= 1
+            next_arrival += gap()
+        if running:
+            speed = min(1.0, parallel / len(running))
+            for r in running:
+                r[1] -= speed * dt
+            for r in [r for r in running if r[1] <= 0]:
+                running.remove(r)
+                answers.append((r[2], clock[0] - r[0].start))
+                adm.done(r[0])
+        t += dt
+        clock[0] = t
+    return answers, refused
+
+
+@pytest.mark.parametrize("parallel", [1.0, 3.0])
+def test_overload_is_shed_and_what_is_admitted_stays_within_budget(parallel):
+    """At 4x and 16x the capacity: the admitted requests' 95th-percentile latency stays within the budget
+    (twice alone, with a small tolerance for the controller's steps) and their throughput stays near the
+    capacity; the rest is refused. With 3x the capacity the controller learns it (it starts at 1x)."""
+    alone = 0.2
+    capacity = parallel / alone  # requests per second at full use
+    for load in (4, 16):
+        adm = Admission(budget=2.0, parallel=1.0)
+        seconds = 120
+        answers, refused = simulate(adm, parallel, load * capacity, seconds)
+        late = [lat for _, lat in answers[len(answers) // 4:]]  # after the controller has found its limit
+        p95 = sorted(late)[int(0.95 * len(late))]
+        assert p95 <= 2.0 * alone * 1.15, (load, p95)
+        assert len(answers) / seconds >= 0.9 * capacity, (load, len(answers) / seconds, capacity)
+        assert refused > 0
+
+
+def test_a_limit_set_too_high_comes_down():
+    """Told the members have 4 replicas when one answers, the controller starts 4x too generous and
+    comes down to the budget."""
+    adm = Admission(budget=2.0, parallel=4.0)
+    answers, _ = simulate(adm, 1.0, 20.0, 120)
+    late = [lat for _, lat in answers[len(answers) // 4:]]
+    assert sorted(late)[int(0.95 * len(late))] <= 2.0 * 0.2 * 1.15
+
+
+def test_costly_requests_count_as_more_work():
+    """Cheap (0.1 s) and costly (1.0 s) requests mixed at 8x the capacity: both kinds are answered and
+    each kind's admitted latency stays near its own budget (a cheap request admitted beside costly ones
+    shares the service with them: within 1.4x the budget here, where a homogeneous load keeps 1.15x)."""
+    adm = Admission(budget=2.0)
+    answers, _ = simulate(adm, 2.0, 16.0, 240, kinds=(("cheap", 0.1), ("costly", 1.0)))
+    for kind, alone in (("cheap", 0.1), ("costly", 1.0)):
+        late = [lat for k, lat in answers[len(answers) // 4:] if k == kind]
+        assert len(late) > 20
+        assert sorted(late)[int(0.95 * len(late))] <= 2.0 * alone * 1.4, kind
+
+
+def test_an_idle_service_admits_anything_and_unmeasured_kinds_go_alone():
+    adm = Admission(clock=lambda: 0.0)
+    first = adm.admit("a")  # nothing measured yet: an empty service takes it
+    with pytest.raises(Busy):
+        adm.admit("b")  # unmeasured, and the service is not empty
+    adm.done(first)
+    assert adm.alone["a"] == 0.0 and adm.limit is not None and not math.isinf(adm.limit)
+
+
+def test_quiet_traffic_does_not_inflate_the_limit():
+    """Requests that never meet leave the limit where it started (no evidence that more fits), even on a
+    service that could take four at once."""
+    adm = Admission(budget=2.0)
+    simulate(adm, 4.0, 1.0, 60, poisson=False)  # one request a second, each 0.2 s: never two at once
+    assert adm.limit == pytest.approx(2.0 * 0.2, rel=0.05)
+
+
+def test_budget_below_one_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="at least 1"):
+        Admission(budget=0.5)
