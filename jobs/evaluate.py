@@ -27,7 +27,8 @@ from skin.bundle import Bundle
 from skin.cluster import add_cluster_arguments
 from skin.data import load_classes, load_lesion_free, load_manifest
 from skin.evaluation import (BatchScorer, attach_masks, lesion_free_summary, perturb_rows, store_in_bundle, summarize,
-                             to_frame, write_report)
+                             to_frame)
+from skin.report import write_report
 
 
 def parse_args(argv=None):

@@ -1,39 +1,46 @@
 """Admission sized to capacity: a request that cannot finish within its latency budget is refused at once
 (503 + Retry-After), before it waits anywhere.
 
-Each kind of request (which bundle, with or without maps, which explanation settings) has its own cost:
-`alone`, its latency when nothing else was in flight (what it costs an idle service). The work in flight is
-the sum of the `alone` of the requests admitted and not yet answered. A request is admitted when the work
-in flight plus its own fits the current limit; an empty service admits any request, and a kind not yet
-measured is admitted only into an empty service (so it is measured alone first).
-
-The limit follows the latencies it causes (a gradient controller, as Envoy's adaptive concurrency filter
-and Netflix's concurrency-limits): every `window` answers it compares their slowdown (latency ÷ the kind's
-`alone`; the 95th percentile of the kind that fares worst) with the budget (default 2: twice an idle service's latency) and scales the
-limit by the square root of budget ÷ slowdown (damped, at most x2 or ÷2 a step; grown only when the limit
-was nearly reached, so a quiet period does not inflate it). Whatever lets requests run at once (members' batching, several replicas, the
-ingress decoding one upload while members compute another) shows up as a slowdown below the budget and
-raises the limit; a costly explanation counts as more work than a cheap one. No setting is tuned by hand.
+Each kind of request (which route and bundle, with or without maps, which explanation options) has its own
+cost, `alone`: its latency when nothing else was in flight, what it takes an idle service. A request that
+arrives finds work in flight (the sum of the `alone` of the requests admitted and not yet answered); its
+*level* is how many requests of its own kind that work and itself amount to (2: one of its kind ahead, or
+half a costlier one). For each level the ingress keeps the slowdown it measured (latency ÷ the kind's
+`alone`, a moving average of the requests answered at that level; between two levels it interpolates),
+and admits a request when the slowdown at its level, with a 5% margin, is within the budget (default 2:
+twice an idle service's latency). A level not measured yet is judged by the one below it scaled as if
+nothing ran in parallel (level n costs n/(n-1) of level n-1), so the service tries one more request at once
+only when that could fit, and learns from the answer; a level measured over the budget is refused, but
+tried again with one request once its last measurement is ten seconds old (one slow answer does not shut it
+for good; a level still over the budget costs one slow answer in ten seconds). Whatever lets requests run at
+once (members' batching, several replicas, the ingress decoding one upload while the members compute
+another) shows up as slowdowns below their level and lets more in; a costly explanation counts as more work
+than a cheap one. An empty service admits any request, and a kind not measured yet is admitted only into an
+empty service (so it is measured alone first). Nothing is tuned by hand.
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
-MAX_STEP = 2.0  # the most the limit changes in one window (x2 or ÷2)
+MARGIN = 1.05  # the measured slowdown at a level, times this, must be within the budget
+PROBE_S = 10.0  # a level refused since its last answer this long ago (or 50 of its requests' latency) is tried again
 
 
 @dataclass
 class Ticket:
-    """One admitted request: what it was admitted as, and whether another request was in flight at any
-    time beside it (then its latency is not an idle service's)."""
+    """One admitted request: its kind, its cost, the level it was admitted at, and whether another request
+    was in flight at any time beside it (then its latency is not an idle service's)."""
     kind: Hashable
     cost: float
+    level: int
     shared: bool
     start: float
+    ended: bool = False
+    probe: bool = False
 
 
 class Busy(Exception):
@@ -52,78 +59,83 @@ class Admission:
         try: ... finally: admission.done(ticket, answered=...)
     """
 
-    def __init__(self, budget: float = 2.0, parallel: float = 1.0, window: int = 8, weight: float = 0.3,
+    def __init__(self, budget: float = 2.0, parallel: float = 1.0, weight: float = 0.2,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if budget < 1:
             raise ValueError(f"the latency budget is a multiple of an idle request's latency, at least 1; got {budget}")
-        self.budget, self.parallel, self.window, self.weight = float(budget), float(parallel), window, weight
+        self.budget, self.parallel, self.weight = float(budget), float(parallel), weight
         self.clock = clock
-        self.alone: dict[Hashable, float] = {}  # kind -> latency on an idle service (EWMA), seconds
-        self.limit: float | None = None  # seconds of idle-service work admitted at once; None until measured
+        self.alone: dict[Hashable, float] = {}  # kind -> latency on an idle service (moving average), seconds
+        self.slowdown: dict[int, float] = {1: 1.0}  # level -> measured latency ÷ alone (moving average)
+        self.measured_at: dict[int, float] = {}  # level -> when it was last measured
         self.in_flight: list[Ticket] = []
         self.peak = 0  # the most requests admitted at once since the last configure
-        self._slowdowns: list[tuple[Hashable, float]] = []
-        self._reached = False  # the limit refused or nearly bound a request during this window
         self._lock = threading.Lock()
 
     def configure(self, budget: float, parallel: float) -> None:
         with self._lock:
-            if self.limit is not None:  # what was learnt carries over, scaled to the new budget and replicas
-                self.limit *= (budget / self.budget) * (parallel / self.parallel)
+            if parallel != self.parallel:
+                self.slowdown = {1: 1.0}  # another number of replicas: measured again
             self.budget, self.parallel = float(budget), float(parallel)
             self.peak = len(self.in_flight)
 
-    def work(self) -> float:
-        return sum(t.cost for t in self.in_flight)
+    def expected(self, level: int) -> float:
+        """The slowdown expected at a level: measured, or the highest measured level below scaled as if
+        nothing more ran in parallel (divided by `parallel`, the replicas that surely answer at once)."""
+        if level in self.slowdown:
+            return self.slowdown[level]
+        below = max(k for k in self.slowdown if k < level)
+        return self.slowdown[below] * max(1.0, level / max(below, self.parallel))
 
     def admit(self, kind: Hashable) -> Ticket:
         with self._lock:
-            n, ahead = len(self.in_flight), self.work()
+            n = len(self.in_flight)
             cost = self.alone.get(kind)
-            if n and (cost is None or self.limit is None or ahead + cost > self.limit):
-                self._reached = True
-                raise Busy(self._retry_after(), n)
-            if n and self.limit is not None and ahead + cost > 0.75 * self.limit:
-                self._reached = True
+            level, probe = 1, False
+            if n:
+                ahead = sum(t.cost for t in self.in_flight)
+                if cost is None or not math.isfinite(ahead):
+                    raise Busy(self._retry_after(), n)  # measured alone first; nothing joins an unmeasured one
+                where = (ahead + cost) / cost  # between two levels: the slowdown interpolated between them
+                level = max(2, round(where))
+                lo = max(1, math.floor(where))
+                expect = self.expected(lo) + (where - lo) * (self.expected(lo + 1) - self.expected(lo))
+                margin = MARGIN if level in self.slowdown else 1.0  # a level not tried yet is tried when it could fit
+                probe = False
+                if expect * margin > self.budget:
+                    probe = level in self.slowdown and not any(t.probe for t in self.in_flight) and \
+                        self.clock() - self.measured_at.get(level, 0.0) > max(PROBE_S, 50 * cost)
+                    if not probe:
+                        raise Busy(self._retry_after(), n)
             for t in self.in_flight:
                 t.shared = True
-            ticket = Ticket(kind, math.inf if cost is None else cost, shared=n > 0, start=self.clock())
+            ticket = Ticket(kind, math.inf if cost is None else cost, level, shared=n > 0, start=self.clock(),
+                            probe=n > 0 and probe)
             self.in_flight.append(ticket)
             self.peak = max(self.peak, len(self.in_flight))
             return ticket
 
     def done(self, ticket: Ticket, answered: bool = True) -> None:
-        """The request ended; an answer's latency teaches the costs and the limit (a request that failed
-        or was refused further on leaves them as they were)."""
+        """The request ended; an answer's latency teaches its kind's cost and its level's slowdown (a request
+        that failed or was refused further on teaches nothing)."""
         latency = self.clock() - ticket.start
         with self._lock:
+            if ticket.ended:  # once only, whoever ends it first (the answer, or the middleware after an error)
+                return
+            ticket.ended = True
             self.in_flight.remove(ticket)
             if not answered:
                 return
             known = self.alone.get(ticket.kind)
-            if not ticket.shared:
-                self.alone[ticket.kind] = latency if known is None else (1 - self.weight) * known + self.weight * latency
-            if self.limit is None:
-                self.limit = self.budget * self.parallel * max(self.alone.values())
-                return
-            if known is None:
-                return
-            self._slowdowns.append((ticket.kind, latency / known))
-            if len(self._slowdowns) >= self.window:
-                self._adjust()
-
-    def _adjust(self) -> None:
-        by_kind: dict[Hashable, list[float]] = {}
-        for kind, r in self._slowdowns:
-            by_kind.setdefault(kind, []).append(r)
-        # the kind that fares worst decides (each judged against its own idle latency)
-        p95 = max(sorted(rs)[min(len(rs) - 1, int(0.95 * len(rs)))] for rs in by_kind.values())
-        step = min(MAX_STEP, max(1 / MAX_STEP, math.sqrt(self.budget / max(p95, 1e-9))))
-        if step > 1 and not self._reached:
-            step = 1.0  # the limit was not what bounded the load: no evidence that more fits
-        floor = max(self.alone.values())  # one request of the costliest kind beside nothing else
-        self.limit = max(floor, self.limit * step)
-        self._slowdowns, self._reached = [], False
+            if not ticket.shared:  # quicker down than up: a first request's warm-up does not linger as the idle cost
+                w = 0.5 if known is not None and latency < known else self.weight
+                self.alone[ticket.kind] = latency if known is None else (1 - w) * known + w * latency
+            elif known is not None and ticket.level > 1:
+                r = latency / known
+                old = self.slowdown.get(ticket.level)
+                w = 0.5 if ticket.probe else self.weight  # a probe's answer counts more: it is all there is
+                self.slowdown[ticket.level] = r if old is None else (1 - w) * old + w * r
+                self.measured_at[ticket.level] = self.clock()
 
     def _retry_after(self) -> int:
         """Seconds by which the requests in flight should be answered: their budget (at least 1)."""
@@ -131,9 +143,9 @@ class Admission:
         return max(1, math.ceil(self.budget * max(known, default=1.0)))
 
     def snapshot(self) -> dict:
-        """What /v1/info shows: the budget, the limit, what is in flight, each kind's measured cost."""
+        """What /v1/info shows: the budget, what is in flight, the slowdowns measured, each kind's cost."""
         with self._lock:
-            return {"budget": self.budget, "parallel": self.parallel,
-                    "limit_s": None if self.limit is None else round(self.limit, 4),
-                    "in_flight": len(self.in_flight), "peak_in_flight": self.peak,
+            return {"budget": self.budget, "parallel": self.parallel, "in_flight": len(self.in_flight),
+                    "peak_in_flight": self.peak,
+                    "slowdown_by_level": {str(k): round(v, 3) for k, v in sorted(self.slowdown.items())},
                     "kinds": [{"kind": str(k), "alone_ms": round(v * 1e3, 1)} for k, v in self.alone.items()]}

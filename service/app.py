@@ -19,7 +19,7 @@ from ray import serve
 
 from . import v1, v2
 from .config import AppArgs, IngressSettings
-from .errors import error_response, install_handlers
+from .errors import ApiError, error_response, install_handlers
 from .members import member_deployments
 
 logger = logging.getLogger("ray.serve")
@@ -66,6 +66,8 @@ class Ensemble(v1.V1Routes, v2.V2Routes):
         if self.api_key and request.url.path not in OPEN_ROUTES and not self._authorized(request):
             response = error_response(request, 401, "unauthorized", "missing or wrong API key: send it as the "
                                       "X-API-Key header (or Authorization: Bearer <key>)")
+        elif request.method == "POST" and request.url.path == "/v1/predict":
+            response = await self._admitted(request, call_next)
         else:
             response = await call_next(request)
         ms = (time.perf_counter() - t0) * 1000
@@ -73,6 +75,19 @@ class Ensemble(v1.V1Routes, v2.V2Routes):
         logger.info("request_id=%s %s %s -> %s in %.1f ms", rid, request.method, request.url.path,
                     response.status_code, ms)  # never image bytes
         return response
+
+    async def _admitted(self, request: Request, call_next):
+        """/v1/predict through admission before its body is read: refused at once (503 busy), or admitted
+        and its ticket released whatever the route does with it."""
+        try:
+            ticket = self.plane.admit(v1.predict_kind(request))
+        except ApiError as e:
+            return error_response(request, e.status, e.code, e.message, e.retry_after_s)
+        request.state.ticket = ticket
+        try:
+            return await call_next(request)
+        finally:
+            self.plane.release(ticket, answered=False)  # a no-op when the answer released it
 
     def reconfigure(self, config: Dict[str, Any]) -> None:
         """The per-request settings (Serve user_config, over the builder's arguments), applied in place; an

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import canary
-from .admission import Admission, Busy
+from .admission import Admission, Busy, Ticket
 from .config import IngressSettings
 from .errors import ApiError
 from .members import DEFAULT_OPTIONS
@@ -78,28 +78,33 @@ class DataPlane:
     def choose(self, pin: Optional[str]) -> Tuple[Variant, bool]:
         return canary.choose(self.variants(), pin, self.settings.candidate_share)
 
-    async def answer(self, variant: Variant, pinned: bool, data: bytes, t0: float, *, cam: bool = True,
-                     alpha: float = 0.4, all_classes: bool = False, class_name: Optional[str] = None,
-                     explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True) -> Dict[str, Any]:
-        """One upload's answer (the /v1/predict JSON; with `render=False` the raw ensemble map, no PNGs), or
-        ApiError. Refused at once (503 busy) when the admitted work leaves it no room in its latency budget."""
-        explain = explain or {}
-        kind = (variant.role, cam, tuple(sorted((n, tuple(sorted(o.items()))) for n, o in explain.items())))
+    def admit(self, kind) -> Ticket:
+        """Admission (service.admission) of a request of this kind, or ApiError 503 busy at once."""
         try:
             ticket = self.admission.admit(kind)
         except Busy as e:
-            self.metrics.refused.inc(1, tags={"cam": str(cam).lower()})
+            self.metrics.refused.inc(1, tags={"cam": str(dict(kind).get("cam", "true")).lower()})
             raise ApiError(503, "busy", str(e), retry_after_s=e.retry_after_s) from None
         self.metrics.in_flight.set(len(self.admission.in_flight))
+        return ticket
+
+    def release(self, ticket: Ticket, answered: bool) -> None:
+        self.admission.done(ticket, answered)
+        self.metrics.in_flight.set(len(self.admission.in_flight))
+
+    async def answer(self, variant: Variant, pinned: bool, data: bytes, t0: float, ticket: Ticket, *,
+                     cam: bool = True, alpha: float = 0.4, all_classes: bool = False, class_name: Optional[str] = None,
+                     explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True) -> Dict[str, Any]:
+        """One upload's answer (the /v1/predict JSON; with `render=False` the raw ensemble map, no PNGs), or
+        ApiError; `ticket`: its admission, released here."""
         answered = False
         try:
             out = await self._routed(variant, pinned, data, t0, cam=cam, alpha=alpha, all_classes=all_classes,
-                                     class_name=class_name, explain=explain, render=render)
+                                     class_name=class_name, explain=explain or {}, render=render)
             answered = True
             return out
         finally:
-            self.admission.done(ticket, answered)
-            self.metrics.in_flight.set(len(self.admission.in_flight))
+            self.release(ticket, answered)
 
     async def _routed(self, variant: Variant, pinned: bool, data: bytes, t0: float, **kwargs) -> Dict[str, Any]:
         """The chosen bundle's answer; a candidate that cannot answer an unpinned request leaves it to the

@@ -77,6 +77,18 @@ def info(plane, settings) -> Dict[str, Any]:
                 "metrics": plane.candidate.bundle.metrics, "untrained": plane.candidate.bundle.untrained}}
 
 
+# query parameters that change what a /v1/predict request costs (admission keeps a cost per kind)
+COST_PARAMS = ("cam", "all_classes", "cam_stride", "cam_layer", "cam_method", "cam_smooth")
+
+
+def predict_kind(request) -> tuple:
+    """The kind of a /v1/predict request, from its query and headers only: admitted (or refused) before its
+    body is read, so a refusal costs the service next to nothing."""
+    query = tuple(sorted((k, v) for k, v in request.query_params.multi_items() if k in COST_PARAMS))
+    return (("route", "v1"), ("bundle", request.headers.get("X-Skinray-Bundle", "")), ("cam", dict(query).get("cam", "true")),
+            ("query", query))
+
+
 class V1Routes:
     """The /v1 routes and the liveness probe, over `self.plane` (service.dataplane.DataPlane)."""
 
@@ -123,5 +135,5 @@ class V1Routes:
             raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
                            "(several images: one request each)")
         data = await file.read(self.plane.limits.max_bytes + 1)
-        return await self.plane.answer(variant, pinned, data, t0, cam=cam, alpha=alpha, all_classes=all_classes,
-                                       class_name=class_name, explain=explain)
+        return await self.plane.answer(variant, pinned, data, t0, request.state.ticket, cam=cam, alpha=alpha,
+                                       all_classes=all_classes, class_name=class_name, explain=explain)

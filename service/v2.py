@@ -153,7 +153,8 @@ class V2Routes:
                            f"{', '.join(OUTPUTS)}")
         params = req.get("parameters") or {}
         cam = "gradcam" in names or params.get("cam") is True
-        answer = await plane.answer(variant, pinned, data, t0, cam=cam, render=False)
+        ticket = plane.admit((("route", "v2"), ("bundle", variant.bundle.id), ("cam", str(cam).lower())))
+        answer = await plane.answer(variant, pinned, data, t0, ticket, cam=cam, render=False)
         classes = variant.bundle.classes
         probs = [answer["probabilities"][c] for c in classes]
         outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [len(probs)], "data": probs},

@@ -28,7 +28,10 @@ from .registry import get_spec, untrained_copy
 
 
 # per row; NaN without a mask. Each measurement beside what maps that know less score on the same row.
-FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat", "pointing:untrained", "pointing:contrast"]
+FAITH_COLUMNS = ["pointing", "energy", "pointing:centre", "energy:flat", "pointing:untrained", "pointing:contrast",
+                 "pointing:random"]
+# the maps that know less, beside each mask-free score (skin.trust.BASELINES)
+PERTURBATION_KINDS = ("", ":random", ":untrained", ":centre", ":contrast")
 
 
 class BatchScorer:
@@ -128,11 +131,12 @@ class BatchScorer:
 
     def _perturbation(self, out: dict, images: list, maps: dict, untrained: dict, classes: np.ndarray,
                       rows: np.ndarray, paths: list[str]) -> None:
-        """Deletion, insertion and ROAD (skin.faithfulness) of the ensemble's map and of each member's own,
-        each beside a random map and the same maps of untrained members, on the images in [0, 1] at the
-        ensemble's work size; the class explained is the ensemble's answer."""
+        """Deletion, insertion and ROAD (skin.faithfulness.score_maps, forwards shared) of the ensemble's map
+        and of each member's own, each beside maps that know less on the same images: a random map, the same
+        maps of untrained members, a centre map and a colour-contrast map (no model). On the images in [0, 1]
+        at the ensemble's work size; the class explained is the ensemble's answer."""
         import zlib
-        from .faithfulness import random_maps, scores
+        from .faithfulness import ENSEMBLE, centre_maps, random_maps, score_maps
         from .presets import eval_geometry
         work = self.ensemble.work
         widest = max(self.runners.values(), key=lambda r: r.member.data_config.input_size).member.data_config
@@ -142,7 +146,7 @@ class BatchScorer:
         weights = self.ensemble.weights
         cls = torch.as_tensor(classes).long()
         first = next(iter(maps.values()))
-        noise = torch.stack([random_maps((1, *first.shape[-2:]), zlib.crc32(p.encode()))[0] for p in paths])
+        members = list(self.runners)
 
         def ensemble_maps(member_maps: dict) -> torch.Tensor:
             return torch.stack([torch.from_numpy(ensemble_map({n: m[i] for n, m in member_maps.items()}, weights,
@@ -150,18 +154,30 @@ class BatchScorer:
 
         def own(m: torch.Tensor) -> torch.Tensor:
             return normalize(upsample(m, work))
-        targets = {"": (self.probs_of(None), ensemble_maps(maps), ensemble_maps(untrained))}
-        targets |= {f":{n}": (self.probs_of(n), own(maps[n]), own(untrained[n])) for n in self.runners}
-        for suffix, (probs_of, trained, fresh) in targets.items():
-            for kind, saliency in (("", trained), (":random", noise), (":untrained", fresh)):
-                got = scores(probs_of, x, saliency, cls, self.perturbation)
-                for metric, v in got.items():
-                    out[f"{metric}{kind}{suffix}"][rows] = v.numpy()
+        everyone = (ENSEMBLE, *members)  # a map that knows no model serves every target with one set of forwards
+        saliency = {"": (ensemble_maps(maps), (ENSEMBLE,)), ":untrained": (ensemble_maps(untrained), (ENSEMBLE,)),
+                    ":random": (torch.stack([random_maps((1, *first.shape[-2:]), zlib.crc32(p.encode()))[0]
+                                             for p in paths]), everyone),
+                    ":centre": (centre_maps(len(images), tuple(work)), everyone),
+                    ":contrast": (torch.stack([torch.from_numpy(contrast_map(v.permute(1, 2, 0).numpy())).float()
+                                               for v in x]), everyone)}
+        for n in members:
+            saliency[f"@{n}"] = (own(maps[n]), (n,))
+            saliency[f":untrained@{n}"] = (own(untrained[n]), (n,))
+        got = score_maps({n: self.probs_of(n) for n in members},
+                         lambda probs: torch.from_numpy(self.ensemble.combine({n: p.numpy() for n, p in probs.items()})),
+                         x, saliency, cls, self.perturbation)
+        for (name, target), values in got.items():
+            kind = name.split("@")[0]
+            suffix = "" if target == ENSEMBLE else f":{target}"
+            for metric, v in values.items():
+                out[f"{metric}{kind}{suffix}"][rows] = v.numpy()
 
     def _faithfulness(self, out: dict, masks: list[str], images: list, maps: dict, untrained: dict,
                       rows: np.ndarray) -> None:
         """`maps`, `untrained`: {member: (N, h, w)}, each image's map of the ensemble's class."""
         from PIL import Image
+        from .faithfulness import random_maps
         weights = self.ensemble.weights
         for i, (mask_path, img, row) in enumerate(zip(masks, images, rows)):
             if not mask_path:
@@ -179,6 +195,8 @@ class BatchScorer:
             out["pointing:centre"][row] = float(mask[mask.shape[0] // 2, mask.shape[1] // 2])
             out["energy:flat"][row] = float(mask.mean())
             out["pointing:contrast"][row] = float(pointing_hit(contrast_map(np.asarray(img)), mask))
+            noise = random_maps((1, *next(iter(maps.values())).shape[-2:]), int(row))[0]
+            out["pointing:random"][row] = float(pointing_hit(upsample(noise[None], mask.shape)[0].numpy(), mask))
             fresh = {n: m[i] for n, m in untrained.items()}
             out["pointing:untrained"][row] = float(pointing_hit(ensemble_map(fresh, weights, mask.shape, self.ensemble.work), mask))
             for n, m in fresh.items():
@@ -191,12 +209,12 @@ def _pick(maps: dict, idx: list[int]) -> dict:
 
 
 def perturbation_columns(members: list[str]) -> list[str]:
-    """deletion / insertion / road of the ensemble's map ("deletion"), a random map ("deletion:random"),
-    the untrained members' map ("deletion:untrained"), and the same of each member's own map
-    ("deletion:<member>", "deletion:random:<member>", "deletion:untrained:<member>")."""
+    """deletion / insertion / road of the ensemble's map ("deletion"), beside maps that know less
+    ("deletion:random", ":untrained", ":centre", ":contrast"), and the same of each member's own map
+    ("deletion:<member>", "deletion:random:<member>", ...)."""
     from .faithfulness import METRICS
     return [f"{m}{kind}{suffix}" for suffix in [""] + [f":{n}" for n in members]
-            for kind in ("", ":random", ":untrained") for m in METRICS]
+            for kind in PERTURBATION_KINDS for m in METRICS]
 
 
 def member_faith_columns(members: list[str]) -> list[str]:
@@ -300,10 +318,18 @@ def lesion_free_summary(scored: pd.DataFrame, bundle: Bundle) -> dict | None:
             "uncertain": float(np.mean([a["uncertain"] for a in answers]))}
 
 
+def _used(bundle: Bundle, explain) -> dict[str, dict]:
+    """Each member's explanation as evaluated (the bundle's, overridden by `explain`), resolved."""
+    return {e.name: e.explanation.override(**(explain or {}).get(e.name, {})).describe(
+        e.output_stride, get_spec(e.backbone).cam_layer) for e in bundle.members}
+
+
 def faithfulness(scored: pd.DataFrame, bundle: Bundle,
                  explain: Mapping[str, Mapping[str, object]] | None = None) -> dict | None:
     """Pointing game and energy in the mask of the ensemble's Grad-CAM, overall and per class, over
-    the rows that have a lesion mask (None when none has)."""
+    the rows that have a lesion mask (None when none has), beside maps that know less, with the paired
+    advantage over each and its bootstrap interval (skin.trust)."""
+    from .trust import comparisons
     if "pointing" not in scored:
         return None
     rows = scored[scored["pointing"].notna()]
@@ -313,7 +339,8 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
     def baseline(g: pd.DataFrame) -> dict:
         return {"centre_pointing": float(g["pointing:centre"].mean()), "flat_energy": float(g["energy:flat"].mean()),
                 "contrast_pointing": float(g["pointing:contrast"].mean()),
-                "untrained_pointing": float(g["pointing:untrained"].mean())}
+                "untrained_pointing": float(g["pointing:untrained"].mean()),
+                "random_pointing": float(g["pointing:random"].mean())}
 
     per_class = {bundle.classes.name(int(k)): {"pointing": float(g["pointing"].mean()), "energy": float(g["energy"].mean()),
                                                "images": int(len(g))} | baseline(g)
@@ -321,16 +348,17 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
     members = {m: float(rows[f"pointing:{m}"].mean()) for m in bundle.member_names if f"pointing:{m}" in rows}
     untrained = {m: float(rows[f"pointing:untrained:{m}"].mean()) for m in bundle.member_names
                  if f"pointing:untrained:{m}" in rows}
-    used = {e.name: e.explanation.override(**(explain or {}).get(e.name, {})).describe(
-        e.output_stride, get_spec(e.backbone).cam_layer) for e in bundle.members}
+    used = _used(bundle, explain)
     strides, layers = ({n: d[k] for n, d in used.items()} for k in ("stride", "layer"))
     methods, smooths = ({n: d[k] for n, d in used.items()} for k in ("method", "smooth"))
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
             "per_class": per_class, "members_pointing": members, "members_untrained_pointing": untrained,
+            "checks": {"pointing": comparisons(rows, "pointing")},
             "baseline": baseline(rows) | {
                 "what": "maps that know less, on the same images: one always peaking at the image centre; a flat "
                         "one (its energy = the lesion's share of the image); the colour that stands out from the "
-                        "skin, no model (contrast); the same maps of freshly initialised members (untrained)"},
+                        "skin, no model (contrast); the same maps of freshly initialised members (untrained); "
+                        "uniform noise (random)"},
             "method": method_name(methods.values(), smooths.values()), "cam_methods": methods, "cam_smooths": smooths,
             "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
@@ -339,8 +367,11 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
 def perturbation_summary(scored: pd.DataFrame, bundle: Bundle,
                          explain: Mapping[str, Mapping[str, object]] | None = None) -> dict | None:
     """Mean deletion, insertion and ROAD over the rows that have them, for the ensemble's map and each
-    member's own, each beside a random map and the untrained members' maps (None when no row has them)."""
+    member's own, each beside maps that know less (random, untrained members, centre, colour contrast),
+    the paired advantage over each with its bootstrap interval, and the verdict (skin.trust) on the
+    ensemble's map (the one served) and on each member's (None when no row has them)."""
     from .faithfulness import BETTER, METRICS, PerturbationConfig
+    from .trust import BASELINES, comparisons, verdict
     if "deletion" not in scored:
         return None
     rows = scored[scored["deletion"].notna()]
@@ -348,115 +379,30 @@ def perturbation_summary(scored: pd.DataFrame, bundle: Bundle,
         return None
 
     def target(suffix: str) -> dict:
-        return {m: {"map": float(rows[f"{m}{suffix}"].mean()), "random": float(rows[f"{m}:random{suffix}"].mean()),
-                    "untrained": float(rows[f"{m}:untrained{suffix}"].mean())} for m in METRICS}
+        return {m: {"map": float(rows[f"{m}{suffix}"].mean())}
+                | {b: float(rows[f"{m}:{b}{suffix}"].mean()) for b in BASELINES if f"{m}:{b}{suffix}" in rows}
+                for m in METRICS}
+
+    def checks(suffix: str) -> dict:
+        return {m: comparisons(rows, m, suffix) for m in METRICS}
     used = [e.explanation.override(**(explain or {}).get(e.name, {})) for e in bundle.members]
     cfg = PerturbationConfig()
+    ensemble_checks = checks("")
+    member_checks = {n: checks(f":{n}") for n in bundle.member_names}
     return {"images": int(len(rows)), "ensemble": target(""),
             "members": {n: target(f":{n}") for n in bundle.member_names}, "better": dict(BETTER),
+            "checks": {"ensemble": ensemble_checks, "members": member_checks},
+            "verdict": verdict(ensemble_checks),
+            "member_verdicts": {n: verdict(c) for n, c in member_checks.items()},
             "method": method_name([u.method for u in used], [u.smooth for u in used]),
             "steps": cfg.steps, "road_shares": list(cfg.road_shares),
             "what": "the explained class's probability as the map's most salient pixels are removed (deletion: "
                     "area under the curve, lower is better) or revealed on a blurred copy (insertion: higher is "
                     "better), and ROAD (removal by imputation from the neighbours, most minus least salient "
-                    "first: higher is better); beside a random map and the same maps of untrained members",
+                    "first: higher is better); beside a random map, the same maps of untrained members, a map "
+                    "peaking at the centre and a colour-contrast map with no model, each as a paired advantage "
+                    "with a 95% bootstrap interval over the images",
             "class": "the ensemble's answer"}
-
-
-def _where(f: dict, member: str) -> str:
-    """A member's explanation as stored with the faithfulness (older metrics: the stride only)."""
-    where = f"stride {f['cam_strides'][member]}"
-    if "cam_layers" in f:
-        where = (f"{method_name(f['cam_methods'][member], f.get('cam_smooths', {}).get(member))} "
-                 f"at {f['cam_layers'][member]}, " + where)
-    return where
-
-
-def write_report(metrics: dict, bundle: Bundle, scored: pd.DataFrame, out: str | Path, split: str) -> Path:
-    """metrics.json, confusion matrices (counts and row-normalised), reliability diagram, report.md."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    classes: ClassMap = bundle.classes
-    good, _, ens = readable(scored, bundle)
-    y = good["label_index"].to_numpy(int)
-    import matplotlib.pyplot as plt
-    for normalize, suffix in ((False, "counts"), (True, "normalized")):
-        fig = confusion_figure(np.array(metrics["ensemble"]["confusion_matrix"]), classes,
-                               f"ensemble, {split} ({suffix})", normalize)
-        fig.savefig(out / f"confusion_{suffix}.png")
-        plt.close(fig)
-    fig = reliability_figure(y, ens, f"ensemble reliability, {split}")
-    fig.savefig(out / "reliability.png")
-    plt.close(fig)
-    rows = [("ensemble", metrics["ensemble"])] + ([(f"ensemble before T={bundle.ensemble_temperature:.3f}",
-                                                     metrics["ensemble_before_temperature"])]
-                                                   if "ensemble_before_temperature" in metrics else [])
-    rows += list(metrics["members"].items())
-    lines = [f"# Evaluation of bundle `{bundle.id}` on `{split}`", "",
-             f"{len(y)} images scored, {metrics['n_skipped']} unreadable skipped. "
-             f"Weights: {', '.join(f'{k} {v:.2f}' for k, v in bundle.weights_map.items())}."
-             + (" **Untrained bundle (random weights).**" if bundle.untrained else ""), "",
-             "| model | accuracy | balanced acc | macro-F1 | weighted-F1 | macro-P | macro-R | ROC AUC (ovr) | ECE | NLL |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in rows:
-        auc = f"{m['roc_auc_ovr']:.4f}" if m.get("roc_auc_ovr") is not None else "n/a"
-        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['f1_macro']:.4f} | "
-                     f"{m['f1_weighted']:.4f} | {m['precision_macro']:.4f} | {m['recall_macro']:.4f} | {auc} | {m['ece']:.4f} | "
-                     f"{m.get('nll', float('nan')):.4f} |")
-    cal = metrics.get("calibration")
-    if cal:
-        ci = cal["interval"]
-        lines += ["", f"Calibration: ECE with {cal['level']:.0%} bootstrap intervals ({cal['resamples']} resamples of "
-                  "these images): " + ", ".join(f"{m} {e:.3f} ({ci[m][0]:.3f}-{ci[m][1]:.3f})" for m, e in cal["ece"].items())
-                  + f". Ensemble minus its best-calibrated member ({cal['best_member']}): {cal['difference']:+.3f} "
-                  f"({cal['difference_interval'][0]:+.3f} to {cal['difference_interval'][1]:+.3f})."]
-    lines += ["", "## Per class (ensemble)", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-    for c, r in metrics["ensemble"]["per_class"].items():
-        lines.append(f"| {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |")
-    f = metrics.get("faithfulness")
-    if f:
-        b = f["baseline"]
-        method = f.get("method", "Grad-CAM")
-        lines += ["", f"## Explanation faithfulness: {method} ({f['images']} images with lesion masks: {f['masks']})", "",
-                  f"Pointing game {f['pointing']:.3f} (share of maps whose peak lies in the lesion), energy in the "
-                  f"mask {f['energy']:.3f}. {f['note'].capitalize()}.", "",
-                  "What maps that know less score on the same images: a map peaking at the centre points at "
-                  f"{b['centre_pointing']:.3f} of lesions; a flat map's energy in the mask is {b['flat_energy']:.3f}; "
-                  f"a colour-contrast map with no model (skin.metrics.contrast_map) points at {b['contrast_pointing']:.3f}; "
-                  f"the same {method} of freshly initialised members at {b['untrained_pointing']:.3f}. A pointing game "
-                  "no higher than the contrast map's does not show that the map follows the model; the gap to the "
-                  "untrained members is what the training put into it (Adebayo et al. 2018, model randomisation).", "",
-                  "| class | pointing game | energy in mask | images | centre map | flat map: energy | contrast map "
-                  "| untrained members |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {c} | {v['pointing']:.3f} | {v['energy']:.3f} | {v['images']} | {v['centre_pointing']:.3f} | "
-                  f"{v['flat_energy']:.3f} | {v['contrast_pointing']:.3f} | {v['untrained_pointing']:.3f} |"
-                  for c, v in f["per_class"].items()]
-        lines += ["", "Each member's own map (of the ensemble's class), trained / untrained: " + ", ".join(
-            f"{m} {p:.3f} / {f['members_untrained_pointing'].get(m, float('nan')):.3f} ({_where(f, m)})"
-            for m, p in f["members_pointing"].items()) + "."]
-    pert = metrics.get("perturbation")
-    if pert:
-        lines += ["", f"## Explanation faithfulness without masks: {pert['method']} ({pert['images']} images)", "",
-                  f"Deletion and insertion (RISE, {pert['steps']} steps) and ROAD (shares {pert['road_shares']} %) of "
-                  "the answered class; lower deletion, higher insertion and ROAD are better. Beside each: a random "
-                  "map and the same maps of untrained members.", "",
-                  "| map of | deletion | random | untrained | insertion | random | untrained | ROAD | random | untrained |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, t in [("ensemble", pert["ensemble"])] + list(pert["members"].items()):
-            lines.append(f"| {name} | " + " | ".join(f"{t[m]['map']:.3f} | {t[m]['random']:.3f} | "
-                                                    f"{t[m]['untrained']:.3f}" for m in ("deletion", "insertion", "road"))
-                         + " |")
-    free = metrics.get("lesion_free")
-    if free:
-        lines += ["", f"## Skin without a lesion ({free['images']} images)", "",
-                  f"Flagged uncertain by the API's rule: {free['uncertain']:.3f}; mean confidence "
-                  f"{free['mean_confidence']:.3f} (a uniform answer is {1 / len(classes):.3f}). Called: "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in free["called"].items() if v) + "."]
-    lines += ["", "![confusion](confusion_counts.png) ![normalized](confusion_normalized.png) "
-              "![reliability](reliability.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    return out / "report.md"
 
 
 def store_in_bundle(bundle: Bundle, metrics: dict, split: str) -> None:

@@ -201,3 +201,87 @@ def scores(probs_of: ProbsOf, x: torch.Tensor, saliency: torch.Tensor, classes: 
 def random_maps(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Maps that know nothing: uniform noise of the given (N, h, w) shape, seeded."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- many maps, shared forwards
+ENSEMBLE = "ensemble"  # the target that is the ensemble's weighted answer (skin.ensemble.combine)
+
+
+def score_maps(member_probs_of: dict[str, ProbsOf], combine: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+               x: torch.Tensor, maps: dict[str, tuple[torch.Tensor, tuple[str, ...]]], classes: torch.Tensor,
+               cfg: PerturbationConfig = PerturbationConfig(), seed: int = 0
+               ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Deletion, insertion and ROAD of many maps of the same images `x` (N, 3, H, W) in [0, 1], each for the
+    targets that use it: the ensemble (ENSEMBLE: `combine` of every member's probabilities) or a member by
+    name (`member_probs_of[name]`). `maps`: {name: (saliency (N, h, w), targets)}. Returns {(map name,
+    target): {"deletion", "insertion", "road": (N,)}}, equal to `scores` of each pair.
+
+    The forwards are shared: the unperturbed ends (the image, all grey, all blurred) are computed once for
+    all maps and targets; a map's perturbed views (its deletion and insertion steps and ROAD's imputations)
+    once, run through only the members its targets need (all of them for the ensemble), and every target of
+    that map reads its probabilities from the same member outputs. A map that knows no model (random,
+    centre, colour contrast) serves the ensemble and every member with one set of forwards."""
+    n, _, h, w = x.shape
+    members = list(member_probs_of)
+    cls = classes.long()
+    grey = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1).expand_as(x)
+    canvas = blurred(x, cfg.blur_sigma)
+    ends = {m: _member_probs(member_probs_of[m], torch.cat([x, grey, canvas]), cfg.batch) for m in members}
+    inner = [k / cfg.steps for k in range(1, cfg.steps)]
+    k = len(cfg.road_shares)
+    out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, (saliency, targets) in maps.items():
+        saliency = _resized(saliency, (h, w))
+        ranks = _ranks(saliency).unsqueeze(1)
+        views = []
+        for f in inner:
+            top = ranks < round(f * h * w)
+            views.append(torch.where(top, grey, x))  # deletion: the most salient share f removed
+            views.append(torch.where(top, x, canvas))  # insertion: revealed on the blurred copy
+        gen = torch.Generator().manual_seed(seed)
+        road_views = []
+        sal = saliency.cpu().numpy()
+        for i in range(n):
+            for s in cfg.road_shares:
+                road_views.append(impute(x[i], torch.from_numpy(sal[i] < np.percentile(sal[i], 100 - s)),
+                                         cfg.road_noise, gen))
+                road_views.append(impute(x[i], torch.from_numpy((1 - sal[i]) < np.percentile(1 - sal[i], 100 - s)),
+                                         cfg.road_noise, gen))
+        di = torch.stack(views, 1).flatten(0, 1) if views else x[:0]  # image-major: (N * 2 * len(inner), ...)
+        batch = torch.cat([di, torch.stack(road_views)])
+        needed = members if ENSEMBLE in targets else [m for m in members if m in targets]
+        probs = {m: _member_probs(member_probs_of[m], batch, cfg.batch) for m in needed}
+        for target in targets:
+            if target == ENSEMBLE:
+                p_end, p_all = combine(ends), combine(probs)
+            else:
+                p_end, p_all = ends[target], probs[target]
+            end = p_end.gather(1, cls.repeat(3).view(-1, 1))[:, 0].view(3, n)
+            per = len(inner) * 2
+            mid = p_all[:n * per].gather(1, cls.repeat_interleave(per).view(-1, 1))[:, 0].view(n, len(inner), 2)
+            after = p_all[n * per:].gather(1, cls.repeat_interleave(2 * k).view(-1, 1))[:, 0].view(n, k, 2)
+            deletion = torch.cat([end[0][:, None], mid[..., 0], end[1][:, None]], 1)
+            insertion = torch.cat([end[2][:, None], mid[..., 1], end[0][:, None]], 1)
+            morf, lerf = after[..., 0] - end[0][:, None], after[..., 1] - end[0][:, None]
+            out[(name, target)] = {"deletion": auc(deletion), "insertion": auc(insertion),
+                                   "road": ((lerf - morf) / 2).mean(1)}
+    return out
+
+
+def _member_probs(probs_of: ProbsOf, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """A member's probabilities (N, C) of `images`, in chunks of `batch`, on the CPU in float."""
+    parts = []
+    for s in range(0, len(images), batch):
+        with torch.inference_mode():
+            parts.append(probs_of(images[s:s + batch]).float().cpu())
+    return torch.cat(parts)
+
+
+def centre_maps(n: int, size: tuple[int, int]) -> torch.Tensor:
+    """Maps that know no model and no image: highest at the image centre, falling off with the distance
+    from it (what a photographer's framing alone predicts), (n, H, W) in [0, 1]."""
+    h, w = size
+    yy = (torch.arange(h, dtype=torch.float32) + 0.5) / h - 0.5
+    xx = (torch.arange(w, dtype=torch.float32) + 0.5) / w - 0.5
+    r = torch.sqrt(yy[:, None] ** 2 + xx[None, :] ** 2)
+    return (1 - r / r.max()).expand(n, h, w).clone()

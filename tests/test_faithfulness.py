@@ -98,3 +98,30 @@ def test_road_ranks_a_map_that_knows_above_its_reverse():
     good = road(probs_of, x, oracle[None] + 0.01 * torch.rand(1, SIZE, SIZE), cls)["road"]
     bad = road(probs_of, x, 1 - oracle[None] + 0.01 * torch.rand(1, SIZE, SIZE), cls)["road"]
     assert good.item() > 0.2 and good.item() > bad.item()
+
+
+def test_many_maps_with_shared_forwards_score_as_each_alone():
+    """skin.faithfulness.score_maps (what evaluation runs: every map's views computed once and run through
+    only the members its targets need) gives, for every (map, target), what `scores` gives for that map with
+    that target's probabilities: members that look at different patches, an ensemble of their weighted mean."""
+    from skin.faithfulness import ENSEMBLE, centre_maps, score_maps, scores
+    torch.manual_seed(1)
+    a, _ = _patch_model((slice(4, 12), slice(18, 28)))
+    b, _ = _patch_model((slice(16, 30), slice(2, 14)))
+    members = {"a": a, "b": b}
+    weights = {"a": 0.3, "b": 0.7}
+
+    def combine(probs: dict) -> torch.Tensor:
+        return sum(weights[m] * p for m, p in probs.items())
+    x = torch.rand(3, 3, SIZE, SIZE)
+    cls = torch.tensor([0, 1, 0])
+    cfg = PerturbationConfig(steps=4, road_shares=(20, 60), blur_sigma=0.1, batch=5)
+    maps = {"own-a": (torch.rand(3, 8, 8), ("a",)), "ens": (torch.rand(3, 8, 8), (ENSEMBLE,)),
+            "centre": (centre_maps(3, (SIZE, SIZE)), (ENSEMBLE, "a", "b"))}
+    got = score_maps(members, combine, x, maps, cls, cfg, seed=3)
+    assert set(got) == {("own-a", "a"), ("ens", ENSEMBLE), ("centre", ENSEMBLE), ("centre", "a"), ("centre", "b")}
+    for (name, target), values in got.items():
+        probs_of = (lambda v: combine({m: f(v) for m, f in members.items()})) if target == ENSEMBLE else members[target]
+        want = scores(probs_of, x, maps[name][0], cls, cfg, seed=3)
+        for metric in ("deletion", "insertion", "road"):
+            torch.testing.assert_close(values[metric], want[metric], atol=1e-6, rtol=0)

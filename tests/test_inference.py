@@ -237,7 +237,8 @@ def test_scorer_measures_faithfulness_without_masks_on_the_served_map(random_bun
     """The perturbation metrics (deletion, insertion, ROAD) are those of the map the API draws (the
     ensemble's map of its answer), with the answer's probabilities: recomputed here from `Predictor`
     and skin.faithfulness on the same images; only the rows asked for are scored, and each member's
-    own, a random map and the untrained members' maps get theirs."""
+    own and the maps that know less (random, untrained members, centre, colour contrast) get theirs,
+    with paired intervals and a verdict in the summary."""
     from skin.evaluation import BatchScorer, perturbation_columns, perturbation_summary, to_frame
     from skin.faithfulness import scores
     from skin.presets import eval_geometry
@@ -250,7 +251,7 @@ def test_scorer_measures_faithfulness_without_masks_on_the_served_map(random_bun
     scorer = BatchScorer(str(b.root))
     out = scorer({"path": np.array(paths), "label_index": np.arange(3), "perturb": np.array([True, False, True])})
     cols = perturbation_columns(b.member_names)
-    assert len(cols) == 3 * 3 * 4 and all(np.isnan(out[c][1]) for c in cols)
+    assert len(cols) == 3 * 5 * 4 and all(np.isnan(out[c][1]) for c in cols)
     assert all(not np.isnan(out[c][0]) and not np.isnan(out[c][2]) for c in cols)
     answers = Predictor(b).answers([samples[k].image for k in (0, 2)], cam=True)
     x = torch.stack([eval_geometry(b.entry("resnet50").data_config)(samples[k].image) for k in (0, 2)]).float() / 255
@@ -262,7 +263,14 @@ def test_scorer_measures_faithfulness_without_masks_on_the_served_map(random_bun
     want = scores(probs_of, x, served, classes, scorer.perturbation)
     for metric in ("deletion", "insertion", "road"):
         np.testing.assert_allclose(out[metric][[0, 2]], want[metric].numpy(), atol=1e-7, rtol=0, err_msg=metric)
+    from skin.faithfulness import centre_maps
+    centre = scores(probs_of, x, centre_maps(2, tuple(x.shape[-2:])), classes, scorer.perturbation)
+    np.testing.assert_allclose(out["insertion:centre"][[0, 2]], centre["insertion"].numpy(), atol=1e-7, rtol=0)
     summary = perturbation_summary(to_frame([out], b.member_names), b)
     assert summary["images"] == 2 and set(summary["members"]) == set(b.member_names)
     assert summary["ensemble"]["deletion"]["map"] == pytest.approx(float(np.mean(out["deletion"][[0, 2]])))
     assert summary["better"] == {"deletion": "lower", "insertion": "higher", "road": "higher"}
+    c = summary["checks"]["ensemble"]["deletion"]["centre"]  # lower is better: the advantage is baseline - map
+    assert c["images"] == 2 and c["advantage"] == pytest.approx(float(np.mean(out["deletion:centre"][[0, 2]]
+                                                                              - out["deletion"][[0, 2]])))
+    assert summary["verdict"]["shown"] is False  # an untrained bundle on two images shows nothing

@@ -280,7 +280,7 @@ def test_admission_at_the_shipped_defaults_refuses_what_cannot_finish_in_time(ap
                 err = r.json()["error"]
                 assert err["code"] == "busy" and "capacity" in err["message"] and int(r.headers["Retry-After"]) >= 1
         info = requests.get(api + "/v1/info", timeout=10).json()["admission"]
-        assert info["budget"] == 2.0 and info["limit_s"] > 0 and info["peak_in_flight"] < 24, info
+        assert info["budget"] == 2.0 and info["peak_in_flight"] < 24, info
         assert post(api, data, params=params).status_code == 200
 
 
