@@ -17,67 +17,79 @@ from skin.evaluation import BatchScorer
 from skin.faithfulness import ENSEMBLE, PerturbationConfig, centre_maps, random_maps, score_maps
 from skin.gradcam import ensemble_map
 from skin.metrics import contrast_map
-from skin.occlusion import occlusion_maps
+from skin.occlusion import Grid, occlusion_maps
 from skin.presets import eval_geometry
 from skin.registry import untrained_copy
 from skin.synth import make_sample
 from skin.trust import BASELINES, MASK_FREE, comparisons, paired, verdict
 
 N = 24
+GRID = Grid(patch=1 / 4, stride=1 / 8)  # 7 x 7 patches: a coarser grid than the default's 15 x 15, for speed
+CFG = PerturbationConfig(steps=6)
 
 
 @pytest.fixture(scope="module")
-def setting(random_bundle):
-    """The bundle's ensemble on N synthetic lesions with distractors: its scorer, the images in [0, 1] at
-    its work size, the classes it answers, and the maps that know less."""
-    b = Bundle.load(random_bundle)
+def setting(tmp_path_factory):
+    """A random-weight MobileNetV2 made decisive (temperature 0.1: a random network's answer is nearly
+    uniform, so no perturbation would move it) on N synthetic lesions with distractors: its scorer, the
+    images in [0, 1] at its work size, the classes it answers, its prepared inputs, and the scores of the
+    maps that know less (computed once)."""
+    from skin.bundle import write_bundle
+    from skin.classes import ClassMap
+    from skin.registry import create_model
+    torch.manual_seed(0)
+    b = write_bundle(tmp_path_factory.mktemp("decisive") / "b", ClassMap(),
+                     {"mobilenetv2": create_model("mobilenetv2", 6, pretrained="none", input_size=64)},
+                     temperatures={"mobilenetv2": 0.1}, untrained=True)
     scorer = BatchScorer(str(b.root))
     images = [make_sample(k % 6, 11, k, 64, artefacts=3).image for k in range(N)]
-    cfg = b.entry(b.member_names[0]).data_config
-    x = torch.stack([eval_geometry(cfg)(im) for im in images]).float() / 255
-    probs = scorer.probs_of(None)(x)
-    classes = probs.argmax(1)
-    inputs = {n: scorer.runners[n].member.data_config for n in scorer.runners}
     from skin.presets import eval_batches
+    inputs = {n: r.member.data_config for n, r in scorer.runners.items()}
     xs = eval_batches(images, inputs.values(), scorer.device)
-    fresh = {n: scorer.untrained[n].class_maps(xs[cfg_], classes) for n, cfg_ in inputs.items()}
+    x = torch.stack([eval_geometry(next(iter(inputs.values())))(im) for im in images]).float() / 255
+    classes = scorer.probs_of(None)(x).argmax(1)
+    fresh = {n: scorer.untrained[n].class_maps(xs[cfg], classes) for n, cfg in inputs.items()}
     work = scorer.ensemble.work
     untrained = torch.stack([torch.from_numpy(ensemble_map({n: m[i] for n, m in fresh.items()},
                                                            scorer.ensemble.weights, work, work)) for i in range(N)])
     baselines = {"random": random_maps((N, 8, 8), 0), "untrained": untrained, "centre": centre_maps(N, tuple(work)),
                  "contrast": torch.stack([torch.from_numpy(contrast_map(v.permute(1, 2, 0).numpy())).float() for v in x])}
-    return scorer, x, classes, baselines, images, inputs, xs
+    got = _score(scorer, x, classes, baselines)
+    rows = {f"{metric}:{name}": got[name][metric] for name in baselines for metric in MASK_FREE}
+    return scorer, x, classes, baselines, rows, inputs, xs
+
+
+def _score(scorer, x, classes, maps: dict) -> dict:
+    got = score_maps({n: scorer.probs_of(n) for n in scorer.runners},
+                     lambda p: torch.from_numpy(scorer.ensemble.combine({n: v.numpy() for n, v in p.items()})),
+                     x, {k: (m, (ENSEMBLE,)) for k, m in maps.items()}, classes, CFG)
+    return {name: {metric: v.numpy() for metric, v in got[(name, ENSEMBLE)].items()} for name in maps}
 
 
 def judge(setting, candidate: torch.Tensor) -> dict:
     """The verdict on `candidate` served as the ensemble's map, scored as evaluation scores it."""
-    scorer, x, classes, baselines, *_ = setting
-    maps = {"map": (candidate, (ENSEMBLE,))} | {b: (m, (ENSEMBLE,)) for b, m in baselines.items()}
-    got = score_maps({n: scorer.probs_of(n) for n in scorer.runners},
-                     lambda p: torch.from_numpy(scorer.ensemble.combine({n: v.numpy() for n, v in p.items()})),
-                     x, maps, classes, PerturbationConfig(steps=6))
-    rows = pd.DataFrame({f"{metric}{'' if name == 'map' else ':' + name}": got[(name, ENSEMBLE)][metric].numpy()
-                         for name in maps for metric in MASK_FREE})
+    scorer, x, classes, _, baseline_rows, *_ = setting
+    own = _score(scorer, x, classes, {"map": candidate})["map"]
+    rows = pd.DataFrame(baseline_rows | {m: own[m] for m in MASK_FREE})
     return verdict({m: comparisons(rows, m) for m in MASK_FREE})
 
 
 def test_the_models_own_occlusion_sensitivity_is_shown_to_follow_it(setting):
     scorer, x, classes, *_ = setting
-    v = judge(setting, occlusion_maps(scorer.probs_of(None), x, classes))
+    v = judge(setting, occlusion_maps(scorer.probs_of(None), x, classes, GRID))
     assert v["shown"], v
     assert v["sentence"].startswith("Shown to follow the model")
 
 
 def test_the_colour_contrast_map_served_as_the_explanation_is_not_shown(setting):
-    *_, baselines, _, _, _ = setting
-    v = judge(setting, baselines["contrast"])
+    v = judge(setting, setting[3]["contrast"])
     assert not v["shown"] and "contrast" in v["failed"]
     assert "rough pointer" in v["sentence"] and "a colour-contrast map with no model" in v["sentence"]
 
 
 def test_untrained_members_maps_served_as_if_trained_are_not_shown(setting):
     """Maps of other freshly initialised members (not the baseline's own copies) know nothing of the model."""
-    scorer, x, classes, baselines, images, inputs, xs = setting
+    scorer, x, classes, _, _, inputs, xs = setting
     torch.manual_seed(123)
     other = {n: untrained_copy(scorer.runners[n].member) for n in scorer.runners}
     from skin.inference import MemberRunner
@@ -104,11 +116,16 @@ def test_paired_intervals_are_signed_so_positive_means_the_map_did_better():
 def test_the_verdict_names_what_was_not_beaten_and_needs_every_baseline():
     clear = {"images": 30, "advantage": 0.1, "interval": [0.05, 0.15], "map": 0.5, "baseline": 0.4}
     vague = clear | {"advantage": 0.02, "interval": [-0.01, 0.05]}
+    against = clear | {"advantage": -0.05, "interval": [-0.08, -0.02]}
     checks = {m: {b: clear for b in BASELINES} for m in MASK_FREE}
     assert verdict(checks)["shown"]
-    checks["road"]["untrained"] = vague
+    checks["road"]["untrained"] = vague  # two of three clear, none against: still beaten
+    assert verdict(checks)["shown"]
+    checks["insertion"]["untrained"] = vague  # one of three: not beaten
     v = verdict(checks)
     assert not v["shown"] and v["failed"] == ["untrained"] and "untrained members" in v["sentence"]
-    del checks["insertion"]["centre"]  # a baseline not measured is not beaten
+    checks["road"]["centre"] = against  # clearly worse on one: not beaten, whatever the others say
     assert verdict(checks)["failed"] == ["untrained", "centre"]
+    del checks["insertion"]["random"], checks["deletion"]["random"]  # not measured: not beaten
+    assert verdict(checks)["failed"] == ["random", "untrained", "centre"]
     assert verdict({})["sentence"].startswith("Not measured")
