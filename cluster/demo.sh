@@ -38,37 +38,67 @@ stop_all() {
 if [ "$STOP" = 1 ]; then stop_all; exit 0; fi
 
 t0=$(date +%s)
-step() { printf '\n== [%3ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
-# ray job submit, retried while the head's job agent is still starting (it answers 500 then).
+LOGS=$DIR/logs
+mkdir -p "$LOGS"
+: >"$STATE/steps.tsv" 2>/dev/null || { mkdir -p "$STATE"; : >"$STATE/steps.tsv"; }
+last=$t0
+# Each step: a header; its own progress lines (the jobs print them, skin.progress); everything, Ray's own
+# output included, in $LOGS/<n>-<name>.log; its time in the table at the end.
+step() {
+  local now; now=$(date +%s)
+  [ -n "${current:-}" ] && printf '%s\t%s\n' "$current" "$((now - last))" >>"$STATE/steps.tsv"
+  last=$now; current=$*
+  printf '\n== [%s] %s\n' "$(clock $((now - t0)))" "$*"
+}
+clock() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
+# a command's output to a log, only the lines a person follows to the terminal (progress, tables, results)
+shown() {
+  local log=$1; shift
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  tail -n +1 -f "$log" --pid "$pid" 2>/dev/null | grep --line-buffered -v -E \
+    '^\x1b\[|^\(|^\[20[0-9]{2}-|^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:,]+\s+(INFO|WARNING|DEBUG|SUCC)|^Tip:|raylet|^-+$|^$' || true
+  wait "$pid"
+}
+# ray job submit, retried while the head's job agent is still starting (it answers 500 then); the job's own
+# output (its progress lines and tables) shown, the CLI's and Ray's kept in the step's log
 submit() {
-  local log=$STATE/submit.log
+  local log=$LOGS/$1.log; shift
+  local id
   for _ in $(seq 1 30); do
-    if ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- "$@" 2>&1 | tee "$log"; then
-      grep -qi "succeeded" "$log" && return 0
+    if id=$(ray job submit --no-wait --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml \
+              -- "$@" 2>>"$log" | tee -a "$log" | sed -n "s/.*Job '\(raysubmit_[A-Za-z0-9]*\)' submitted successfully.*/\1/p"); then
+      [ -n "$id" ] && break
     fi
-    grep -q "No available agent" "$log" || { echo "job failed; its log is above ($log)" >&2; return 1; }
+    grep -q "No available agent" "$log" || { echo "job submission failed; see $log" >&2; return 1; }
     sleep 2
   done
-  return 1
+  [ -n "$id" ] || { echo "the head's job agent never came up; see $log" >&2; return 1; }
+  shown "$log.job" ray job logs --follow --address "$DASH" "$id"
+  cat "$log.job" >>"$log" && rm -f "$log.job"
+  if ! ray job status --address "$DASH" "$id" 2>/dev/null | grep -qi "succeeded"; then
+    echo "job $id failed; its log: $log" >&2; return 1
+  fi
 }
 
 step "1/9 local Ray head (127.0.0.1, Jobs API at $DASH)"
-bash cluster/local.sh start "$STATE"
+bash cluster/local.sh start "$STATE" | tail -n 1
 
 step "2/9 synthetic lesions: 1,200 images in 6 classes, with masks, + 200 lesion-free skin images -> $DIR/synth"
-[ -f "$DIR/synth/manifest.csv" ] && [ -d "$DIR/synth/lesion-free" ] ||
-  skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2 --lesion-free 200
+if [ -f "$DIR/synth/manifest.csv" ] && [ -d "$DIR/synth/lesion-free" ]; then echo "already there (kept)"; else
+  skin data synth --out "$DIR/synth" --per-class 200 --size 160 --workers 2 --lesion-free 200 >"$LOGS/2-synth.log" 2>&1
+  tail -n 1 "$LOGS/2-synth.log"; fi
 step "3/9 scan (validate, split, leakage check), balance 140/class, resize cache"
-skin data scan "$DIR/synth" --out "$DIR/data" --lesion-free "$DIR/synth/lesion-free" --quiet | tail -n 5
-skin data balance "$DIR/data" --per-class 140 --seed 0
-skin data cache "$DIR/data" --image-size 64 | tail -n 1
+{ skin data scan "$DIR/synth" --out "$DIR/data" --lesion-free "$DIR/synth/lesion-free" --quiet &&
+  skin data balance "$DIR/data" --per-class 140 --seed 0 && skin data cache "$DIR/data" --image-size 64; } >"$LOGS/3-scan.log" 2>&1
+tail -n 3 "$LOGS/3-scan.log"
 
 step "4/9 train the three members concurrently: ray job submit jobs/train.py"
 rm -rf "$DIR/train" "$DIR/eval"   # a fresh run (the same --name would resume the last one)
-submit python jobs/train.py --data "$DIR/data" --out "$DIR/train" --config jobs/configs/demo.yaml
+submit 4-train python jobs/train.py --data "$DIR/data" --out "$DIR/train" --config jobs/configs/demo.yaml
 
 step "5/9 temperatures + ensemble-weight search with Ray Tune: ray job submit jobs/tune.py weights"
-submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bundle-tuned-t"
+submit 5-tune python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bundle-tuned-t"
 # The explanation: LayerCAM at MobileNetV2 blocks.5, EfficientNet-B1 blocks.2 and ResNet50 layer1 of the
 # stride-8 copies, each map averaged over the image's four flips; layers chosen on the val split
 # (benchmarks/explanations.py search --smooth flips). benchmarks/explanations.py frontier on this bundle:
@@ -77,16 +107,17 @@ submit python jobs/tune.py weights --train-out "$DIR/train" --out "$DIR/train/bu
 # 0.45 at 2x), so the demo serves the cheapest that keeps >= 0.80 (docs/explanations.md). Answers unchanged.
 skin bundle cam-stride "$DIR/train/bundle-tuned-t" --out "$DIR/train/bundle-tuned" --stride 8 --method all=layercam \
   --layer mobilenetv2=backbone.blocks.5 --layer efficientnet_b1=backbone.blocks.2 --layer resnet50=backbone.layer1 \
-  --smooth all=flips
+  --smooth all=flips >>"$LOGS/5-tune.log" 2>&1
 BUNDLE=$DIR/train/bundle-tuned
 
 step "6/9 evaluate on the test split with Ray Data: ray job submit jobs/evaluate.py"
-submit python jobs/evaluate.py --bundle "$BUNDLE" --data "$DIR/data" --out "$DIR/eval" --masks "$DIR/synth/manifest.csv"
+submit 6-evaluate python jobs/evaluate.py --bundle "$BUNDLE" --data "$DIR/data" --out "$DIR/eval" \
+  --masks "$DIR/synth/manifest.csv" --perturb 30
 
 step "7/9 deploy the service: serve deploy (cluster/serve_config.yaml, bundle -> $BUNDLE)"
 sed -e "s#bundle: .*#bundle: $BUNDLE#" -e "s#port: 8000#port: $API_PORT#" \
   cluster/serve_config.yaml >"$DIR/serve_config.yaml"
-serve deploy "$DIR/serve_config.yaml" -a "$DASH"
+serve deploy "$DIR/serve_config.yaml" -a "$DASH" >"$LOGS/7-deploy.log" 2>&1
 for _ in $(seq 1 120); do curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1 && break; sleep 1; done
 curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null || { echo "the API did not come up; see: serve status -a $DASH" >&2; exit 1; }
 
@@ -98,12 +129,18 @@ if [ -f ui/app.py ]; then
   for _ in $(seq 1 60); do curl -fsS "http://127.0.0.1:$UI_PORT/_stcore/health" >/dev/null 2>&1 && break; sleep 1; done
 fi
 
-step "9/9 done in $(( $(date +%s) - t0 )) s"
+step "9/9 done"
+current=
+printf '\n  %-58s %8s\n' "step" "time"
+while IFS=$'\t' read -r name secs; do printf '  %-58.58s %8s\n' "$name" "$(clock "$secs")"; done <"$STATE/steps.tsv"
+printf '  %-58s %8s\n' "total (this script; make demo adds setting up .venv)" "$(clock $(($(date +%s) - t0)))"
 cat <<MSG
+
   API      http://127.0.0.1:$API_PORT/docs    (POST /v1/predict, GET /v1/info)
   page     http://127.0.0.1:$UI_PORT
   bundle   $BUNDLE
   report   $DIR/eval/report.md
+  logs     $LOGS (every step's full output, Ray's included)
   jobs     $DASH (Ray dashboard and Jobs API)
 Stop everything with: make demo-stop
 MSG

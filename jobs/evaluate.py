@@ -28,6 +28,7 @@ from skin.cluster import add_cluster_arguments
 from skin.data import load_classes, load_lesion_free, load_manifest
 from skin.evaluation import (BatchScorer, attach_masks, lesion_free_summary, perturb_rows, store_in_bundle, summarize,
                              to_frame)
+from skin.progress import elapsed, quiet_ray_data
 from skin.report import write_report
 
 
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="report folder (default: <bundle>/../eval-<split>)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, default=1, help="scorer actors (default 1; one per GPU on a cluster)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per scorer actor (default: the "
+                   "largest share of the free CPUs with which every actor starts at once)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     from skin.device import AMP_CHOICES
     p.add_argument("--amp", choices=AMP_CHOICES, default="off", help="backbone precision of the scorers, as "
@@ -80,30 +82,44 @@ def main(argv=None) -> int:
     from skin.cluster import ClusterError, init_ray, plan_cluster
     from skin.plan import Group
     try:
-        init_ray(a.num_cpus)
-        plan_cluster("evaluate.py", [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)],
-                     a.node_types, a.dry_run, a.scale_timeout)
+        init_ray(a.num_cpus, a.verbose)
+        plan = plan_cluster("evaluate.py", [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)],
+                            a.node_types, a.dry_run, a.scale_timeout)
     except ClusterError as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return e.code
     if a.dry_run:
         return 0
+    cpus = plan.groups[0].cpus
     t0 = time.time()
 
-    def score(rows):
-        scored = ray.data.from_pandas(rows).map_batches(
+    if not a.verbose:
+        quiet_ray_data()  # ours below, one line a batch
+
+    def score(rows, what: str):
+        # one block per batch, so the progress below moves a batch at a time
+        blocks = [rows.iloc[i:i + a.batch_size] for i in range(0, len(rows), a.batch_size)] or [rows]
+        scored = ray.data.from_pandas(blocks).map_batches(
             BatchScorer, batch_size=a.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"bundle_dir": str(Path(a.bundle).resolve()),
-                                   "threads": max(1, int(a.cpus_per_actor)), "amp": a.amp,
+                                   "threads": max(1, int(cpus)), "amp": a.amp,
                                    "explain": explain},
-            concurrency=a.actors, num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor or None)
-        return to_frame(scored.iter_batches(batch_size=None, batch_format="numpy"), bundle.member_names)
+            compute=ray.data.ActorPoolStrategy(size=a.actors), num_cpus=cpus, num_gpus=a.gpus_per_actor or None)
+
+        def batches():
+            done = 0
+            for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
+                done += len(b["path"])
+                print(f"  [{elapsed(t0)}] {what}: {done}/{len(rows)} images scored", flush=True)
+                yield b
+        return to_frame(batches(), bundle.member_names)
 
     df = df.assign(perturb=perturb_rows(df, a.perturb))
-    frame = score(df[["path", "label_index", "perturb"] + (["mask"] if a.masks else [])])
+    frame = score(df[["path", "label_index", "perturb"] + (["mask"] if a.masks else [])], a.split)
     metrics = summarize(frame, bundle, explain)
     free = load_lesion_free(a.data, a.split)
-    free = lesion_free_summary(score(free[["path", "label_index"]]), bundle) if free is not None else None
+    free = lesion_free_summary(score(free[["path", "label_index"]], f"{a.split} lesion-free"), bundle) \
+        if free is not None else None
     if free:
         metrics["lesion_free"] = free
     report = write_report(metrics, bundle, frame, out, a.split)
@@ -122,13 +138,15 @@ def main(argv=None) -> int:
         print(f"{f['method']} of the ensemble: pointing game {f['pointing']:.3f}, energy in the mask {f['energy']:.3f} "
               f"({f['images']} images with masks); maps that know less: centre {f['baseline']['centre_pointing']:.3f}, "
               f"colour contrast (no model) {f['baseline']['contrast_pointing']:.3f}, untrained members "
-              f"{f['baseline']['untrained_pointing']:.3f}; a flat map's energy {f['baseline']['flat_energy']:.3f}")
+              f"{f['baseline']['untrained_pointing']:.3f} ({f['baseline'].get('untrained_images', f['images'])} "
+              f"images); a flat map's energy {f['baseline']['flat_energy']:.3f}")
     pert = metrics.get("perturbation")
     if pert:
         e = pert["ensemble"]
         print(f"{pert['method']} of the ensemble without masks ({pert['images']} images; map / random / untrained "
               "members): " + "; ".join(f"{m} {e[m]['map']:.3f} / {e[m]['random']:.3f} / {e[m]['untrained']:.3f} "
                                        f"({pert['better'][m]} is better)" for m in ("deletion", "insertion", "road")))
+        print(f"Verdict on the map: {pert['verdict']['sentence']}")
     if free:
         print(f"Skin without a lesion ({free['images']} images): flagged uncertain {free['uncertain']:.3f}, mean "
               f"confidence {free['mean_confidence']:.3f}; called " + ", ".join(

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         from skin.cluster import ClusterError, init_ray, plan_cluster
         from skin.plan import Group
         try:
-            init_ray(a.num_cpus)
+            init_ray(a.num_cpus, a.verbose)
             plan = plan_cluster("predict.py", [Group("predictor", a.workers, a.cpus_per_worker, a.gpus_per_worker)],
                                 a.node_types, a.dry_run, a.scale_timeout)
         except ClusterError as e:
@@ -102,6 +102,9 @@ def main(argv=None) -> int:
         if a.dry_run:
             return 0
         cpus = a.cpus_per_worker or plan.groups[0].cpus
+        if not a.verbose:
+            from skin.progress import quiet_ray_data
+            quiet_ray_data()  # its own progress lines below
         ds = ray.data.from_items([{"path": p} for p in todo],
                                  override_num_blocks=max(1, min(len(todo) // a.batch_size, 1000)))
         scored = ds.map_batches(
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
                                    "uncertain_below": a.uncertain_below, "alpha": a.alpha,
                                    "cam_dir": str(Path(a.out, "cam").resolve()) if a.cam else None,
                                    "cam_root": inputs.root, "explain": explain},
-            concurrency=a.workers, num_cpus=cpus, num_gpus=a.gpus_per_worker or None)
+            compute=ray.data.ActorPoolStrategy(size=a.workers), num_cpus=cpus, num_gpus=a.gpus_per_worker or None)
         progress = Progress(len(todo), a.progress_every)
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
             store.append(batch)  # flushed: a killed job loses at most the batches in flight

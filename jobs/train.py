@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     from skin.plan import Group
     gpus = float(cfg["gpus_per_worker"] or 0)
     try:
-        init_ray(a.num_cpus)
+        init_ray(a.num_cpus, a.verbose)
         plan = plan_cluster("train.py", [Group(m, cfg["workers"][1], cfg["cpus_per_worker"], gpus) for m in members],
                             a.node_types, a.dry_run, a.scale_timeout)
     except ClusterError as e:
@@ -176,14 +176,15 @@ def main(argv=None) -> int:
         return 0
     scaling = Scaling(cfg["workers"][1], plan.groups[0].cpus, gpus, min_workers=cfg["workers"][0])
     try:
-        return _train(cfg, members, weights, configs, scaling, data_dir, out)
+        return _train(cfg, members, weights, configs, scaling, data_dir, out, a.verbose)
     finally:
         if plan.new_nodes:
             release_nodes()
 
 
-def _train(cfg, members, weights, configs, scaling, data_dir, out) -> int:
+def _train(cfg, members, weights, configs, scaling, data_dir, out, verbose: bool = False) -> int:
     from skin.distributed import best_checkpoint_dir, fit_concurrently, make_trainer
+    from skin.progress import ProgressBoard
     storage = cfg["storage_path"] or str(out / "ray_results")
     classes = load_classes(data_dir)
     try:
@@ -201,9 +202,15 @@ def _train(cfg, members, weights, configs, scaling, data_dir, out) -> int:
     print(f"training {', '.join(members)} concurrently: {count} worker(s) x {scaling.cpus_per_worker:g} CPU"
           f"{f' + {scaling.gpus_per_worker:g} GPU' if scaling.gpus_per_worker else ''} each; storage {storage}")
     t0 = time.time()
-    trainers = {m: make_trainer(configs[m], scaling, f"{cfg['name']}-{m}", storage, cfg["max_failures"])
-                for m in members}
-    results = fit_concurrently(trainers)
+    board = None if verbose else ProgressBoard.start()  # one line per member and epoch, as they come
+    extra = {"_say": board.sender()} if board else None
+    trainers = {m: make_trainer(configs[m], scaling, f"{cfg['name']}-{m}", storage, cfg["max_failures"],
+                                extra_config=extra) for m in members}
+    try:
+        results = fit_concurrently(trainers)
+    finally:
+        if board:
+            board.stop()
 
     loaded, summary, val_tensors = {}, {}, {}
     for m in members:

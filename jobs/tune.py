@@ -34,6 +34,7 @@ from skin.calibration import (apply_temperature, best_index, dirichlet_candidate
 from skin.ensemble import combine
 from skin.checkpoint import load_tensors
 from skin.cluster import ClusterError, add_cluster_arguments, init_ray, plan_cluster
+from skin.progress import quiet
 from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
 from skin.train import SCORE, TrainConfig
 
@@ -54,7 +55,7 @@ def weight_trial(config: dict, probs: np.ndarray, labels: np.ndarray, objective:
 
 
 def search_weights(probs: np.ndarray, labels: np.ndarray, objective: str = "f1_macro",
-                   candidates: int = 2000, seed: int = 0, storage: str | None = None):
+                   candidates: int = 2000, seed: int = 0, storage: str | None = None, verbose: bool = False):
     """Ray Tune over candidate batches; returns (best weights, best row, results DataFrame)."""
     from ray import tune
     k = probs.shape[0]
@@ -68,7 +69,8 @@ def search_weights(probs: np.ndarray, labels: np.ndarray, objective: str = "f1_m
                        param_space={"search": space},
                        tune_config=tune.TuneConfig(metric="score", mode="max"),
                        run_config=tune.RunConfig(name="weights", storage_path=storage, verbose=0))
-    grid = tuner.fit()
+    with quiet(verbose):
+        grid = tuner.fit()
     df = grid.get_dataframe()
     rows = [r for r in (res.metrics for res in grid) if r and "score" in r]
     best = max(rows, key=lambda r: (round(r["score"], 9), -r["log_loss"]))
@@ -98,14 +100,15 @@ def cmd_weights(a) -> int:
     _print_calibration(calib)
 
     try:
-        init_ray(a.num_cpus)
+        init_ray(a.num_cpus, a.verbose)
     except ClusterError as e:
         print(f"tune.py: {e}", file=sys.stderr)
         return e.code
     stacked = np.stack([cal[n] for n in names])
     t0 = time.time()
     weights, best, df = search_weights(stacked, labels, a.objective, a.candidates, a.seed,
-                                       storage=str(Path(a.storage_path or train_out / "ray_results").resolve()))
+                                       storage=str(Path(a.storage_path or train_out / "ray_results").resolve()),
+                                       verbose=a.verbose)
     weights = np.round(weights, 6)
     weights = weights / weights.sum()
     default = score_candidates(np.array([src.weights]), stacked, labels, a.objective)
@@ -189,7 +192,7 @@ def cmd_dropout(a) -> int:
     from skin.plan import Group
     out = Path(a.out).resolve()
     try:  # each concurrent trial is one Train worker
-        init_ray(a.num_cpus)
+        init_ray(a.num_cpus, a.verbose)
         plan_cluster("tune.py", [Group("trial", a.concurrent, a.cpus_per_trial, 0.0)], a.node_types, a.dry_run,
                      a.scale_timeout)
     except ClusterError as e:
@@ -218,8 +221,10 @@ def cmd_dropout(a) -> int:
             param_space=space,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", num_samples=a.trials, scheduler=scheduler,
                                         max_concurrent_trials=a.concurrent),
-            run_config=tune.RunConfig(name=f"tune-dropout-{member}", storage_path=str(out / "ray_results"), verbose=1))
-        grid = tuner.fit()
+            run_config=tune.RunConfig(name=f"tune-dropout-{member}", storage_path=str(out / "ray_results"),
+                                      verbose=1 if a.verbose else 0))
+        with quiet(a.verbose):
+            grid = tuner.fit()
         best = grid.get_best_result(metric=SCORE, mode="max", scope="all")
         df = grid.get_dataframe(filter_metric=SCORE, filter_mode="max")  # each trial's best row
         df["epochs_run"] = df["trial_id"].map(epochs_run(grid))
@@ -273,6 +278,7 @@ def main(argv=None) -> int:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--storage-path", help="Ray Tune storage (default TRAIN_OUT/ray_results)")
     w.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this job starts when RAY_ADDRESS is unset")
+    w.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, INFO messages)")
     w.set_defaults(fn=cmd_weights)
     d = sub.add_parser("dropout", help="ASHA search of head dropout and learning rate per member")
     d.add_argument("--data", required=True)

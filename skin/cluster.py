@@ -26,6 +26,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, dry_run_help: str) ->
                         "unset (a job submitted to a cluster gets RAY_ADDRESS from Ray; set RAY_ADDRESS=auto to "
                         "join a running local cluster)")
     parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--verbose", action="store_true", help="Ray's own output too: every worker's log lines and "
+                        "Ray's INFO messages (by default they stay in Ray's log files and the job prints its progress)")
     parser.add_argument("--node-types", metavar="FILE", help="the cluster's autoscaling node types: a `ray up` YAML "
                         "or a KubeRay manifest (default: what the cluster's autoscaler reports). Workers that do not "
                         "fit the nodes running now are placed on node types the autoscaler can start, and those "
@@ -34,20 +36,33 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, dry_run_help: str) ->
                         help="seconds to wait for requested nodes (default 900)")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (set by Ray for a submitted job, or by the user, e.g.
     `auto`); otherwise start a private local Ray, never attaching to a stale or foreign one.
-    A cluster that refuses this client's token raises ClusterError with one line saying how to fix it."""
+    Quiet unless `verbose`: workers' output stays in Ray's log files (the jobs print their own progress,
+    skin.progress) and Ray's INFO lines are not shown. A cluster that refuses this client's token raises
+    ClusterError with one line saying how to fix it."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        # a private local Ray in single-machine mode: its node is 127.0.0.1 and every port it opens is on
+        # loopback (without it Ray takes the machine's network address and listens on every interface). Its
+        # daemons read the switch from the environment they inherit; this process, which may have imported
+        # ray already (where Ray reads it), is given the node's address below.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.exceptions import AuthenticationError
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    import logging
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     try:
         if address:
-            ray.init()
+            ray.init(**quiet)
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+                from ray._private import ray_constants  # Ray reads the switch once, at `import ray`, maybe already done
+                ray_constants.ENABLE_RAY_CLUSTER = False
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     except (AuthenticationError, ConnectionError) as e:
         fix = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<file> (or RAY_AUTH_TOKEN) to the cluster's token "
                "(the local head's: `source <(bash cluster/local.sh env)`)")

@@ -142,8 +142,9 @@ def torch_config():
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: a plain dict config in, everything else in `skin.train`."""
-    train_member(TrainConfig.from_dict(config), RayRuntime())
+    """Ray Train entry point: a plain dict config in, everything else in `skin.train`; its progress lines go
+    to the driver's terminal through `config["_say"]` (skin.progress) when the driver asked for them."""
+    train_member(TrainConfig.from_dict(config), RayRuntime(), log=config.get("_say") or print)
 
 
 @dataclass

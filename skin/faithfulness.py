@@ -37,7 +37,7 @@ class PerturbationConfig:
     road_shares: tuple[int, ...] = ROAD_SHARES
     road_noise: float = 0.01  # absolute noise of the imputation, on [0, 1] pixels (ROAD's 0.01)
     blur_sigma: float = 5.0 / 224  # insertion's canvas: Gaussian blur, sigma as a share of the side (RISE: 5 px at 224)
-    batch: int = 32  # perturbed images per forward call (bounds memory)
+    batch: int = 32  # perturbed images per forward call at 224 px (bounds memory); more at a smaller size
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:
@@ -269,7 +269,9 @@ def score_maps(member_probs_of: dict[str, ProbsOf], combine: Callable[[dict[str,
 
 
 def _member_probs(probs_of: ProbsOf, images: torch.Tensor, batch: int) -> torch.Tensor:
-    """A member's probabilities (N, C) of `images`, in chunks of `batch`, on the CPU in float."""
+    """A member's probabilities (N, C) of `images`, in chunks of `batch` at 224 px (proportionally more for
+    smaller images: the same memory), on the CPU in float."""
+    batch = max(batch, int(batch * 224 * 224 / (images.shape[-1] * images.shape[-2])))
     parts = []
     for s in range(0, len(images), batch):
         with torch.inference_mode():

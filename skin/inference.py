@@ -23,7 +23,11 @@ from .registry import Member, restride
 # brings three flipped views): at 224 px the one-pass maps of 16 images peak near 1.6 GB; the general path
 # holds every activation for its backward (16 images with flips, 64 views of a stride-8 copy, grew past
 # 20 GB), so it goes 8 at a time, 2 with flips. benchmarks/explanations.py frontier measures the peaks.
+# Memory goes with the pixels: a smaller input takes proportionally more at once (64 px: 12x as many),
+# which keeps the CPU's batches from shrinking to a few images (the demo's evaluation spent half its
+# time in chunks of two).
 MAP_CHUNKS = {"one_pass": 16, "general": 8}
+MAP_CHUNK_SIDE = 224  # the input side MAP_CHUNKS are measured at
 
 
 def member_logits(member: Member, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -138,6 +142,8 @@ class MemberRunner:
         explained in chunks of this many, whatever its size (`MAP_CHUNKS`)."""
         e = self.explanation
         chunk = MAP_CHUNKS["one_pass"] if not e.layer else MAP_CHUNKS["general"]
+        side = self.member.data_config.input_size
+        chunk = max(chunk, int(chunk * (MAP_CHUNK_SIDE / side) ** 2))
         return max(1, chunk // (len(FLIPS) if e.smooth == "flips" else 1))
 
     def __call__(self, x: torch.Tensor, cam: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:

@@ -293,3 +293,22 @@ def test_submitted_training_survives_its_driver_then_deploys_and_predicts(head, 
                                               capture_output=True, text=True, env=serve_env).stdout
     body = r.json()
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-6 and list(body["members"]) == ["mobilenetv2"]
+
+
+def test_a_jobs_private_ray_is_on_loopback_even_when_ray_was_imported_first(tmp_path):
+    """A job that imports ray before skin.cluster.init_ray (jobs/evaluate.py does) still gets a private Ray
+    whose node is 127.0.0.1 and whose daemons listen on loopback only (Ray reads its single-machine switch
+    at import: init_ray sets it for this process as well as for the daemons it starts)."""
+    code = ("import ray, subprocess, os, psutil\n"
+            "from skin.cluster import init_ray\n"
+            "init_ray(1)\n"
+            "pids = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}\n"
+            "out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout\n"
+            "ours = [l.split()[3] for l in out.splitlines() if any(f'pid={p},' in l for p in pids)]\n"
+            "print(ray.util.get_node_ip_address(), ' '.join(ours))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path).stdout.split()
+    node, sockets = out[0], out[1:]
+    assert node == "127.0.0.1" and len(sockets) >= 4, out
+    assert all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for a in sockets), sockets

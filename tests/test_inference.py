@@ -212,10 +212,14 @@ def test_maps_are_computed_in_chunks_whatever_the_batch(explanation, monkeypatch
     from skin.registry import create_model
     monkeypatch.setitem(inference.MAP_CHUNKS, "one_pass", 4)
     monkeypatch.setitem(inference.MAP_CHUNKS, "general", 8)  # 2 with flips
+    monkeypatch.setattr(inference, "MAP_CHUNK_SIDE", 64)  # the chunks as measured at this input size
     torch.manual_seed(0)
     run = MemberRunner(create_model("mobilenetv2", 6, pretrained="none", input_size=64).eval(), explanation=explanation)
     chunk = run.map_chunk
     assert chunk == (4 if not explanation.layer else 2)
+    monkeypatch.setattr(inference, "MAP_CHUNK_SIDE", 128)  # at half the side of where it was measured: 4x as many
+    assert run.map_chunk == 4 * chunk
+    monkeypatch.setattr(inference, "MAP_CHUNK_SIDE", 64)
     from skin.gradcam import GradCAM
     seen = []
     real = GradCAM.__call__
