@@ -75,6 +75,7 @@ class IngressSettings(BaseModel):
     allow_degraded: bool = False
     retry_after_s: float = 2.0
     member_timeout_s: float = 30.0
+    occlusion_timeout_s: float = 300.0
     uncertain_below: float = 0.5
     overlay_max_side: int = 1024
     max_upload_bytes: int = _LIMITS.max_bytes

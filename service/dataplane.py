@@ -146,6 +146,62 @@ class DataPlane:
                             (t_end - t_members) * 1e3 if cam else None)
         return answer
 
+    async def occlusion(self, variant: Variant, data: bytes, t0: float, ticket: Ticket, *, alpha: float = 0.4,
+                        class_name: Optional[str] = None) -> Dict[str, Any]:
+        """One upload's answer with the ensemble's occlusion sensitivity as its explanation (skin.occlusion:
+        the image and its greyed-patch views through every member, the drops of the ensemble's probability),
+        under "gradcam" with "method": "occlusion". Costlier than Grad-CAM by skin.occlusion.cost(); asked for
+        per request (cam_method=occlusion), never a default. `ticket`: its admission, released here."""
+        import torch
+        from skin.images import ImageError, display_copy, load_image
+        from skin.occlusion import OCCLUSION, map_from_probs, member_views
+        from skin.presets import eval_geometry
+        from skin.render import map_image, overlay, png_bytes
+        answered = False
+        try:
+            try:
+                image = await asyncio.to_thread(load_image, data, self.limits)
+            except ImageError as e:
+                raise ApiError(e.status, e.code, str(e)) from None
+            t_decode = time.perf_counter()
+            sizes = {n: c.input_size for n, c in variant.data_configs.items()}
+            widest = max(sizes, key=sizes.get)
+            x = await asyncio.to_thread(lambda: eval_geometry(variant.data_configs[widest])(image))
+            views = await asyncio.to_thread(member_views, x, sizes)
+            refs = {n: variant.handles[n].probs.remote(views[n].numpy()) for n in variant.handles}
+            try:
+                got = await asyncio.wait_for(asyncio.gather(*refs.values()), self.settings.occlusion_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a member failed or the map took too long: say which
+                for r in refs.values():
+                    r.cancel()
+                raise ApiError(503, "member_unavailable", f"the occlusion map could not be made ({type(e).__name__}: "
+                               f"{e or 'over occlusion_timeout_s'}); retry shortly or ask for the default map",
+                               retry_after_s=self.settings.retry_after_s) from None
+            probs = dict(zip(refs, got))
+            t_members = time.perf_counter()
+
+            def finish() -> Dict[str, Any]:
+                out = variant.ensemble.answer({n: p[0] for n, p in probs.items()}, class_name=class_name)
+                k = variant.bundle.classes.index(class_name) if class_name else out["class_index"]
+                m = map_from_probs(torch.from_numpy(variant.ensemble.combine(probs)), k, tuple(x.shape[-2:]))
+                disp = display_copy(image, self.settings.overlay_max_side)
+                from skin.gradcam import upsample
+                full = upsample(m[None], (disp.size[1], disp.size[0]))[0].numpy()
+                out["gradcam"] = {"class": variant.bundle.classes.name(k), "method": OCCLUSION,
+                                  "forwards": int(len(views[widest])),
+                                  "overlay_png": base64.b64encode(png_bytes(overlay(disp, full, alpha))).decode(),
+                                  "map_png": base64.b64encode(png_bytes(map_image(full))).decode()}
+                return out
+            answer = await asyncio.to_thread(finish)
+            t_end = time.perf_counter()
+            answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
+                                    "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3}
+            self.metrics.answer(answer, {}, (t_end - t_decode) * 1e3)
+            answered = True
+            return answer
+        finally:
+            self.release(ticket, answered)
+
     async def _fan_out(self, variant: Variant, inputs: Dict[str, Any]):
         """Every member's result concurrently: (results by member, members that failed). A member whose
         queue is full refuses at once (Serve's BackPressureError): the request is refused as busy and what

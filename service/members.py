@@ -85,6 +85,14 @@ class MemberModel:
         return out
 
 
+    async def probs(self, views: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """Probabilities (N, C) of a stack of uint8 images at this member's input size (an occlusion map's
+        image and views, skin.occlusion.member_views), in chunks; no maps. On the event loop, as `predict`."""
+        if self.fault_drill:
+            raise RuntimeError(f"fault drill: member {self.name} is set to fail")
+        return np.concatenate([self._run(views[s:s + chunk], (False, ()))[0] for s in range(0, len(views), chunk)])
+
+
 def member_deployments(bundle, options: Dict[str, MemberOptions], prefix: str) -> Dict[str, Any]:
     """One MemberModel deployment per bundle member (named `prefix` + member), bound to its options.
     Each member's queue is bounded (Serve's max_queued_requests: a full queue refuses at once with

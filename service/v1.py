@@ -26,6 +26,9 @@ class GradcamView(BaseModel):
     overlay_png: str = Field(..., description="base64 PNG: the map blended on the upload (aspect kept)")
     map_png: str = Field(..., description="base64 8-bit grey PNG of the raw [0,1] map, for re-blending")
     maps_png: Optional[Dict[str, str]] = Field(None, description="every class's raw map (all_classes=true)")
+    method: Optional[str] = Field(None, description="\"occlusion\" when asked for (cam_method=occlusion); absent "
+                                  "for the bundle's own maps (/v1/info says which)")
+    forwards: Optional[int] = Field(None, description="occlusion: forwards of every member the map took")
 
 
 class PredictResponse(BaseModel):
@@ -51,6 +54,7 @@ def info(plane, settings) -> Dict[str, Any]:
     from skin.explanation import COST_NOTE
     from skin.gradcam import method_name
     from skin.registry import get_spec
+    from skin.trust import bundle_verdict
     stable = plane.stable
     b = stable.bundle
     limits = plane.limits
@@ -64,6 +68,7 @@ def info(plane, settings) -> Dict[str, Any]:
             "explanation": method_name([e.explanation.method for e in b.members],
                                        [e.explanation.smooth for e in b.members]),
             "explanation_cost": COST_NOTE,
+            "explanation_trust": bundle_verdict(b.metrics),
             "weights": stable.ensemble.weights, "ensemble_temperature": b.ensemble_temperature,
             "metrics": b.metrics, "provenance": b.provenance,
             "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,
@@ -114,16 +119,24 @@ class V1Routes:
                       cam_layer: List[str] = Query([], description="MEMBER=LAYER: that member's maps at this layer "
                                                    "(e.g. resnet50=backbone.layer1; repeatable; default: the bundle's)"),
                       cam_method: Optional[str] = Query(None, description="gradcam or layercam, every member "
-                                                        "(default: the bundle's, per member)"),
+                                                        "(default: the bundle's, per member); or occlusion: the "
+                                                        "ensemble's own drop in probability as each patch is greyed "
+                                                        "(226 forwards of every member: for a reviewer, where the "
+                                                        "bundle's map is not shown to follow the model)"),
                       cam_smooth: Optional[str] = Query(None, description="flips: each member's maps averaged over the "
                                                         "image's four flips (4x the maps' cost); none: the image's own "
                                                         "maps (default: the bundle's, per member); the answer does not "
                                                         "change")):
         from skin.explanation import ExplanationError, parse_layers, requested
+        from skin.occlusion import OCCLUSION
         t0 = time.perf_counter()
         variant, pinned = self.plane.choose(request.headers.get("X-Skinray-Bundle"))
+        occlusion = cam_method == OCCLUSION
+        if occlusion and (cam_stride or cam_layer or cam_smooth or all_classes or not cam):
+            raise ApiError(422, "invalid_request", "cam_method=occlusion makes one map from the ensemble's answers: "
+                           "drop cam_stride, cam_layer, cam_smooth, all_classes and cam=false")
         try:
-            explain = requested(variant.bundle.member_names, stride=cam_stride, method=cam_method, smooth=cam_smooth,
+            explain = {} if occlusion else requested(variant.bundle.member_names, stride=cam_stride, method=cam_method, smooth=cam_smooth,
                                 layers=parse_layers(cam_layer))
             await asyncio.to_thread(variant.check_layers, explain)
         except ExplanationError as e:
@@ -135,5 +148,8 @@ class V1Routes:
             raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
                            "(several images: one request each)")
         data = await file.read(self.plane.limits.max_bytes + 1)
+        if occlusion:
+            return await self.plane.occlusion(variant, data, t0, request.state.ticket, alpha=alpha,
+                                              class_name=class_name)
         return await self.plane.answer(variant, pinned, data, t0, request.state.ticket, cam=cam, alpha=alpha,
                                        all_classes=all_classes, class_name=class_name, explain=explain)

@@ -76,6 +76,8 @@ def model_metadata(plane, version: Optional[str] = None) -> Dict[str, Any]:
     variants = plane.variants() if version is None else [canary.by_version(plane.variants(), MODEL, version)]
     bundle = variants[0].bundle
     c = len(bundle.classes)
+    from skin.trust import bundle_verdict
+    verdict = bundle_verdict(bundle.metrics)
     return {"name": MODEL, "versions": [v.bundle.id for v in variants], "platform": "skinray",
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                         "parameters": {"content": "one photograph's file bytes (JPEG, PNG, WebP, HEIC/HEIF); "
@@ -86,7 +88,9 @@ def model_metadata(plane, version: Optional[str] = None) -> Dict[str, Any]:
                         {"name": "gradcam", "datatype": "FP32", "shape": [-1, -1]}],
             "parameters": {"classes": list(bundle.classes), "bundle": bundle.id,
                            "gradcam": "the ensemble map of the answered class at the members' input size, "
-                                      "[0, 1]; only when asked for (an `outputs` entry or parameter cam=true)"}}
+                                      "[0, 1]; only when asked for (an `outputs` entry or parameter cam=true)",
+                           "explanation_verdict": verdict["sentence"],
+                           "explanation_shown": verdict["shown"]}}
 
 
 class V2Routes:

@@ -80,9 +80,10 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
                         "on = on any device (a compile at start on a CPU), off = eager")
 
 
-def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_explanation_arguments(parser: argparse.ArgumentParser, occlusion: bool = False) -> None:
     """--cam-stride, --cam-layer, --cam-method, --cam-smooth: how the maps are made (skin.explanation),
-    overriding the bundle's stored Explanation of each member; the answer never changes."""
+    overriding the bundle's stored Explanation of each member; the answer never changes. With `occlusion`,
+    --cam-method also takes `occlusion`: the ensemble's occlusion sensitivity (skin.occlusion) instead."""
     from .explanation import COST_NOTE
     from .gradcam import CAM_METHODS, CAM_SMOOTHS
     from .registry import OUTPUT_STRIDES
@@ -94,14 +95,24 @@ def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cam-layer", action="append", metavar="MEMBER=LAYER",
                    help="maps at this layer of one member, by Grad-CAM's general path, e.g. "
                    "resnet50=backbone.layer1 (repeatable)")
-    g.add_argument("--cam-method", choices=CAM_METHODS, default=None,
-                   help="gradcam (a weight per channel) or layercam (per position; for layers before the last)")
+    from .occlusion import OCCLUSION, cost
+    g.add_argument("--cam-method", choices=CAM_METHODS + ((OCCLUSION,) if occlusion else ()), default=None,
+                   help="gradcam (a weight per channel) or layercam (per position; for layers before the last)"
+                   + (f"; or {OCCLUSION}: the ensemble's own drop in probability as each patch is greyed "
+                      f"({cost()} forwards of every member per image, against about two; the costlier map for a "
+                      "reviewer where the bundle's is not shown to follow the model)" if occlusion else ""))
     g.add_argument("--cam-smooth", choices=CAM_SMOOTHS, default=None,
                    help="flips: each map averaged over the image's four flips (about 4x the maps' cost)")
 
 
 def explanation_request(a: argparse.Namespace, members) -> dict[str, dict]:
     """{member: options} from the explanation arguments (skin.explanation.requested)."""
-    from .explanation import parse_layers, requested
+    from .explanation import ExplanationError, parse_layers, requested
+    from .occlusion import OCCLUSION
+    if a.cam_method == OCCLUSION:
+        if a.cam_stride or a.cam_layer or a.cam_smooth:
+            raise ExplanationError("--cam-method occlusion makes its map from the ensemble's answers: "
+                                   "--cam-stride, --cam-layer and --cam-smooth do not apply; drop them")
+        return {}
     return requested(list(members), stride=a.cam_stride, method=a.cam_method, smooth=a.cam_smooth,
                      layers=parse_layers(a.cam_layer))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -189,15 +190,28 @@ def cmd_explain(a) -> int:
     from .bundle import Bundle
     from .ensemble import Predictor
     from .images import load_image
+    from .explanation import ExplanationError
+    from .occlusion import OCCLUSION
     from .render import overlay, png_bytes
     bundle = Bundle.load(a.bundle)
     if a.class_name:
         bundle.classes.index(a.class_name)  # unknown names list the valid ones
     img = load_image(a.image)
-    r = Predictor(bundle, amp=a.amp, graphs=a.graphs, explain=explanation_request(a, bundle.member_names)).answers(
+    explain = explanation_request(a, bundle.member_names)
+    out = Path(a.out)
+    if a.cam_method == OCCLUSION:
+        if a.members:
+            raise ExplanationError("--members: an occlusion map is the ensemble's; drop --members")
+        t0 = time.perf_counter()
+        r = Predictor(bundle, amp=a.amp, graphs=a.graphs).occlusion([img], class_name=a.class_name)[0]
+        o = r["occlusion"]
+        out.write_bytes(png_bytes(overlay(img, o["map"], a.alpha)))
+        print(f"{a.image}: {r['class']} ({r['confidence']:.1%}); occlusion sensitivity of {o['class']} "
+              f"({o['forwards']} forwards of each member, {time.perf_counter() - t0:.1f} s) -> {out}")
+        return 0
+    r = Predictor(bundle, amp=a.amp, graphs=a.graphs, explain=explain).answers(
         [img], cam=True, class_name=a.class_name, each_member=a.members)[0]
     g = r["gradcam"]
-    out = Path(a.out)
     out.write_bytes(png_bytes(overlay(img, g["map"], a.alpha)))
     print(f"{a.image}: {r['class']} ({r['confidence']:.1%}); Grad-CAM of {g['class']} -> {out}")
     for n, m in g.get("members", {}).items():
@@ -314,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     s.add_argument("--members", action="store_true", help="also write OUT-<member>.png for each member")
     s.add_argument("--alpha", type=fraction, default=0.4, help="overlay opacity in [0, 1] (default 0.4)")
-    add_explanation_arguments(s)
+    add_explanation_arguments(s, occlusion=True)
     add_amp_argument(s)
     s.set_defaults(fn=cmd_explain)
     return p

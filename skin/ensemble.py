@@ -158,3 +158,48 @@ class Predictor:
 
     def predict(self, images: Sequence[Image.Image]) -> list[dict]:
         return self.answers(images)
+
+    def member_probs_of(self, name: str, x: torch.Tensor) -> np.ndarray:
+        """One member's probabilities (N, C) of images `x` (N, 3, S, S): uint8 at its input size, or float in
+        [0, 1] at any size (resized to its preset's); its own normalisation, as the answer computes them."""
+        from .presets import eval_pixels
+        run = self.runners[name]
+        size = run.member.data_config.input_size
+        if x.dtype != torch.uint8 and x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return run(eval_pixels(run.member.data_config)(x.to(self.device)))[0]
+
+    def probs_of(self, name: str | None = None):
+        """images (N, 3, S, S) in [0, 1] -> probabilities (N, C) as the answer computes them: one member's or,
+        with None, the ensemble's (what the mask-free scores and occlusion perturb)."""
+        if name is not None:
+            return lambda x: torch.from_numpy(self.member_probs_of(name, x))
+        return lambda x: torch.from_numpy(self.combine({n: self.member_probs_of(n, x) for n in self.runners}))
+
+    def occlusion(self, images: Sequence[Image.Image], class_name: str | None = None, grid=None,
+                  chunk: int = 32) -> list[dict]:
+        """One answer per image with the ensemble's occlusion sensitivity (skin.occlusion) as its
+        explanation, under "occlusion": {"class", "map" ([0, 1] at the image's size), "forwards"}; the answer
+        itself is `answers`'. Costlier than Grad-CAM (skin.occlusion.cost forwards of every member, against
+        about two), and the model's own answer to "what if this part were hidden"."""
+        from .gradcam import upsample
+        from .occlusion import Grid, map_from_probs, member_views
+        from .presets import eval_geometry
+        grid = grid or Grid()
+        sizes = {n: r.member.data_config.input_size for n, r in self.runners.items()}
+        widest = max(self.runners, key=sizes.get)
+        out = []
+        for img in images:
+            x = eval_geometry(self.runners[widest].member.data_config)(img)
+            views = member_views(x, sizes, grid)
+            with torch.inference_mode():
+                probs = {n: np.concatenate([self.member_probs_of(n, v[s:s + chunk]) for s in range(0, len(v), chunk)])
+                         for n, v in views.items()}
+            a = self.answer({n: p[0] for n, p in probs.items()})
+            k = self.classes.index(class_name) if class_name else a["class_index"]
+            m = map_from_probs(torch.from_numpy(self.combine(probs)), k, tuple(x.shape[-2:]), grid)
+            a["occlusion"] = {"class": self.classes[k], "forwards": len(next(iter(views.values()))),
+                              "map": upsample(m[None], (img.size[1], img.size[0]))[0].numpy()}
+            out.append(a)
+        return out

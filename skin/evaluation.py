@@ -101,7 +101,15 @@ class BatchScorer:
             # and from their untrained copies (which see the same input tensors)
             answer = self.ensemble.combine({n: out[n][rows[need]] for n in self.runners}).argmax(1)
             maps = {n: run.class_maps(inputs[n][need], answer) for n, run in self.runners.items()}
-            untrained = {n: run.class_maps(inputs[n][need], answer) for n, run in self.untrained.items()}
+            # the untrained copies' maps (as costly as the maps themselves) only where a comparison needs them:
+            # on the rows chosen for the mask-free scores when the table has such rows, else on every masked one;
+            # NaN elsewhere (the pointing game's untrained baseline is then measured on those rows)
+            fresh = [k for k, i in enumerate(need) if perturb[rows[i]]] if "perturb" in batch else list(range(len(need)))
+            untrained = {}
+            for n, run in self.untrained.items():
+                got = run.class_maps(inputs[n][need][fresh], answer[fresh]) if fresh else maps[n][:0]
+                untrained[n] = torch.full((len(need), *got.shape[1:]), float("nan"), dtype=got.dtype)
+                untrained[n][fresh] = got
             sub = [images[i] for i in need]
             with_mask = [k for k, i in enumerate(need) if masks[rows[i]]]
             if with_mask:
@@ -114,20 +122,9 @@ class BatchScorer:
         return out
 
     def probs_of(self, name: str | None):
-        """images (N, 3, S, S) in [0, 1] at the ensemble's work size -> probabilities (N, C), as the answer
-        computes them: one member's (its preset's size and normalisation) or, with None, the ensemble's."""
-        from .presets import eval_pixels
-
-        def member(n: str, x: torch.Tensor) -> np.ndarray:
-            run = self.runners[n]
-            size = run.member.data_config.input_size
-            if x.shape[-1] != size:
-                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                    align_corners=False)
-            return run(eval_pixels(run.member.data_config)(x))[0]
-        if name is not None:
-            return lambda x: torch.from_numpy(member(name, x))
-        return lambda x: torch.from_numpy(self.ensemble.combine({n: member(n, x) for n in self.runners}))
+        """images (N, 3, S, S) in [0, 1] -> probabilities (N, C), as the answer computes them: one member's
+        or, with None, the ensemble's (skin.ensemble.Predictor.probs_of)."""
+        return self.ensemble.probs_of(name)
 
     def _perturbation(self, out: dict, images: list, maps: dict, untrained: dict, classes: np.ndarray,
                       rows: np.ndarray, paths: list[str]) -> None:
@@ -198,6 +195,8 @@ class BatchScorer:
             noise = random_maps((1, *next(iter(maps.values())).shape[-2:]), int(row))[0]
             out["pointing:random"][row] = float(pointing_hit(upsample(noise[None], mask.shape)[0].numpy(), mask))
             fresh = {n: m[i] for n, m in untrained.items()}
+            if any(bool(torch.isnan(m).any()) for m in fresh.values()):
+                continue  # no untrained maps computed for this row
             out["pointing:untrained"][row] = float(pointing_hit(ensemble_map(fresh, weights, mask.shape, self.ensemble.work), mask))
             for n, m in fresh.items():
                 out[f"pointing:untrained:{n}"][row] = float(pointing_hit(
@@ -340,6 +339,7 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
         return {"centre_pointing": float(g["pointing:centre"].mean()), "flat_energy": float(g["energy:flat"].mean()),
                 "contrast_pointing": float(g["pointing:contrast"].mean()),
                 "untrained_pointing": float(g["pointing:untrained"].mean()),
+                "untrained_images": int(g["pointing:untrained"].notna().sum()),
                 "random_pointing": float(g["pointing:random"].mean())}
 
     per_class = {bundle.classes.name(int(k)): {"pointing": float(g["pointing"].mean()), "energy": float(g["energy"].mean()),
@@ -357,7 +357,8 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
             "baseline": baseline(rows) | {
                 "what": "maps that know less, on the same images: one always peaking at the image centre; a flat "
                         "one (its energy = the lesion's share of the image); the colour that stands out from the "
-                        "skin, no model (contrast); the same maps of freshly initialised members (untrained); "
+                        "skin, no model (contrast); the same maps of freshly initialised members (untrained; on the rows of the "
+                        "mask-free scores when --perturb chose some, as costly as the maps themselves); "
                         "uniform noise (random)"},
             "method": method_name(methods.values(), smooths.values()), "cam_methods": methods, "cam_smooths": smooths,
             "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",

@@ -20,6 +20,7 @@ import torch
 from .faithfulness import IMAGENET_MEAN
 
 ProbsOf = Callable[[torch.Tensor], torch.Tensor]
+OCCLUSION = "occlusion"  # the name a request uses (cam_method=occlusion), beside skin.gradcam's methods
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,36 @@ def occlusion_maps(probs_of: ProbsOf, x: torch.Tensor, classes: torch.Tensor, gr
             probs = torch.cat([probs_of(v[s:s + batch]).float() for s in range(0, len(v), batch)])
         out.append(accumulate(base - probs[:, c], tuple(img.shape[-2:]), grid))
     return normalize(torch.stack(out))  # signed: a patch whose greying raises the class ranks below one that does nothing
+
+
+# ---------------------------------------------------------------- one photograph through an ensemble
+# The same map for a photograph, whether the members run in this process (skin.ensemble.Predictor.occlusion)
+# or behind Serve deployments (service.dataplane): the views are made once, on the uint8 image at the
+# ensemble's work size, and resized to each member's input size; each member turns its views into
+# probabilities in its own way; the ensemble's probabilities give the drops.
+
+def member_views(x: torch.Tensor, sizes: dict[str, int], grid: Grid = Grid()) -> dict[str, torch.Tensor]:
+    """{member: (1 + V, 3, s, s) uint8}: the image `x` (3, S, S) uint8 at the work size, then its V occluded
+    views, at each member's input size `s` (antialiased resize where s != S)."""
+    stack = torch.cat([x[None], views(x, grid)])
+    out, by_size = {}, {}
+    for name, s in sizes.items():
+        if s not in by_size:
+            by_size[s] = stack if s == x.shape[-1] else torch.nn.functional.interpolate(
+                stack.float(), size=(s, s), mode="bilinear", antialias=True, align_corners=False
+            ).round().clamp(0, 255).to(torch.uint8)
+        out[name] = by_size[s]
+    return out
+
+
+def map_from_probs(probs: torch.Tensor, class_index: int, size: tuple[int, int], grid: Grid = Grid()) -> torch.Tensor:
+    """(H, W) in [0, 1]: the occlusion map from the ensemble's probabilities (1 + V, C) of the image and its
+    views (member_views' order), on the grid of the work `size`."""
+    from .gradcam import normalize
+    p = probs.float()
+    return normalize(accumulate(p[0, class_index] - p[1:, class_index], size, grid)[None])[0]
+
+
+def cost(grid: Grid = Grid(), side: int = 224) -> int:
+    """Forwards of each member for one photograph's occlusion map (the image and its views)."""
+    return 1 + len(grid.boxes(side, side))

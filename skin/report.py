@@ -88,6 +88,8 @@ def pointing_lines(f: dict) -> list[str]:
              f"{b['centre_pointing']:.3f} of lesions; a flat map's energy in the mask is {b['flat_energy']:.3f}; "
              f"a colour-contrast map with no model (skin.metrics.contrast_map) points at {b['contrast_pointing']:.3f}; "
              f"the same {method} of freshly initialised members at {b['untrained_pointing']:.3f}"
+             + (f" ({b['untrained_images']} of the images)" if b.get("untrained_images", f["images"]) < f["images"]
+                else "")
              + (f"; a random map at {b['random_pointing']:.3f}" if "random_pointing" in b else "") + "."]
     checks = (f.get("checks") or {}).get("pointing")
     if checks:

@@ -98,3 +98,13 @@ def comparisons(rows, metric: str, suffix: str = "", resamples: int = 2000) -> d
             out[b] = paired(rows[f"{metric}{suffix}"].to_numpy(float), rows[col].to_numpy(float), BETTER[metric],
                             resamples)
     return out
+
+
+def bundle_verdict(metrics: dict | None) -> dict:
+    """The verdict on a bundle's served map as its stored evaluation left it (jobs/evaluate.py writes
+    metrics["perturbation"]["verdict"]), or "not measured" with the same keys when it has none."""
+    p = (metrics or {}).get("perturbation") or {}
+    v = p.get("verdict")
+    if not v:
+        v = verdict({})
+    return {**v, "split": p.get("split")}

@@ -34,6 +34,15 @@ def test_cli_end_to_end(tmp_path, capsys, random_bundle):
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad.png").exists()
+    # the costlier map on request: the ensemble's occlusion sensitivity; options that do not apply, one line
+    assert main(["explain", str(img), "--bundle", str(random_bundle), "--cam-method", "occlusion",
+                 "--out", str(tmp_path / "occ.png")]) == 0
+    assert "occlusion sensitivity" in capsys.readouterr().out
+    assert (tmp_path / "occ.png").read_bytes() != (tmp_path / "none.png").read_bytes()
+    assert main(["explain", str(img), "--bundle", str(random_bundle), "--cam-method", "occlusion", "--cam-stride",
+                 "8", "--out", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert "do not apply" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad.png").exists()
     # a folder, batched, into jobs/predict.py's table
     assert main(["predict", str(tmp_path / "s" / "test"), "--bundle", str(random_bundle), "--out",
                  str(tmp_path / "p.csv"), "--batch-size", "4"]) == 0

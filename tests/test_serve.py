@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conftest import deploy as _deploy
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -52,6 +53,25 @@ def test_overlay_keeps_the_aspect_ratio(api):
     assert body["gradcam"]["class"] == body["class"]
 
 
+def test_occlusion_on_request_is_the_in_process_ensembles_map(api, random_bundle):
+    """cam_method=occlusion: the answer of the default path, with the ensemble's occlusion sensitivity made
+    through the member deployments, the map skin.ensemble.Predictor.occlusion makes in-process; asked with
+    options that do not apply, a 422 that names them."""
+    data = _jpeg(4, 2, 96)
+    r = post(api, data, params={"cam_method": "occlusion", "class": "Pigment"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["gradcam"]["method"] == "occlusion" and body["gradcam"]["class"] == "Pigment"
+    assert body["class"] == post(api, data, params={"cam": "false"}).json()["class"]
+    local = Predictor(Bundle.load(random_bundle)).occlusion([load_image(data)], class_name="Pigment")[0]
+    assert body["gradcam"]["forwards"] == local["occlusion"]["forwards"] > 100
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["gradcam"]["map_png"]))), np.float32) / 255
+    assert served.shape == local["occlusion"]["map"].shape
+    assert np.abs(served - local["occlusion"]["map"]).max() < 3 / 255  # the PNG's 8 bits
+    bad = post(api, data, params={"cam_method": "occlusion", "cam_stride": 8})
+    assert bad.status_code == 422 and "cam_stride" in bad.json()["error"]["message"]
+
+
 def test_cam_off_and_class_choice(api):
     assert "gradcam" not in post(api, _jpeg(), params={"cam": "false"}).json() or \
         post(api, _jpeg(), params={"cam": "false"}).json()["gradcam"] is None
@@ -62,6 +82,11 @@ def test_cam_off_and_class_choice(api):
 def test_info_and_health(api):
     info = requests.get(api + "/v1/info", timeout=10).json()
     assert info["classes"][0] == "Enfeksiyonel" and info["weights"]["resnet50"] == 0.4 and info["untrained"]
+    # an unevaluated bundle's map is said to be untested, here and in the protocol's metadata
+    trust = info["explanation_trust"]
+    assert not trust["shown"] and trust["sentence"].startswith("Not measured") and "rule" in trust
+    meta = requests.get(api + "/v2/models/skinray", timeout=10).json()["parameters"]
+    assert meta["explanation_verdict"] == trust["sentence"] and meta["explanation_shown"] is False
     assert requests.get(api + "/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(api + "/openapi.json", timeout=10).json()["info"]["title"] == "skinray"
 

@@ -21,7 +21,7 @@ from skin.occlusion import Grid, occlusion_maps
 from skin.presets import eval_geometry
 from skin.registry import untrained_copy
 from skin.synth import make_sample
-from skin.trust import BASELINES, MASK_FREE, comparisons, paired, verdict
+from skin.trust import BASELINES, MASK_FREE, bundle_verdict, comparisons, paired, verdict
 
 N = 24
 GRID = Grid(patch=1 / 4, stride=1 / 8)  # 7 x 7 patches: a coarser grid than the default's 15 x 15, for speed
@@ -129,3 +129,7 @@ def test_the_verdict_names_what_was_not_beaten_and_needs_every_baseline():
     del checks["insertion"]["random"], checks["deletion"]["random"]  # not measured: not beaten
     assert verdict(checks)["failed"] == ["random", "untrained", "centre"]
     assert verdict({})["sentence"].startswith("Not measured")
+    # what /v1/info and the OIP metadata say: the stored verdict, or "not measured" without one
+    stored = verdict(checks)
+    assert bundle_verdict({"perturbation": {"split": "test", "verdict": stored}}) == stored | {"split": "test"}
+    assert not bundle_verdict(None)["shown"] and bundle_verdict({})["sentence"].startswith("Not measured")

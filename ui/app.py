@@ -122,29 +122,21 @@ def sidebar() -> tuple[str, str, float, dict | None]:
 
 
 def faithfulness_caption(info: dict | None) -> str:
-    """How far to trust the map, from the bundle's stored measurements (jobs/evaluate.py): the pointing
-    game on lesions with masks, and the perturbation test that needs none."""
-    metrics = (info or {}).get("metrics") or {}
-    f, p = metrics.get("faithfulness"), metrics.get("perturbation")
+    """How far to trust the map, from the bundle's stored measurements (jobs/evaluate.py): first the verdict
+    of the test that needs no masks (skin.trust: the map against random, untrained, centre and colour-contrast
+    maps, with 95% intervals), then the pointing game on lesions with masks. No sentence claims more than
+    the intervals do."""
+    info = info or {}
+    trust = info.get("explanation_trust") or {}
+    f = (info.get("metrics") or {}).get("faithfulness")
+    verdict = trust.get("sentence") or "Not measured: how closely this map follows the model has not been tested."
+    if trust.get("split") and trust.get("images"):
+        verdict = verdict.replace(" images", f" images of the {trust['split']} split", 1)
     if not f:
-        text = "How well these maps point at lesions has not been measured for this bundle."
-    else:
-        text = (f"Pointing game {f['pointing']:.2f} on {f.get('masks', 'lesions with known masks')} "
-                f"({f['images']} images; the map's peak fell inside the lesion that often"
-                + "); not measured on real photographs." + baseline_caption(f.get("baseline") or {}))
-    return text + (" " + perturbation_caption(p) if p else "")
-
-
-def perturbation_caption(p: dict) -> str:
-    """The deletion / insertion test in plain words: does hiding what the map marks first change the
-    answer faster than hiding pixels at random?"""
-    d, i = p["ensemble"]["deletion"], p["ensemble"]["insertion"]
-    split = f" of the {p['split']} split" if p.get("split") else ""
-    return (f"Tested on {p['images']} images{split} without masks: hiding the pixels the map marks first lowers "
-            f"the answer's probability {'faster' if d['map'] < d['random'] else 'no faster'} than hiding them in "
-            f"random order (area under the curve {d['map']:.2f} against {d['random']:.2f}; lower is better; the "
-            f"same maps from untrained models: {d['untrained']:.2f}), and showing them first brings it back "
-            f"{'faster' if i['map'] > i['random'] else 'no faster'} ({i['map']:.2f} against {i['random']:.2f}).")
+        return verdict + " How well these maps point at lesions has not been measured for this bundle."
+    return (verdict + f" Pointing game {f['pointing']:.2f} on {f.get('masks', 'lesions with known masks')} "
+            f"({f['images']} images; the map's peak fell inside the lesion that often"
+            + "); not measured on real photographs." + baseline_caption(f.get("baseline") or {}))
 
 
 def explanation_name(info: dict | None) -> str:
