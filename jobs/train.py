@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="head peak learning rate (default: each backbone's own)")
     p.add_argument("--image-size", type=int, help="input size of every member (default: the weights' own, 224)")
     p.add_argument("--pretrained", help="imagenet (default), a weights file/folder, or none (random init)")
+    p.add_argument("--init-from", metavar="BUNDLE", help="fine-tune from this bundle's members (backbone and head; "
+                   "the same class map): e.g. the bundle that answered the cases `skin records export` wrote")
     p.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES,
                    help="feature-map stride of every member (default 32); 16 or 8 give finer Grad-CAM maps at more compute")
     p.add_argument("--per-image-norm", action="store_true", default=None, help="random init only: standardise each image by itself")
@@ -95,7 +97,8 @@ def resolve(a: argparse.Namespace) -> dict:
         cfg["train"].update(SMOKE)
     flags = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "image_size": a.image_size,
              "pretrained": a.pretrained, "per_image_norm": a.per_image_norm, "output_stride": a.output_stride,
-             "freeze_epochs": a.freeze_epochs, "seed": a.seed, "compile": a.compile}
+             "freeze_epochs": a.freeze_epochs, "seed": a.seed, "compile": a.compile,
+             "init_from": str(Path(a.init_from).resolve()) if a.init_from else None}
     cfg["train"].update({k: v for k, v in flags.items() if v is not None})
     for k in ("members", "weights", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures",
               "storage_path", "name"):
@@ -150,6 +153,18 @@ def main(argv=None) -> int:
     if len(weights) != len(members):
         print(f"train.py: {len(weights)} weights for {len(members)} members", file=sys.stderr)
         return 2
+    if cfg["train"].get("init_from") and not a.dry_run:
+        from skin.bundle import Bundle, BundleError
+        from skin.classes import ClassMapError
+        try:
+            src = Bundle.load(cfg["train"]["init_from"])
+            src.classes.check_same(load_classes(data_dir), f"class maps of --init-from {a.init_from} and the dataset")
+            if set(members) - set(src.member_names):
+                raise ValueError(f"--init-from {a.init_from} has no member(s) {sorted(set(members) - set(src.member_names))}"
+                                 f" (it has {src.member_names}); give --members among them")
+        except (BundleError, ClassMapError, ValueError, OSError) as e:
+            print(f"train.py: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
     configs = {}
     try:
         for m in members:

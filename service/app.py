@@ -46,7 +46,7 @@ async def _request_context(request: Request, call_next):
 class Ensemble(v1.V1Routes, v2.V2Routes):
     def __init__(self, bundle: str, members: Dict[str, Any], candidate_bundle: Optional[str] = None,
                  candidate: Optional[Dict[str, Any]] = None, defaults: Optional[Dict[str, Any]] = None,
-                 parallel: float = 1.0) -> None:
+                 parallel: float = 1.0, records: Optional[Dict[str, Any]] = None) -> None:
         import torch
         from .dataplane import DataPlane, Variant
         from .metrics import AppMetrics
@@ -55,6 +55,10 @@ class Ensemble(v1.V1Routes, v2.V2Routes):
         other = Variant("candidate", candidate_bundle, candidate, 0.5) if candidate_bundle and candidate else None
         self.metrics = AppMetrics(stable.bundle.member_names)
         self.plane = DataPlane(stable, other, self.metrics)
+        if records is not None:
+            from .records import RecordWriter
+            self.plane.records = RecordWriter(records.get("url"), records.get("photos_dir"),
+                                              on_change=self.metrics.records)
         self.defaults, self.parallel = dict(defaults or {}), parallel
         self.api_key: Optional[str] = None
         self.reconfigure({})
@@ -121,8 +125,9 @@ def build_app(args: AppArgs):
     ingress_opts: Dict[str, Any] = {"num_cpus": args.ingress_cpus}
     if args.ingress_resources:
         ingress_opts["resources"] = dict(args.ingress_resources)
+    records = {"url": args.records_url, "photos_dir": args.photos_dir} if args.records else None
     init = dict(bundle=str(bundle.root.resolve()), candidate_bundle=candidate_dir,
-                defaults=args.settings().model_dump(), parallel=args.parallel(bundle.member_names))
+                defaults=args.settings().model_dump(), parallel=args.parallel(bundle.member_names), records=records)
     return Ensemble.options(
         num_replicas=args.ingress_replicas, ray_actor_options=ingress_opts,
         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,

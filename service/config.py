@@ -105,6 +105,14 @@ class AppArgs(BaseModel):
                                  "budget's 503s give the time the admitted work needs)")
     ingress_resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the "
                                                 "ingress, to pin it (e.g. to the head: {head: 0.01})")
+    records_url: Optional[str] = Field(None, description="where every answer is recorded (skin.records): any "
+                                       "SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db for several ingress "
+                                       "replicas on several nodes; default SQLite in the state folder "
+                                       "($SKINRAY_STATE_DIR, else ~/.local/state/skinray/records.sqlite)")
+    records: bool = Field(True, description="record every answer (no image bytes: the photograph's SHA-256)")
+    photos_dir: Optional[str] = Field(None, description="keep the photograph of a request that says the patient "
+                                      "consented (consent=true), content-addressed in this folder; unset: no "
+                                      "photograph is ever kept")
     max_upload_bytes: int = Field(_LIMITS.max_bytes, gt=0, description="default: skin.images.ImageLimits")
     max_pixels: int = Field(_LIMITS.max_pixels, gt=0)
     min_side: int = Field(_LIMITS.min_side, ge=1)

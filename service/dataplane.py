@@ -92,19 +92,38 @@ class DataPlane:
         self.admission.done(ticket, answered)
         self.metrics.in_flight.set(len(self.admission.in_flight))
 
+    records = None  # service.records.RecordWriter, when the deployment records answers
+
     async def answer(self, variant: Variant, pinned: bool, data: bytes, t0: float, ticket: Ticket, *,
                      cam: bool = True, alpha: float = 0.4, all_classes: bool = False, class_name: Optional[str] = None,
-                     explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True) -> Dict[str, Any]:
+                     explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True,
+                     request_id: str = "", route: str = "v1", consent: bool = False) -> Dict[str, Any]:
         """One upload's answer (the /v1/predict JSON; with `render=False` the raw ensemble map, no PNGs), or
-        ApiError; `ticket`: its admission, released here."""
+        ApiError; `ticket`: its admission, released here. The answer is recorded (off its path)."""
         answered = False
         try:
             out = await self._routed(variant, pinned, data, t0, cam=cam, alpha=alpha, all_classes=all_classes,
                                      class_name=class_name, explain=explain or {}, render=render)
             answered = True
+            self.record(out, data, request_id, route, consent, t0, {"cam": cam, "class": class_name,
+                                                                     "options": explain or {}})
             return out
         finally:
             self.release(ticket, answered)
+
+    def record(self, answer: Dict[str, Any], data: bytes, request_id: str, route: str, consent: bool, t0: float,
+               explanation: Dict[str, Any]) -> None:
+        """Hand the answer's record to the writer (microseconds; service.records). The photograph's bytes go
+        with it only when the deployment keeps photographs (photos_dir) and the request says the patient
+        consented; otherwise only its SHA-256. `answer["photo_kept"]` says which."""
+        answer["photo_kept"] = False
+        if self.records is None or not request_id:
+            return
+        from skin.records import answer_row, sha256
+        keep = bool(consent and self.records.photos is not None)
+        row = answer_row(request_id, answer, sha256(data), route, (time.perf_counter() - t0) * 1e3, explanation)
+        self.records.submit(row, data if keep else None, _suffix(data))
+        answer["photo_kept"] = keep
 
     async def _routed(self, variant: Variant, pinned: bool, data: bytes, t0: float, **kwargs) -> Dict[str, Any]:
         """The chosen bundle's answer; a candidate that cannot answer an unpinned request leaves it to the
@@ -147,7 +166,8 @@ class DataPlane:
         return answer
 
     async def occlusion(self, variant: Variant, data: bytes, t0: float, ticket: Ticket, *, alpha: float = 0.4,
-                        class_name: Optional[str] = None) -> Dict[str, Any]:
+                        class_name: Optional[str] = None, request_id: str = "", consent: bool = False
+                        ) -> Dict[str, Any]:
         """One upload's answer with the ensemble's occlusion sensitivity as its explanation (skin.occlusion:
         the image and its greyed-patch views through every member, the drops of the ensemble's probability),
         under "gradcam" with "method": "occlusion". Costlier than Grad-CAM by skin.occlusion.cost(); asked for
@@ -193,6 +213,8 @@ class DataPlane:
                                   "map_png": base64.b64encode(png_bytes(map_image(full))).decode()}
                 return out
             answer = await asyncio.to_thread(finish)
+            self.record(answer, data, request_id, "v1", consent, t0, {"cam": True, "class": class_name,
+                                                                       "method": OCCLUSION})
             t_end = time.perf_counter()
             answer["timings_ms"] = {"decode": (t_decode - t0) * 1e3, "members": (t_members - t_decode) * 1e3,
                                     "gradcam_and_response": (t_end - t_members) * 1e3, "total": (t_end - t0) * 1e3}
@@ -259,3 +281,15 @@ class DataPlane:
             if all_classes:
                 out["gradcam"]["maps_png"] = {c: b64(map_image(m)) for c, m in g["maps"].items()}
         return out
+
+
+def _suffix(data: bytes) -> str:
+    """The kept photograph's file suffix from its leading bytes (the validator has accepted it already)."""
+    head = data[:16]
+    if head.startswith(b"\xff\xd8"):
+        return ".jpg"
+    if head.startswith(b"\x89PNG"):
+        return ".png"
+    if head[8:12] == b"WEBP":
+        return ".webp"
+    return ".heic" if b"ftyp" in head else ".bin"

@@ -5,7 +5,7 @@ by admission. Names carry Ray's `ray_` prefix on the endpoint (`ray_skinray_requ
 from typing import Any, Dict, List, Optional
 
 V2_MODEL = "/v2/models/skinray"
-ROUTES = ("/v1/predict", "/v1/info", "/healthz", "/docs", "/openapi.json", "/v2", "/v2/health/live",
+ROUTES = ("/v1/predict", "/v1/info", "/v1/feedback", "/v1/review-queue", "/healthz", "/docs", "/openapi.json", "/v2", "/v2/health/live",
           "/v2/health/ready", V2_MODEL, V2_MODEL + "/ready", V2_MODEL + "/infer")
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
@@ -38,7 +38,28 @@ class AppMetrics:
                                        "admitted work fills the latency budget (503 busy)", tag_keys=("cam",))
         self.in_flight = metrics.Gauge("skinray_admitted_in_flight", description="requests admitted and not yet "
                                        "answered by this ingress replica")
+        self.records_failed = metrics.Counter("skinray_records_failed_total", description="attempts to write "
+                                              "answer records that failed (the rows stay pending and are retried)")
+        self.records_lost = metrics.Counter("skinray_records_lost_total", description="answer records given up "
+                                            "past the writer's max_pending while the store was down")
+        self.records_pending = metrics.Gauge("skinray_records_pending", description="answer records waiting to "
+                                             "be written by this ingress replica")
+        self.reviews = metrics.Counter("skinray_reviews_total", description="reviews by the answered class and "
+                                       "whether the reviewer agreed with it (agreement per class over time)",
+                                       tag_keys=("class", "agreed"))
         self.members = set(members)
+
+    def records(self, what: str, n: int) -> None:
+        """The record writer's news (service.records): failed attempts, rows lost, rows pending."""
+        if what == "failed":
+            self.records_failed.inc(n)
+        elif what == "lost":
+            self.records_lost.inc(n)
+        else:
+            self.records_pending.set(n)
+
+    def review(self, answered: str, agreed: bool) -> None:
+        self.reviews.inc(1, tags={"class": answered, "agreed": str(agreed).lower()})
 
     def request(self, path: str, status: int, ms: float) -> None:
         route = route_label(path)

@@ -47,6 +47,19 @@ class PredictResponse(BaseModel):
     timings_ms: Dict[str, float]
     batch_sizes: Dict[str, int] = Field(default_factory=dict, description="per member: how many requests it "
                                         "computed together with this one (@serve.batch)")
+    request_id: str = Field("", description="this answer's id on record (also the X-Request-ID header): what "
+                            "POST /v1/feedback names")
+    photo_kept: bool = Field(False, description="the photograph was kept (the deployment keeps photographs and "
+                             "the request said consent=true); otherwise only its SHA-256 is on record")
+
+
+class Feedback(BaseModel):
+    model_config = {"extra": "forbid"}
+    request_id: str = Field(..., min_length=1, description="the answer's request id (its X-Request-ID)")
+    reviewer: str = Field(..., min_length=1, description="who reviewed it")
+    confirmed: bool = Field(False, description="true: the answer was right")
+    right_class: Optional[str] = Field(None, description="the class it should have been (instead of confirmed)")
+    note: str = Field("", max_length=4000)
 
 
 def info(plane, settings) -> Dict[str, Any]:
@@ -75,6 +88,7 @@ def info(plane, settings) -> Dict[str, Any]:
                        "min_side": limits.min_side, "formats": sorted(limits.formats)},
             "allow_degraded": settings.allow_degraded, "uncertain_below": settings.uncertain_below,
             "admission": plane.admission.snapshot(),
+            "records": None if plane.records is None else plane.records.snapshot(),
             "bundles": [v.bundle.id for v in plane.variants()],
             "candidate": None if plane.candidate is None else {
                 "bundle": plane.candidate.bundle.id, "share": settings.candidate_share,
@@ -126,7 +140,10 @@ class V1Routes:
                       cam_smooth: Optional[str] = Query(None, description="flips: each member's maps averaged over the "
                                                         "image's four flips (4x the maps' cost); none: the image's own "
                                                         "maps (default: the bundle's, per member); the answer does not "
-                                                        "change")):
+                                                        "change"),
+                      consent: bool = Query(False, description="the patient consented to keeping this photograph: "
+                                            "kept only where the deployment keeps photographs (photos_dir); "
+                                            "otherwise only its SHA-256 is recorded")):
         from skin.explanation import ExplanationError, parse_layers, requested
         from skin.occlusion import OCCLUSION
         t0 = time.perf_counter()
@@ -148,8 +165,56 @@ class V1Routes:
             raise ApiError(422, "invalid_request", "send exactly one image per request in the 'file' field "
                            "(several images: one request each)")
         data = await file.read(self.plane.limits.max_bytes + 1)
+        rid = request.state.request_id
         if occlusion:
-            return await self.plane.occlusion(variant, data, t0, request.state.ticket, alpha=alpha,
-                                              class_name=class_name)
-        return await self.plane.answer(variant, pinned, data, t0, request.state.ticket, cam=cam, alpha=alpha,
-                                       all_classes=all_classes, class_name=class_name, explain=explain)
+            out = await self.plane.occlusion(variant, data, t0, request.state.ticket, alpha=alpha,
+                                             class_name=class_name, request_id=rid, consent=consent)
+        else:
+            out = await self.plane.answer(variant, pinned, data, t0, request.state.ticket, cam=cam, alpha=alpha,
+                                          all_classes=all_classes, class_name=class_name, explain=explain,
+                                          request_id=rid, consent=consent)
+        return out | {"request_id": rid}
+
+    @router.post("/v1/feedback", responses={s: V1_ERRORS[s] for s in (401, 404, 422, 503)})
+    async def feedback(self, review: Feedback) -> Dict[str, Any]:
+        """A reviewer's word on an answer: confirmed, or the class it should have been (skin.records)."""
+        from skin.records import RecordError
+        writer = self._writer()
+        await asyncio.to_thread(writer.flush, 5.0)  # the answer reviewed may still be on its way to the store
+        try:
+            store = await asyncio.to_thread(writer.store)
+            saved = await asyncio.to_thread(store.review, review.request_id, review.reviewer, review.confirmed,
+                                            review.right_class, review.note, list(self.plane.stable.bundle.classes))
+        except RecordError as e:
+            raise ApiError(e.status, "not_found" if e.status == 404 else "invalid_request" if e.status == 422
+                           else "records_unavailable", str(e)) from None
+        self.plane.metrics.review(saved["answer_class"], saved["agreed"])
+        return saved
+
+    @router.get("/v1/review-queue", responses={s: V1_ERRORS[s] for s in (401, 503)})
+    async def review_queue(self, limit: int = Query(50, ge=1, le=500)) -> Dict[str, Any]:
+        """Uncertain answers no review settled and disputed ones, oldest first, with their reviews; and the
+        agreement of reviewers with the model per answered class."""
+        from skin.records import RecordError
+        writer = self._writer()
+        try:
+            store = await asyncio.to_thread(writer.store)
+            queue = await asyncio.to_thread(store.queue, limit)
+            agreement = await asyncio.to_thread(store.agreement)
+        except RecordError as e:
+            raise ApiError(503, "records_unavailable", str(e)) from None
+        return {"queue": [_jsonable(q) for q in queue], "agreement": agreement}
+
+    def _writer(self):
+        if self.plane.records is None:
+            raise ApiError(404, "not_found", "this deployment records no answers (records: false in its config)")
+        return self.plane.records
+
+
+def _jsonable(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A record for JSON: times as ISO strings, the photo's content address left out (not an URL)."""
+    out = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if k != "photo"}
+    out["has_photo"] = bool(row.get("photo"))
+    if "reviews" in row:
+        out["reviews"] = [_jsonable(r) for r in row["reviews"]]
+    return out

@@ -158,7 +158,9 @@ class V2Routes:
         params = req.get("parameters") or {}
         cam = "gradcam" in names or params.get("cam") is True
         ticket = plane.admit((("route", "v2"), ("bundle", variant.bundle.id), ("cam", str(cam).lower())))
-        answer = await plane.answer(variant, pinned, data, t0, ticket, cam=cam, render=False)
+        answer = await plane.answer(variant, pinned, data, t0, ticket, cam=cam, render=False,
+                                    request_id=request.state.request_id, route="v2",
+                                    consent=params.get("consent") is True)
         classes = variant.bundle.classes
         probs = [answer["probabilities"][c] for c in classes]
         outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [len(probs)], "data": probs},
@@ -172,7 +174,9 @@ class V2Routes:
             outputs = [o for o in outputs if o["name"] in names]
         return {"model_name": MODEL, "model_version": answer["bundle"], "id": str(req.get("id", "")),
                 "outputs": outputs, "parameters": {"bundle": answer["bundle"], "degraded": bool(answer["degraded"]),
-                                                   "explained_class": (answer.get("gradcam") or {}).get("class", "")}}
+                                                   "explained_class": (answer.get("gradcam") or {}).get("class", ""),
+                                                   "request_id": request.state.request_id,
+                                                   "photo_kept": bool(answer.get("photo_kept"))}}
 
 
 def _check_model(model: str) -> None:

@@ -12,10 +12,11 @@ from .classes import ClassMapError
 from .data import DatasetError
 from .explanation import ExplanationError
 from .images import ImageError
+from .records import RecordError
 from .registry import PretrainedWeightsError, UnknownBackboneError
 
 USER_ERRORS = (DatasetError, CheckpointError, ClassMapError, ImageError, UnknownBackboneError,
-               PretrainedWeightsError, ExplanationError, FileNotFoundError)
+               PretrainedWeightsError, ExplanationError, RecordError, FileNotFoundError)
 
 
 from .args import (add_amp_argument, add_explanation_arguments, at_least, explanation_request, fraction,
@@ -221,6 +222,35 @@ def cmd_explain(a) -> int:
     return 0
 
 
+def cmd_records(a) -> int:
+    import datetime as dt
+    from .records import PhotoStore, Records, parse_since
+    store = Records.open(a.db)
+    photos = PhotoStore(Path(a.photos)) if getattr(a, "photos", None) else None
+    if a.records_cmd == "export":
+        if photos is None:
+            raise RecordError("--photos: the folder the service keeps consented photographs in (its photos_dir)")
+        s = store.export(a.out, photos, parse_since(a.since))
+        print(f"exported {s['exported']} reviewed photograph(s) ({s['corrected']} corrected, "
+              f"{s['exported'] - s['corrected']} confirmed; {s['without_photo']} reviewed without a kept photograph "
+              f"left out) -> {s['manifest']}\nnext: skin data scan {s['manifest']} --out DATA")
+    elif a.records_cmd == "delete":
+        for rid in a.request_id:
+            if not store.delete(rid, photos):
+                raise RecordError(f"no answer with request id {rid!r} on record")
+            print(f"deleted {rid} (its reviews{' and photograph' if photos else ''} too)")
+    elif a.records_cmd == "purge":
+        n = store.purge(dt.timedelta(days=a.older_than_days), photos)
+        print(f"deleted {n} answer(s) older than {a.older_than_days:g} days")
+    else:  # queue
+        for q in store.queue(a.limit):
+            said = ", ".join(f"{r['reviewer']}: {r['right_class']}" for r in q["reviews"]) or "not reviewed"
+            print(f"{q['at']}  {q['request_id']:<20} {q['why']:<9} answered {q['answer_class']:<14} {said}")
+        for cls, d in store.agreement().items():
+            print(f"agreement {cls:<14} {d['agreed']}/{d['reviewed']} = {d['agreement']:.2f}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skin", description="skinray's library tools: datasets, models, "
@@ -320,6 +350,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--uncertain-below", type=fraction, default=0.5, help="flag answers whose confidence is below this (default 0.5)")
     add_amp_argument(s)
     s.set_defaults(fn=cmd_predict)
+
+    rec = sub.add_parser("records", help="the service's answer records: review queue, export for training, "
+                         "deletion, retention").add_subparsers(dest="records_cmd", required=True)
+    from .records import default_url
+    db = {"help": f"the records' SQLAlchemy URL (the service's records_url; default {default_url()})"}
+    s = rec.add_parser("queue", help="uncertain and disputed answers, oldest first; agreement per class")
+    s.add_argument("--db", **db)
+    s.add_argument("--limit", type=_positive, default=50)
+    s.set_defaults(fn=cmd_records)
+    s = rec.add_parser("export", help="reviewed photographs (kept with consent) as a manifest `skin data scan` takes")
+    s.add_argument("--db", **db)
+    s.add_argument("--photos", help="the service's photos_dir")
+    s.add_argument("--since", help="reviews from this date (YYYY-MM-DD) on")
+    s.add_argument("--out", required=True, help="a new folder: OUT/manifest.csv and OUT/photos/")
+    s.set_defaults(fn=cmd_records)
+    s = rec.add_parser("delete", help="forget answers by request id: the row, its reviews, its photograph")
+    s.add_argument("request_id", nargs="+")
+    s.add_argument("--db", **db)
+    s.add_argument("--photos", help="the service's photos_dir (to remove kept photographs too)")
+    s.set_defaults(fn=cmd_records)
+    s = rec.add_parser("purge", help="the retention period: forget every answer older than N days")
+    s.add_argument("--older-than-days", type=float, required=True)
+    s.add_argument("--db", **db)
+    s.add_argument("--photos", help="the service's photos_dir (to remove kept photographs too)")
+    s.set_defaults(fn=cmd_records)
 
     s = sub.add_parser("explain", help="Grad-CAM overlay of the ensemble (and, with --members, each member)")
     s.add_argument("image")

@@ -57,6 +57,7 @@ class TrainConfig:
     lesion_free_weight: float = 1.0
     dropout: float | list[float] | None = None
     pretrained: str = "imagenet"  # "imagenet", a weights file/folder, or "none"
+    init_from: str | None = None  # a bundle: start from its member's weights, head included (fine-tuning)
     image_size: int | None = None
     output_stride: int = 32  # 16 / 8: finer Grad-CAM maps (dilated last stages), more compute
     per_image_norm: bool = False
@@ -354,10 +355,13 @@ def _setup(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None]) -> _R
     torch.set_num_threads(threads)  # Ray sets 1 thread in fractional-CPU workers
     torch.manual_seed(cfg.seed + runtime.rank)
     classes = load_classes(cfg.data_dir)
-    random_init = is_random_init(cfg.pretrained)
-    member = create_model(cfg.backbone, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
-                          input_size=cfg.image_size, normalize="per_image" if cfg.per_image_norm else None,
-                          output_stride=cfg.output_stride)
+    random_init = is_random_init(cfg.pretrained) and not cfg.init_from
+    member = create_model(cfg.backbone, len(classes), pretrained="none" if cfg.init_from else cfg.pretrained,
+                          dropout=cfg.dropout, input_size=cfg.image_size,
+                          normalize="per_image" if cfg.per_image_norm else None, output_stride=cfg.output_stride)
+    if cfg.init_from:
+        init_from_bundle(member, cfg.init_from, cfg.backbone, classes)
+        log(f"[{cfg.backbone}] starting from bundle {cfg.init_from}'s weights (head included)")
     train_loader, val_loader, cached, batch_augment, n_free = loaders(cfg, member, classes, runtime)
     amp = configure_device(runtime.device, cfg.amp)
     if cfg.amp == "bf16" and not amp:
@@ -438,6 +442,28 @@ def save_checkpoint(run: _Run, cfg: TrainConfig, runtime: Runtime, epoch: int, v
                          {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(labels)})
             atomic_write_json(Path(tmp, "state.json"), {"epoch": epoch + 1, "config": asdict(cfg)})
         runtime.report(metrics, tmp if runtime.rank == 0 else None)
+
+
+def init_from_bundle(member, bundle_dir: str, name: str, classes) -> None:
+    """Load a bundle's member `name` (backbone and head) into `member` (fine-tuning the next bundle from the
+    one that answered): the same class map, the same architecture; otherwise a CheckpointError saying which."""
+    from .bundle import Bundle
+    from .checkpoint import CheckpointError
+    bundle = Bundle.load(bundle_dir)
+    bundle.classes.check_same(classes, f"class maps of --init-from {bundle_dir} and the dataset")
+    if name not in bundle.member_names:
+        raise CheckpointError(f"--init-from {bundle_dir} has no member {name!r} (it has {bundle.member_names}); "
+                              "train its members, or start from ImageNet weights without --init-from")
+    src = bundle.load_member(name)
+    shape = lambda m: (m.head_config.hidden, m.head_config.batchnorm, m.data_config.normalize)  # noqa: E731
+    if shape(src) != shape(member):
+        raise CheckpointError(f"--init-from {bundle_dir}: its {name} has another head or normalisation "
+                              f"{shape(src)} than this run's {shape(member)}; train with the same head and "
+                              "normalisation settings (dropout may differ)")
+    missing = member.load_state_dict(src.state_dict(), strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise CheckpointError(f"--init-from {bundle_dir}: {name}'s weights do not fit this run's model "
+                              f"({len(missing.missing_keys)} missing, {len(missing.unexpected_keys)} unexpected keys)")
 
 
 def train_member(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print,

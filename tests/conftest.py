@@ -26,6 +26,17 @@ if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
 
 from pathlib import Path  # noqa: E402
 
+# The service's state (its answer records, the photographs kept with consent) in a folder of the session's
+# own, which the Serve replicas inherit through the environment of the Ray the tests start
+if not os.environ.get("SKINRAY_STATE_DIR"):
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["SKINRAY_STATE_DIR"] = tempfile.mkdtemp(prefix="skinray-test-state-")
+    atexit.register(shutil.rmtree, os.environ["SKINRAY_STATE_DIR"], True)
+STATE = Path(os.environ["SKINRAY_STATE_DIR"])
+PHOTOS = STATE / "photos"  # the session's app keeps photographs with consent here
+
 ROOT = Path(__file__).resolve().parents[1]
 # Ray workers (Serve replicas, Train workers) import serve_app and jobs from the repository root.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -107,7 +118,7 @@ def deploy(bundle, **overrides):
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from service.config import AppArgs, serve_application
     from skin.bundle import Bundle
-    args = AppArgs(bundle=str(bundle), **overrides)
+    args = AppArgs(bundle=str(bundle), **({"photos_dir": str(PHOTOS)} | overrides))
     candidate = Bundle.load(args.candidate.bundle).member_names if args.candidate else None
     app = serve_application(args, Bundle.load(bundle).member_names, candidate)
     ServeSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").deploy_applications(

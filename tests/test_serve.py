@@ -72,6 +72,40 @@ def test_occlusion_on_request_is_the_in_process_ensembles_map(api, random_bundle
     assert bad.status_code == 422 and "cam_stride" in bad.json()["error"]["message"]
 
 
+def test_every_answer_is_on_record_and_reviewers_correct_it(api):
+    """Each answer is recorded with its request id, bundle, class and the photograph's SHA-256 (the photo
+    itself only with the deployment's photos_dir and the request's consent); POST /v1/feedback takes a
+    confirmation or a correction, the queue shows what waits, and bad reviews get a clear 4xx."""
+    from conftest import PHOTOS, STATE
+    from skin.records import Records, sha256
+    plain, consented = _jpeg(1, 40), _jpeg(3, 41)
+    a = post(api, plain, params={"cam": "false"})
+    b = post(api, consented, params={"cam": "false", "consent": "true"})
+    assert a.status_code == b.status_code == 200
+    a, b = a.json(), b.json()
+    assert a["request_id"] and not a["photo_kept"] and b["photo_kept"]
+    kept = list(PHOTOS.rglob("*.jpg"))
+    assert [p.read_bytes() for p in kept if p.stem == sha256(consented)] == [consented]
+    assert not any(p.stem == sha256(plain) for p in kept)  # no consent: only the hash is kept
+    review = lambda **kw: requests.post(api + "/v1/feedback", json={"reviewer": "dr-a", **kw}, timeout=30)
+    r = review(request_id=a["request_id"], right_class="Malign" if a["class"] != "Malign" else "Akne", note="biopsy")
+    assert r.status_code == 200 and r.json()["agreed"] is False, r.text
+    assert review(request_id=b["request_id"], confirmed=True).json()["agreed"] is True
+    row = Records.open(f"sqlite:///{STATE / 'records.sqlite'}").answer(a["request_id"])
+    assert row["image_sha256"] == sha256(plain) and row["answer_class"] == a["class"] and row["photo"] is None
+    assert row["bundle"] == a["bundle"] and row["reviews"][0]["note"] == "biopsy"
+    queue = requests.get(api + "/v1/review-queue", timeout=30).json()
+    disputed = [q for q in queue["queue"] if q["request_id"] == a["request_id"]]
+    assert disputed and disputed[0]["why"] == "disputed" and not disputed[0]["has_photo"]
+    assert queue["agreement"][b["class"]]["agreed"] >= 1
+    for body, status, says in (({"request_id": "no-such-id", "confirmed": True}, 404, "no answer with request id"),
+                               ({"request_id": a["request_id"], "right_class": "Mole"}, 422, "unknown class"),
+                               ({"request_id": a["request_id"]}, 422, "not both or neither")):
+        bad = review(**body)
+        assert bad.status_code == status and says in bad.json()["error"]["message"], bad.text
+    assert requests.post(api + "/v1/feedback", json={"request_id": "x"}, timeout=10).status_code == 422
+
+
 def test_cam_off_and_class_choice(api):
     assert "gradcam" not in post(api, _jpeg(), params={"cam": "false"}).json() or \
         post(api, _jpeg(), params={"cam": "false"}).json()["gradcam"] is None
@@ -157,6 +191,9 @@ def test_api_key_and_member_failure(api, random_bundle):
         assert requests.get(api + "/healthz", timeout=5).status_code == 200
         assert post(api, _jpeg()).status_code == 401
         assert post(api, _jpeg(), headers={"X-API-Key": "wrong"}).status_code == 401
+        review = {"request_id": "x", "reviewer": "dr", "confirmed": True}
+        assert requests.post(api + "/v1/feedback", json=review, timeout=10).status_code == 401  # a reviewer, no key
+        assert requests.get(api + "/v1/review-queue", timeout=10).status_code == 401
         assert post(api, _jpeg(), headers={"X-API-Key": "s3cret"}).status_code == 200
         assert post(api, _jpeg(), headers={"Authorization": "Bearer s3cret"}).status_code == 200
         # ... on the Open Inference Protocol's model routes too; its probes stay open

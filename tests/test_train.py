@@ -30,6 +30,35 @@ def test_one_member_trains_and_reports_each_epoch(scanned, tmp_path):
     assert (tmp_path / "run" / "latest" / "optimizer.safetensors").is_file()
 
 
+def test_init_from_a_bundle_starts_from_its_members_weights(scanned, random_bundle, tmp_path, capsys):
+    """--init-from: the next bundle fine-tuned from the one that answered: the run's first weights are the
+    bundle member's (head included); a bundle of another class map or without the member: one line, exit 2."""
+    import torch
+    from skin.classes import ClassMap
+    from skin.train import init_from_bundle
+    from skin.registry import create_model
+    src = Bundle.load(random_bundle).load_member("mobilenetv2")
+    fresh = create_model("mobilenetv2", 6, pretrained="none", input_size=64)
+    init_from_bundle(fresh, str(random_bundle), "mobilenetv2", ClassMap())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), src.state_dict().values()))
+    rt = LocalRuntime(str(tmp_path / "run"))  # and it trains from there
+    train_member(TrainConfig(backbone="mobilenetv2", data_dir=str(scanned), init_from=str(random_bundle),
+                             **{**TINY, "epochs": 1}), rt, log=lambda s: None)
+    assert len(rt.history) == 1
+    import jobs.train as job
+    from skin.bundle import write_bundle
+    other = tmp_path / "other"
+    write_bundle(other, ClassMap(["a", "b", "c", "d", "e", "f"]), {"mobilenetv2": fresh}, untrained=True)
+    write_bundle(tmp_path / "one", ClassMap(), {"mobilenetv2": fresh}, untrained=True)
+    for bundle, members, says in ((other, "mobilenetv2", "class map"),
+                                  (tmp_path / "one", "mobilenetv2 resnet50", "no member(s) ['resnet50']"),
+                                  (tmp_path / "nope", "mobilenetv2", "nope")):
+        assert job.main(["--data", str(scanned), "--out", str(tmp_path / "o"), "--smoke", "--members", *members.split(),
+                         "--init-from", str(bundle)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_output_stride_is_trained_and_saved(scanned, tmp_path):
     from skin.checkpoint import load_member
     rt = LocalRuntime(str(tmp_path / "run"))

@@ -119,6 +119,35 @@ def test_several_uploads_make_a_table(api, monkeypatch):
     assert list(table["file"]) == ["a.jpg", "b.jpg"]
 
 
+def test_a_reviewer_corrects_an_answer_and_finds_it_in_the_queue(api, monkeypatch):
+    """Under the answer: Wrong -> the right class, sent as the sidebar's reviewer to POST /v1/feedback; without
+    a name, nothing is sent and the page says why; the review queue view then lists the disputed answer."""
+    at = _page(monkeypatch, api)
+    at.file_uploader[0].upload("review-me.jpg", _jpeg(2, 77), "image/jpeg")
+    at.run()
+    assert not at.exception, at.exception
+    answered = at.metric[0].value
+    at.radio(key="verdict-review-me.jpg").set_value("Wrong")
+    right = at.selectbox(key="right-review-me.jpg")
+    assert answered not in right.options
+    right.set_value(right.options[0])
+    at.button[0].click()  # the form's submit, without a reviewer's name
+    at.run()
+    assert any("Enter your name as the reviewer" in e.value for e in at.error)
+    at.text_input(key="reviewer").set_value("dr-page")
+    at.radio(key="verdict-review-me.jpg").set_value("Wrong")
+    at.selectbox(key="right-review-me.jpg").set_value(right.options[0])
+    at.button[0].click()
+    at.run()
+    assert not at.exception and any(f"corrected to {right.options[0]}" in m.value for m in at.success), at.error
+    at.radio(key="view").set_value("Review queue")
+    at.run()
+    assert not at.exception
+    queue = at.dataframe[0].value
+    mine = queue[queue["reviews"] == f"dr-page: {right.options[0]}"]
+    assert len(mine) == 1 and mine["why"].iloc[0] == "disputed" and mine["answered"].iloc[0] == answered
+
+
 def test_api_error_is_a_readable_message(api, monkeypatch):
     at = _page(monkeypatch, api)
     at.file_uploader[0].upload("notes.jpg", b"this is not a photograph", "image/jpeg")

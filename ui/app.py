@@ -191,10 +191,65 @@ def show_result(name: str, image: Image.Image, result: dict, alpha: float, info:
                        "application/json", key=f"json-{name}")
 
 
+def review_box(api: str, key: str, name: str, result: dict, info: dict | None) -> None:
+    """Under an answer: Right, or Wrong and the right class, with a note, sent to POST /v1/feedback under the
+    reviewer's name (the sidebar's). The answer is on record by its request id."""
+    rid = result.get("request_id")
+    if not rid:
+        return
+    classes = (info or {}).get("classes") or list(result["probabilities"])
+    with st.form(f"review-{name}"):
+        st.markdown("**Review this answer**")
+        verdict = st.radio("The answer is", ["Right", "Wrong"], horizontal=True, key=f"verdict-{name}")
+        others = [c for c in classes if c != result["class"]]
+        right = st.selectbox("If wrong, the right class", others, key=f"right-{name}")
+        note = st.text_input("Note (optional)", key=f"note-{name}")
+        sent = st.form_submit_button("Send review")
+    if sent:
+        reviewer = st.session_state.get("reviewer", "").strip()
+        if not reviewer:
+            st.error("Enter your name as the reviewer in the sidebar first; the review was not sent.")
+            return
+        body = {"request_id": rid, "reviewer": reviewer, "note": note,
+                **({"confirmed": True} if verdict == "Right" else {"right_class": right})}
+        try:
+            call("POST", f"{api}/v1/feedback", key, json=body)
+        except ApiProblem as e:
+            st.error(f"The review was not saved: {e}")
+            return
+        st.success("Review saved: " + ("confirmed." if verdict == "Right" else f"corrected to {right}."))
+
+
+def review_queue(api: str, key: str) -> None:
+    """Answers that wait for a specialist (uncertain and not reviewed, or disputed), oldest first, and how
+    often reviewers agreed with the model per class."""
+    st.title("Review queue")
+    try:
+        data = call("GET", f"{api}/v1/review-queue", key, params={"limit": 200})
+    except ApiProblem as e:
+        st.error(str(e))
+        return
+    if not data["queue"]:
+        st.info("Nothing waits for review: no uncertain answer is unreviewed and no answer is disputed.")
+    else:
+        st.dataframe(pd.DataFrame([{
+            "time": q["at"], "request id": q["request_id"], "why": q["why"], "answered": q["answer_class"],
+            "confidence": max(q["probabilities"].values()), "reviews": "; ".join(
+                f"{r['reviewer']}: {r['right_class']}" for r in q["reviews"]) or "none",
+            "photo kept": q["has_photo"]} for q in data["queue"]]), width="stretch", hide_index=True)
+    if data["agreement"]:
+        st.markdown("**Reviewers' agreement with the model, by answered class**")
+        st.dataframe(pd.DataFrame(data["agreement"]).T, width="stretch")
+
+
 def main() -> None:
     st.set_page_config(page_title="skinray", layout="wide")
     st.set_option("client.toolbarMode", "viewer")  # a clinician's page: no Deploy / Rerun / Clear cache
     api, key, alpha, info = sidebar()
+    st.sidebar.text_input("Reviewer (your name, for reviews)", key="reviewer")
+    if st.sidebar.radio("View", ["Classify", "Review queue"], key="view") == "Review queue":
+        review_queue(api, key)
+        return
     st.title("Skin-lesion classifier")
     st.info(NOTICE)
     formats = ((info or {}).get("limits") or {}).get("formats") or list(SUFFIXES)
@@ -228,6 +283,7 @@ def main() -> None:
             st.error(f"{name}: {a}")
         elif images[name] is not None:
             show_result(name, images[name], a, alpha, info)
+            review_box(api, key, name, a, info)
         st.divider()
 
 

@@ -1,0 +1,243 @@
+"""The clinic's record (skin.records, service.records): every answer on record, reviews, the queue, consent-
+gated photographs, retention and deletion, the export that `skin data scan` takes — against SQLite and a
+real PostgreSQL server the tests start (Debian's binaries, as the postgres user, on a Unix socket only);
+and the writer that keeps answers off the store's path: a store that is down loses nothing."""
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from skin.records import PhotoStore, RecordError, Records, answer_row, sha256
+from skin.synth import jpeg_bytes, make_sample
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+CLASSES = ["Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Postgres:
+    """A PostgreSQL server of the test's own in a temporary folder: no TCP (listen_addresses=''), its socket
+    in that folder; started and stopped at will (a store that goes down)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.data = root / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres", "postgres")
+        self._as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"])
+        self.url = f"postgresql+psycopg://postgres@/postgres?host={root}&port={self.port}"
+
+    def _as_postgres(self, cmd: list[str]) -> None:
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--"] + cmd
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.root / "log"), "-o",
+                           f"-c listen_addresses='' -c unix_socket_directories={self.root} -p {self.port}", "start"])
+
+    def stop(self) -> None:
+        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop"])
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip("PostgreSQL 15's binaries are not installed (Debian's postgresql-15)")
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="skinray-test-pg-"))  # under /tmp: pytest's own folders are root's only
+    pg = Postgres(root)
+    pg.start()
+    yield pg
+    try:
+        pg.stop()
+    except subprocess.CalledProcessError:
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> Records:
+    if request.param == "sqlite":
+        return Records.open(f"sqlite:///{tmp_path / 'state' / 'records.sqlite'}")
+    pg = request.getfixturevalue("postgres")
+    records = Records.open(pg.url)
+    with records.engine.begin() as c:  # each test from empty tables
+        c.exec_driver_sql("TRUNCATE reviews, answers")
+    return records
+
+
+def _answer(cls="Malign", uncertain=False, bundle="sk-1") -> dict:
+    probs = {c: (0.5 if c == cls else 0.1) for c in CLASSES}
+    return {"class": cls, "probabilities": probs, "uncertain": uncertain, "bundle": bundle,
+            "uncertain_reasons": ["low confidence"] if uncertain else []}
+
+
+def _row(rid, cls="Malign", uncertain=False, data=b"photo", at=None, photo=None) -> dict:
+    return answer_row(rid, _answer(cls, uncertain), sha256(data), "v1", 12.5, {"cam": True}, photo, at)
+
+
+def test_answers_reviews_queue_and_agreement(store):
+    assert store.add_answers([_row("a", "Malign"), _row("b", "Akne", uncertain=True), _row("c", "Benign")]) == 3
+    assert store.add_answers([_row("a", "Malign")]) == 0  # a retried write never duplicates
+    got = store.answer("a")
+    assert got["answer_class"] == "Malign" and got["image_sha256"] == sha256(b"photo") and got["photo"] is None
+    assert got["probabilities"]["Malign"] == 0.5 and got["route"] == "v1"
+    # the queue: the uncertain answer no one reviewed; then a correction puts the other one there too
+    assert [q["request_id"] for q in store.queue()] == ["b"]
+    r = store.review("a", "dr-a", right_class="Pigment", note="dermoscopy says pigment", classes=CLASSES)
+    assert not r["agreed"] and r["answer_class"] == "Malign"
+    assert store.review("b", "dr-a", confirmed=True, classes=CLASSES)["agreed"]  # settles the uncertain one
+    store.review("c", "dr-b", confirmed=True, classes=CLASSES)
+    queue = store.queue()
+    assert [(q["request_id"], q["why"]) for q in queue] == [("a", "disputed")]
+    assert queue[0]["reviews"][0]["note"] == "dermoscopy says pigment"
+    agreement = store.agreement()
+    assert agreement["Malign"] == {"reviewed": 1, "agreed": 0, "agreement": 0.0}
+    assert agreement["Akne"]["agreement"] == 1.0 and agreement["Benign"]["reviewed"] == 1
+
+
+@pytest.mark.parametrize("kwargs,status,says", [
+    ({"request_id": "nope", "reviewer": "dr", "confirmed": True}, 404, "no answer with request id 'nope'"),
+    ({"request_id": "a", "reviewer": "dr", "right_class": "Mole"}, 422, "unknown class 'Mole'"),
+    ({"request_id": "a", "reviewer": "dr"}, 422, "not both or neither"),
+    ({"request_id": "a", "reviewer": "dr", "confirmed": True, "right_class": "Akne"}, 422, "not both or neither"),
+    ({"request_id": "a", "reviewer": " ", "confirmed": True}, 422, "needs `reviewer`"),
+])
+def test_a_bad_review_says_what_is_wrong_and_writes_nothing(store, kwargs, status, says):
+    store.add_answers([_row("a")])
+    with pytest.raises(RecordError) as e:
+        store.review(classes=CLASSES, **kwargs)
+    assert e.value.status == status and says in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert store.answer("a")["reviews"] == []
+
+
+def test_delete_retention_and_photographs(store, tmp_path):
+    photos = PhotoStore(tmp_path / "photos")
+    kept = photos.put(b"consented photo")
+    assert photos.path(kept).read_bytes() == b"consented photo" and kept.startswith(sha256(b"consented photo")[:2])
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)
+    store.add_answers([_row("old", at=old), _row("new", data=b"consented photo", photo=kept)])
+    store.review("new", "dr", confirmed=True)
+    assert store.purge(dt.timedelta(days=30), photos) == 1  # the retention period
+    assert store.answer("old") is None and store.answer("new") is not None
+    assert store.delete("new", photos) and store.answer("new") is None  # deletion by request id, reviews too
+    assert not photos.path(kept).exists()
+    assert not store.delete("new", photos)
+
+
+def test_export_is_a_dataset_scan_takes(store, tmp_path):
+    photos = PhotoStore(tmp_path / "photos")
+    rows = []
+    for i in range(8):
+        data = jpeg_bytes(make_sample(i % 2, 0, i, 96), 0, i)
+        rows.append(_row(f"r{i}", "Malign", data=data, photo=photos.put(data)))
+    rows.append(_row("no-photo", "Malign", data=b"only its hash"))
+    store.add_answers(rows)
+    for i in range(8):  # half corrected to Akne, half confirmed
+        store.review(f"r{i}", "dr", **({"right_class": "Akne"} if i % 2 else {"confirmed": True}))
+    store.review("no-photo", "dr", confirmed=True)
+    summary = store.export(tmp_path / "export", photos)
+    assert summary == {"exported": 8, "photos": 8, "without_photo": 1, "corrected": 4,
+                       "manifest": str(tmp_path / "export" / "manifest.csv")}
+    m = pd.read_csv(summary["manifest"])
+    assert sorted(m["label"].value_counts().to_dict().items()) == [("Akne", 4), ("Malign", 4)]
+    assert all(Path(p).is_file() for p in m["path"]) and (m["group"].str.len() == 64).all()
+    from skin.cli import main
+    assert main(["data", "scan", summary["manifest"], "--out", str(tmp_path / "scanned"), "--quiet",
+                 "--workers", "1"]) == 0
+    with pytest.raises(RecordError, match="not empty"):  # never over an earlier export
+        store.export(tmp_path / "export", photos)
+    later = store.export(tmp_path / "none", photos, since=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
+    assert later["exported"] == 0
+
+
+def test_a_store_that_cannot_be_opened_says_so_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for url, says in ((f"sqlite:///{tmp_path / 'file' / 'db.sqlite'}", "cannot be opened"),
+                      ("nosuchdb://x", "cannot be opened"),
+                      ("postgresql+psycopg://u:secret@/db?host=/nonexistent&port=1", "cannot be opened")):
+        with pytest.raises(RecordError) as e:
+            Records.open(url)
+        assert says in str(e.value) and len(str(e.value).splitlines()) == 1 and "secret" not in str(e.value)
+
+
+def test_the_writer_keeps_answers_off_the_stores_path_and_loses_none_while_it_is_down(postgres):
+    """The store goes down: submits still return at once, every failed attempt is counted, the rows wait;
+    the store comes back: all of them are written, once."""
+    from service.records import RecordWriter
+    events = []
+    Records.open(postgres.url)  # tables exist
+    writer = RecordWriter(postgres.url, on_change=lambda what, n: events.append(what))
+    writer.submit(_row("w0"))
+    assert writer.flush(30)
+    postgres.stop()
+    try:
+        for i in range(1, 6):
+            writer.submit(_row(f"w{i}"))
+        deadline = time.time() + 30
+        while writer.failed < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert writer.failed >= 2 and len(writer.pending) == 5 and "failed" in events
+        assert writer.snapshot()["pending"] == 5 and writer.snapshot()["lost"] == 0
+    finally:
+        postgres.start()
+    assert writer.flush(60), writer.snapshot()
+    store = Records.open(postgres.url)
+    from skin.records import answers
+    with store.engine.connect() as c:
+        ids = sorted(r for (r,) in c.execute(answers.select().with_only_columns(answers.c.request_id).where(
+            answers.c.request_id.like("w%"))))
+    assert ids == [f"w{i}" for i in range(6)]
+    writer.close()
+
+
+def test_past_its_bound_the_writer_counts_what_it_gives_up(tmp_path):
+    from service.records import RecordWriter
+    lost = []
+    (tmp_path / "file").write_text("x")
+    writer = RecordWriter(f"sqlite:///{tmp_path / 'file' / 'db.sqlite'}", max_pending=3,
+                          on_change=lambda what, n: lost.append(n) if what == "lost" else None)
+    for i in range(5):
+        writer.submit(_row(f"x{i}"))
+    assert writer.lost == 2 and sum(lost) == 2 and [p["row"]["request_id"] for p in writer.pending][-3:] == \
+        ["x2", "x3", "x4"]
+    writer.close()
+
+
+def test_the_records_commands(tmp_path, capsys):
+    """`skin records queue|export|delete|purge` on the service's SQLite; bad input: one line, exit 2."""
+    from skin.cli import main
+    url = f"sqlite:///{tmp_path / 'records.sqlite'}"
+    photos = PhotoStore(tmp_path / "photos")
+    data = jpeg_bytes(make_sample(2, 0, 1, 96), 0, 1)
+    store = Records.open(url)
+    store.add_answers([_row("q1", "Akne", uncertain=True), _row("q2", "Malign", data=data, photo=photos.put(data))])
+    store.review("q2", "dr", right_class="Benign")
+    assert main(["records", "queue", "--db", url]) == 0
+    out = capsys.readouterr().out
+    assert "q1" in out and "uncertain" in out and "q2" in out and "disputed" in out and "dr: Benign" in out
+    assert main(["records", "export", "--db", url, "--photos", str(photos.root), "--out", str(tmp_path / "e")]) == 0
+    assert "exported 1 reviewed photograph(s) (1 corrected" in capsys.readouterr().out
+    for argv, says in ((["records", "export", "--db", url, "--out", str(tmp_path / "f")], "--photos"),
+                       (["records", "delete", "nope", "--db", url], "no answer with request id 'nope'"),
+                       (["records", "export", "--db", url, "--photos", "p", "--since", "May", "--out", "g"],
+                        "is not a date")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert main(["records", "delete", "q2", "--db", url, "--photos", str(photos.root)]) == 0
+    assert not list(photos.root.rglob("*.jpg")) and store.answer("q2") is None
+    assert main(["records", "purge", "--older-than-days", "0", "--db", url]) == 0 and store.answer("q1") is None
