@@ -18,13 +18,14 @@ The modes that read synthetic lesions take --bundle, --data, --synth and --split
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 import _harness  # noqa: F401  (the repository on sys.path)
+from explain import border, distractors, faithfulness, frontier, lesion_removed, search, sweep
 
-MODES = {"frontier": "frontier", "faithfulness": "faithfulness", "search": "search", "distractors": "distractors",
-         "lesion-removed": "lesion_removed", "border": "border", "sweep": "sweep"}
+MODES = {"frontier": frontier.main, "faithfulness": faithfulness.main, "search": search.main,
+         "distractors": distractors.main, "lesion-removed": lesion_removed.main, "border": border.main,
+         "sweep": sweep.main}
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
         print(__doc__ if not argv or argv[0] in ("-h", "--help") else
               f"explanations.py: unknown mode {argv[0]!r}; one of {', '.join(MODES)}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    importlib.import_module(f"explain.{MODES[argv[0]]}").main(argv[1:])
+    MODES[argv[0]](argv[1:])
     return 0
 
 

@@ -27,6 +27,8 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN RAY_USAGE_STATS_ENABLED=0
 # 127.0.0.1, and every one of them then listens on loopback only (tests/test_reliability.py checks with ss).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}
 export PATH="$PWD/.venv/bin:$PATH"   # jobs run `python` from the project's venv
+# the service's state (its answer records: skin.records) beside the head's, unless set
+export SKINRAY_STATE_DIR=${SKINRAY_STATE_DIR:-$STATE}
 
 make_token() {
   [ -s "$TOKEN" ] && return 0

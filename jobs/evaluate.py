@@ -79,17 +79,11 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(a.bundle).resolve().parent / f"eval-{a.split}"
 
     import ray
-    from skin.cluster import ClusterError, init_ray, plan_cluster
+    from skin.cluster import start_job
     from skin.plan import Group
-    try:
-        init_ray(a.num_cpus, a.verbose)
-        plan = plan_cluster("evaluate.py", [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)],
-                            a.node_types, a.dry_run, a.scale_timeout)
-    except ClusterError as e:
-        print(f"evaluate.py: {e}", file=sys.stderr)
-        return e.code
-    if a.dry_run:
-        return 0
+    plan = start_job("evaluate.py", a, [Group("scorer", a.actors, a.cpus_per_actor, a.gpus_per_actor)])
+    if isinstance(plan, int):
+        return plan
     cpus = plan.groups[0].cpus
     t0 = time.time()
 

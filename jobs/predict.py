@@ -90,17 +90,11 @@ def main(argv=None) -> int:
     if todo:
         import ray
         from skin.batch import BatchPredictor
-        from skin.cluster import ClusterError, init_ray, plan_cluster
+        from skin.cluster import start_job
         from skin.plan import Group
-        try:
-            init_ray(a.num_cpus, a.verbose)
-            plan = plan_cluster("predict.py", [Group("predictor", a.workers, a.cpus_per_worker, a.gpus_per_worker)],
-                                a.node_types, a.dry_run, a.scale_timeout)
-        except ClusterError as e:
-            print(f"predict.py: {e}", file=sys.stderr)
-            return e.code
-        if a.dry_run:
-            return 0
+        plan = start_job("predict.py", a, [Group("predictor", a.workers, a.cpus_per_worker, a.gpus_per_worker)])
+        if isinstance(plan, int):
+            return plan
         cpus = a.cpus_per_worker or plan.groups[0].cpus
         if not a.verbose:
             from skin.progress import quiet_ray_data

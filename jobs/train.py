@@ -176,19 +176,13 @@ def main(argv=None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
 
-    from skin.cluster import ClusterError, init_ray, plan_cluster, release_nodes
+    from skin.cluster import release_nodes, start_job
     from skin.distributed import Scaling
     from skin.plan import Group
     gpus = float(cfg["gpus_per_worker"] or 0)
-    try:
-        init_ray(a.num_cpus, a.verbose)
-        plan = plan_cluster("train.py", [Group(m, cfg["workers"][1], cfg["cpus_per_worker"], gpus) for m in members],
-                            a.node_types, a.dry_run, a.scale_timeout)
-    except ClusterError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return e.code
-    if a.dry_run:
-        return 0
+    plan = start_job("train.py", a, [Group(m, cfg["workers"][1], cfg["cpus_per_worker"], gpus) for m in members])
+    if isinstance(plan, int):
+        return plan
     scaling = Scaling(cfg["workers"][1], plan.groups[0].cpus, gpus, min_workers=cfg["workers"][0])
     try:
         return _train(cfg, members, weights, configs, scaling, data_dir, out, a.verbose)

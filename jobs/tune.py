@@ -33,7 +33,7 @@ from skin.calibration import (apply_temperature, best_index, dirichlet_candidate
                               score_candidates, simplex_grid, temperature_fit)
 from skin.ensemble import combine
 from skin.checkpoint import load_tensors
-from skin.cluster import ClusterError, add_cluster_arguments, init_ray, plan_cluster
+from skin.cluster import ClusterError, add_cluster_arguments, init_ray, start_job
 from skin.progress import quiet
 from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
 from skin.train import SCORE, TrainConfig
@@ -191,15 +191,9 @@ def cmd_dropout(a) -> int:
     from ray import tune
     from skin.plan import Group
     out = Path(a.out).resolve()
-    try:  # each concurrent trial is one Train worker
-        init_ray(a.num_cpus, a.verbose)
-        plan_cluster("tune.py", [Group("trial", a.concurrent, a.cpus_per_trial, 0.0)], a.node_types, a.dry_run,
-                     a.scale_timeout)
-    except ClusterError as e:
-        print(f"tune.py: {e}", file=sys.stderr)
-        return e.code
-    if a.dry_run:
-        return 0
+    plan = start_job("tune.py", a, [Group("trial", a.concurrent, a.cpus_per_trial, 0.0)])  # a trial: one worker
+    if isinstance(plan, int):
+        return plan
     out.mkdir(parents=True, exist_ok=True)
     base = {"epochs": a.epochs, "image_size": a.image_size, "pretrained": a.pretrained, "batch_size": a.batch_size,
             "per_image_norm": a.per_image_norm, "augment": a.augment, "data_dir": str(Path(a.data).resolve())}

@@ -33,7 +33,8 @@ class MemberModel:
         self.torch, self.amp = torch, amp
         bundle = Bundle.load(bundle_dir)
         self.name = name
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from skin.device import default_device
+        self.device = default_device()
         self.runs = {(): MemberRunner.from_bundle(bundle, name, self.device, amp, graphs=graphs)}  # as `skin predict`
         captured = self.runs[()].warm_up(max_batch_size)  # the first request pays no compile
         if captured:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -180,7 +180,8 @@ class BatchPredictor:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from .device import default_device
+        device = device or str(default_device())
         self.predictor = Predictor(self.bundle, device=device, uncertain_below=uncertain_below, amp=amp,
                                    explain=explain, graphs=graphs)
         if max_batch:  # compiled members (skin.graphs): every batch size the job can hand over, captured now

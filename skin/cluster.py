@@ -125,6 +125,21 @@ def _free_per_node() -> dict:
         return {}
 
 
+def start_job(prog: str, args: argparse.Namespace, groups):
+    """Every job's start-up: join or start Ray (init_ray, with the job's --num-cpus and --verbose), plan its
+    worker `groups` against the cluster's nodes (plan_cluster, with --node-types, --dry-run, --scale-timeout).
+    Returns the plan, or the exit code the job returns at once: 0 after a dry run, a ClusterError's code with
+    its one line on stderr."""
+    import sys
+    try:
+        init_ray(args.num_cpus, args.verbose)
+        plan = plan_cluster(prog, groups, args.node_types, args.dry_run, args.scale_timeout)
+    except ClusterError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.code
+    return 0 if args.dry_run else plan
+
+
 def plan_cluster(prog: str, groups, node_types_file: str | None = None, dry_run: bool = False,
                  scale_timeout_s: float = 900):
     """The plan for `groups` on the connected cluster, printed. ClusterError (exit 2) when a worker

@@ -14,6 +14,12 @@ import torch
 AMP_CHOICES = ("auto", "bf16", "off")
 
 
+def default_device(gpu_assigned: bool = True) -> torch.device:
+    """Where a member runs unless told: the GPU when there is one (and, under Ray, one was assigned to this
+    worker), else the CPU."""
+    return torch.device("cuda" if gpu_assigned and torch.cuda.is_available() else "cpu")
+
+
 def check_amp(amp: str) -> str:
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")

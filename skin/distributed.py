@@ -78,8 +78,8 @@ class TuneRuntime(SingleWorker):
 
     def __post_init__(self) -> None:
         import ray
-        import torch
-        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        from .device import default_device
+        self.device = default_device(bool(ray.get_gpu_ids()))
 
     def report(self, metrics, checkpoint_dir):
         from ray import tune

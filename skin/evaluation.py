@@ -6,7 +6,6 @@ spread over a cluster) and a plain in-process loop (`score_locally`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -15,14 +14,12 @@ import pandas as pd
 import torch
 
 from .bundle import Bundle, update_metrics
-from .classes import ClassMap
 from .ensemble import Predictor, combine, describe
 from .faithfulness import PerturbationConfig
 from .gradcam import ensemble_map, method_name, normalize, upsample
 from .images import DATASET_LIMITS, ImageError, load_image
 from .inference import MemberRunner
-from .metrics import (compute_metrics, confusion_figure, contrast_map, ece_comparison, energy_inside,
-                      pointing_hit, reliability_figure)
+from .metrics import compute_metrics, contrast_map, ece_comparison, energy_inside, pointing_hit
 from .presets import eval_batches
 from .registry import get_spec, untrained_copy
 
@@ -51,7 +48,8 @@ class BatchScorer:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .device import default_device
+        self.device = torch.device(device) if device else default_device()
         self.ensemble = Predictor(self.bundle, device=str(self.device), amp=amp, explain=explain)
         self.runners = self.ensemble.runners
         self._untrained: dict[str, MemberRunner] | None = None

@@ -31,7 +31,7 @@ from .classes import ClassMap
 from .data import LESION_FREE, DatasetError, load_classes, load_lesion_free, load_manifest, training_split
 from .inference import calibrated, member_logits
 from .metrics import compute_metrics
-from .device import check_amp, configure_device
+from .device import check_amp, configure_device, default_device
 from .presets import eval_preset, train_preset
 from .registry import Member, check_output_stride, create_model, get_spec, is_random_init
 
@@ -131,7 +131,7 @@ class LocalRuntime(SingleWorker):
     """No Ray: one process; checkpoints kept under `out` (latest and best by val macro-F1)."""
 
     out: str
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device: torch.device = field(default_factory=lambda: default_device())
     cpus: float = float(os.cpu_count() or 1)
     world_size: int = 1
     rank: int = 0
