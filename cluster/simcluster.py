@@ -135,7 +135,8 @@ def drill(data: str, out: str, epochs: int = 5, image_size: int = 32, kill: bool
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
         cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--out", out, "--smoke",
                "--members", "mobilenetv2", "--workers", "2", "--cpus-per-worker", "1", "--epochs", str(epochs),
-               "--image-size", str(image_size), "--name", "drill", "--max-failures", "3"]
+               "--image-size", str(image_size), "--name", "drill", "--max-failures", "3",
+               "--verbose"]  # the workers' own lines, as they print them: the drill reads ranks and resumes there
         t0 = time.time()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         log = LineLog(proc, echo)
