@@ -25,15 +25,18 @@ help:
 	@echo "make ui         the Streamlit page on 127.0.0.1:8501 (API at \$$SKINRAY_API_URL)"
 
 # What running the system needs (make demo); the tests' extras come on top (make test).
+# pip's own output goes to .venv/install.log (its last lines shown if it fails).
 $(RUN_STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch/torchvision pinned exactly (constraints.txt): other combinations download gigabytes
-	$(PIP) install -q -c constraints.txt -e '.[ray,ui]'
+	@echo "setting up .venv (the first time about 2 minutes; pip's output: $(VENV)/install.log)"
+	@$(PIP) install -q --upgrade pip >$(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
+	@# torch/torchvision pinned exactly (constraints.txt): other combinations download gigabytes
+	@$(PIP) install -q -c constraints.txt -e '.[ray,ui]' >>$(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
 	@touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	@echo "adding the test extras to .venv (pip's output: $(VENV)/install.log)"
+	@$(PIP) install -q -c constraints.txt -e '.[test]' >>$(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 
 # Browser for the end-to-end page test: Debian's chromium (Playwright drives it; nothing downloads a browser).

@@ -40,7 +40,8 @@ if [ "$STOP" = 1 ]; then stop_all; exit 0; fi
 t0=$(date +%s)
 LOGS=$DIR/logs
 mkdir -p "$LOGS"
-: >"$STATE/steps.tsv" 2>/dev/null || { mkdir -p "$STATE"; : >"$STATE/steps.tsv"; }
+mkdir -p "$STATE"
+: >"$STATE/steps.tsv"
 last=$t0
 # Each step: a header; its own progress lines (the jobs print them, skin.progress); everything, Ray's own
 # output included, in $LOGS/<n>-<name>.log; its time in the table at the end.

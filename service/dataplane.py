@@ -38,12 +38,13 @@ class Variant:
         self.data_configs = {e.name: e.data_config for e in self.bundle.members}
         self.checked = set()  # (member, layer) pairs a request named that exist
 
-    def check_layers(self, explain: Dict[str, Dict[str, Any]]) -> None:
-        """The layers a request names exist in their members (ExplanationError), checked once per pair."""
-        new = {n: o for n, o in explain.items() if o.get("layer") and (n, o["layer"]) not in self.checked}
+    def check_layers(self, explain) -> None:
+        """The layers a request ({member: Overrides}) names exist in their members (ExplanationError),
+        checked once per pair."""
+        new = {n: o for n, o in explain.items() if o.layer and (n, o.layer) not in self.checked}
         if new:
             self.bundle.check_explain(new)
-            self.checked |= {(n, o["layer"]) for n, o in new.items()}
+            self.checked |= {(n, o.layer) for n, o in new.items()}
 
 
 def prepare_inputs(data_configs: Dict[str, Any], image) -> Dict[str, np.ndarray]:
@@ -96,7 +97,7 @@ class DataPlane:
 
     async def answer(self, variant: Variant, pinned: bool, data: bytes, t0: float, ticket: Ticket, *,
                      cam: bool = True, alpha: float = 0.4, all_classes: bool = False, class_name: Optional[str] = None,
-                     explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True,
+                     explain: Optional[Dict[str, Any]] = None, render: bool = True,
                      request_id: str = "", route: str = "v1", consent: bool = False) -> Dict[str, Any]:
         """One upload's answer (the /v1/predict JSON; with `render=False` the raw ensemble map, no PNGs), or
         ApiError; `ticket`: its admission, released here. The answer is recorded (off its path)."""
@@ -139,7 +140,7 @@ class DataPlane:
 
     async def _predict(self, variant: Variant, data: bytes, t0: float, cam: bool = True, alpha: float = 0.4,
                        all_classes: bool = False, class_name: Optional[str] = None,
-                       explain: Optional[Dict[str, Dict[str, Any]]] = None, render: bool = True) -> Dict[str, Any]:
+                       explain: Optional[Dict[str, Any]] = None, render: bool = True) -> Dict[str, Any]:
         from skin.images import ImageError, load_image
         explain = explain or {}
         try:
@@ -149,7 +150,7 @@ class DataPlane:
         t_decode = time.perf_counter()
         inputs = await asyncio.to_thread(prepare_inputs, variant.data_configs, image)
         # without `cam` the members compute no maps; `explain` overrides each one's stored Explanation
-        options = {n: (cam, tuple(sorted(explain.get(n, {}).items()))) for n in inputs}
+        options = {n: (cam, explain.get(n) or None) for n in inputs}
         results, missing = await self._fan_out(variant, {n: x if options[n] == DEFAULT_OPTIONS else (x, options[n])
                                                          for n, x in inputs.items()})
         t_members = time.perf_counter()

@@ -14,8 +14,9 @@ from .config import DEFAULT_MEMBER_CPUS, MemberOptions
 
 logger = logging.getLogger("ray.serve")
 
-# What a member computes for a plain image: (maps, no change to the bundle's Explanation).
-DEFAULT_OPTIONS: Tuple[bool, Tuple[Tuple[str, Any], ...]] = (True, ())
+# What a member computes for a plain image: (maps, no change to the bundle's Explanation). The second item is
+# otherwise a request's skin.explanation.Overrides for this member (hashable: its derived runner's key).
+DEFAULT_OPTIONS: Tuple[bool, Any] = (True, None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": DEFAULT_MEMBER_CPUS}, max_ongoing_requests=32)
@@ -35,12 +36,12 @@ class MemberModel:
         self.name = name
         from skin.device import default_device
         self.device = default_device()
-        self.runs = {(): MemberRunner.from_bundle(bundle, name, self.device, amp, graphs=graphs)}  # as `skin predict`
-        captured = self.runs[()].warm_up(max_batch_size)  # the first request pays no compile
+        self.runs = {None: MemberRunner.from_bundle(bundle, name, self.device, amp, graphs=graphs)}  # as `skin predict`
+        captured = self.runs[None].warm_up(max_batch_size)  # the first request pays no compile
         if captured:
             logger.info("member %s: compiled passes for batch sizes %s on %s", name, captured, self.device)
-        self.pixels = eval_pixels(self.runs[()].member.data_config)  # the ingress sends the resized uint8 image
-        if amp == "bf16" and not self.runs[()].bf16:
+        self.pixels = eval_pixels(self.runs[None].member.data_config)  # the ingress sends the resized uint8 image
+        if amp == "bf16" and not self.runs[None].bf16:
             logger.warning("member %s: amp=bf16 asked for, but this CPU has no native bf16: running fp32", name)
         self.fault_drill = False
         self.predict.set_max_batch_size(max_batch_size)
@@ -49,14 +50,14 @@ class MemberModel:
     def reconfigure(self, config: Dict[str, Any]) -> None:
         self.fault_drill = bool((config or {}).get("fault_drill", False))
 
-    def _runner(self, explain: Tuple[Tuple[str, Any], ...]):
-        """The member with the bundle's Explanation overridden by `explain` ((option, value) pairs);
-        built once per setting asked for, sharing the member's weights (the answer never depends on it)."""
-        if explain not in self.runs:
-            self.runs[explain] = self.runs[()].with_explanation(**dict(explain))
-        return self.runs[explain]
+    def _runner(self, overrides):
+        """The member with the bundle's Explanation and a request's Overrides (None: none); built once per
+        setting asked for, sharing the member's weights (the answer never depends on it)."""
+        if overrides not in self.runs:
+            self.runs[overrides] = self.runs[None].with_explanation(overrides)
+        return self.runs[overrides]
 
-    def _run(self, batch: np.ndarray, options: Tuple[bool, Tuple[Tuple[str, Any], ...]] = DEFAULT_OPTIONS):
+    def _run(self, batch: np.ndarray, options: Tuple[bool, Any] = DEFAULT_OPTIONS):
         """(probabilities, maps or None, ms) of a batch; `options` = (cam, explanation overrides)."""
         t0 = time.perf_counter()
         cam, explain = options
@@ -66,8 +67,8 @@ class MemberModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, inputs: List[Any]) -> List[Dict[str, np.ndarray]]:
-        """Each input: the resized uint8 image (answer and the bundle's maps), or (image, (cam, explain)):
-        no maps, or maps made otherwise (explain: (option, value) pairs over the bundle's Explanation)."""
+        """Each input: the resized uint8 image (answer and the bundle's maps), or (image, (cam, overrides)):
+        no maps, or maps made otherwise (a request's skin.explanation.Overrides for this member)."""
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
         # Computed on this replica's user-code event loop, not in a worker thread: Serve forms the next
@@ -91,7 +92,7 @@ class MemberModel:
         image and views, skin.occlusion.member_views), in chunks; no maps. On the event loop, as `predict`."""
         if self.fault_drill:
             raise RuntimeError(f"fault drill: member {self.name} is set to fail")
-        return np.concatenate([self._run(views[s:s + chunk], (False, ()))[0] for s in range(0, len(views), chunk)])
+        return np.concatenate([self._run(views[s:s + chunk], (False, None))[0] for s in range(0, len(views), chunk)])
 
 
 def member_deployments(bundle, options: Dict[str, MemberOptions], prefix: str) -> Dict[str, Any]:

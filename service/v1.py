@@ -74,8 +74,6 @@ def info(plane, settings) -> Dict[str, Any]:
     return {"bundle": b.id, "classes": list(b.classes), "untrained": b.untrained,
             "members": [{"name": e.name, "backbone": e.backbone, "weight": w, "temperature": e.temperature,
                          "input_size": e.data_config.input_size, "output_stride": e.output_stride}
-                        | {f"cam_{k}": v for k, v in e.explanation.describe(
-                            e.output_stride, get_spec(e.backbone).cam_layer).items() if k != "name"}
                         | {"explanation": e.explanation.describe(e.output_stride, get_spec(e.backbone).cam_layer)}
                         for e, w in zip(b.members, b.weights)],
             "explanation": method_name([e.explanation.method for e in b.members],

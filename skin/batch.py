@@ -17,13 +17,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .bundle import Bundle
+from .explanation import Request
 from .ensemble import UNCERTAIN_BELOW, Predictor
 from .images import SERVE_SUFFIXES, ImageError, ImageLimits, load_image
 
@@ -175,7 +176,7 @@ class BatchPredictor:
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None, amp: str = "off",
                  uncertain_below: float = UNCERTAIN_BELOW, cam_dir: str | None = None, cam_root: str | None = None,
                  alpha: float = 0.4, limits: ImageLimits = ImageLimits(),
-                 explain: Mapping[str, Mapping[str, object]] | None = None, graphs: str = "auto",
+                 explain: Request | None = None, graphs: str = "auto",
                  max_batch: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)

@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, atomic_write_json, load_member_weights, replace_dir,
                          save_tensors, sha256_file)
 from .classes import ClassMap, ClassMapError
-from .explanation import Explanation, ExplanationError
+from .explanation import Explanation, ExplanationError, Overrides, Request
 from .registry import (DEFAULT_WEIGHTS, DataConfig, HeadConfig, Member, check_output_stride, get_spec,
                        member_from_metadata)
 
@@ -121,12 +121,16 @@ class Bundle:
                                      "head": e.head.to_json(), "data_config": e.data_config.to_json(),
                                      "output_stride": e.output_stride})
 
-    def check_explain(self, explain: Mapping[str, Mapping[str, Any]]) -> None:
-        """Every layer named in `explain` ({member: options}) exists in its member, else ExplanationError
+    def explanations(self, request: Request | None = None) -> dict[str, Explanation]:
+        """Each member's Explanation as a request makes it: the stored one with its Overrides applied."""
+        return {e.name: e.explanation.override((request or {}).get(e.name)) for e in self.members}
+
+    def check_explain(self, explain: Request) -> None:
+        """Every layer named in `explain` ({member: Overrides}) exists in its member, else ExplanationError
         (checked on architectures built on the meta device: no weights, no memory)."""
         import torch
         for name, options in explain.items():
-            layer = options.get("layer")
+            layer = options.layer
             if layer:
                 with torch.device("meta"):
                     member = self.architecture(name)
@@ -318,11 +322,12 @@ def write_bundle(root: str | Path, classes: ClassMap, members: Mapping[str, Memb
 def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None = None,
                   temperatures: Mapping[str, float] | None = None, metrics: dict | None = None,
                   provenance: dict | None = None, ensemble_temperature: float | None = None,
-                  explanations: Mapping[str, Mapping[str, Any]] | None = None) -> Bundle:
+                  explanations: Mapping[str, Overrides | Mapping[str, Any]] | None = None) -> Bundle:
     """A new bundle version from an existing one (new weights / temperatures / ensemble temperature /
     metrics / explanations); the member files are copied and re-hashed, the source bundle is left
-    untouched. `explanations`: {member: options} that override its stored Explanation, e.g.
-    {"resnet50": {"stride": 8, "layer": "backbone.layer1", "method": "layercam", "smooth": "flips"}}."""
+    untouched. `explanations`: {member: Overrides} of its stored Explanation, e.g.
+    {"resnet50": Overrides(stride=8, layer="backbone.layer1", method="layercam", smooth="flips")}, or the same
+    as {option: value} dicts (a config file's, the command line's)."""
     explanations = dict(explanations or {})
     unknown = set(explanations) - set(src.member_names)
     if unknown:
@@ -330,7 +335,8 @@ def derive_bundle(src: Bundle, root: str | Path, weights: Sequence[float] | None
     new_expl = {}
     for e in src.members:
         try:
-            x = e.explanation.override(**explanations.get(e.name, {}))
+            o = explanations.get(e.name)
+            x = e.explanation.override(o if o is None or isinstance(o, Overrides) else Overrides.of(o))
         except ExplanationError as err:
             raise BundleError(f"member {e.name}: {err}") from None
         if x.layer and x.layer != e.explanation.layer:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .bundle import Bundle
 from .calibration import apply_temperature
+from .explanation import Request
 from .gradcam import ensemble_map, input_size, normalize, upsample
 from .inference import MemberRunner
 from .presets import eval_batches
@@ -92,16 +93,16 @@ class Predictor:
     explanation (`skin predict`, `skin explain`), batch inference (skin.batch), evaluation
     (skin.evaluation) and the Serve ingress (whose members run elsewhere: `Predictor.remote`).
 
-        p = Predictor(bundle, explain={"resnet50": {"stride": 8}})   # members loaded in-process
+        p = Predictor(bundle, explain={"resnet50": Overrides(stride=8)})   # members loaded in-process
         p.answers(images, cam=True)                                   # the API's JSON, one per image
     """
 
     def __init__(self, bundle: Bundle, members: Mapping[str, Member] | None = None, device: str = "cpu",
                  uncertain_below: float = UNCERTAIN_BELOW, amp: str = "off",
-                 explain: Mapping[str, Mapping[str, object]] | None = None, load: bool = True,
+                 explain: Request | None = None, load: bool = True,
                  graphs: str = "auto") -> None:
         """`members`: given instead of loaded (a subset answers with its weights renormalised);
-        `explain`: {member: options} overriding its stored Explanation (skin.explanation.requested);
+        `explain`: {member: Overrides} of its stored Explanation (skin.explanation.requested);
         answers never depend on it. `load=False`: no member in this process (`Predictor.remote`).
         `graphs`: members' passes under CUDA graphs ("auto": on a GPU; skin.graphs)."""
         self.bundle = bundle
@@ -109,7 +110,7 @@ class Predictor:
         given = members or {}
         names = list(given or bundle.member_names)
         self.runners = {n: MemberRunner.from_bundle(bundle, n, self.device, amp, given.get(n), graphs,
-                                                    **(explain or {}).get(n, {}))
+                                                    (explain or {}).get(n))
                         for n in names} if load else {}
         self.weights = {n: bundle.weight_of(n) for n in names}
         # the ensemble map is built at the largest member input size (square, as the eval preset resizes)

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from .bundle import Bundle, update_metrics
+from .explanation import Request
 from .ensemble import Predictor, combine, describe
 from .faithfulness import PerturbationConfig
 from .gradcam import ensemble_map, method_name, normalize, upsample
@@ -44,7 +45,7 @@ class BatchScorer:
     the same layers and strides, of freshly initialised members: the model-randomisation check)."""
 
     def __init__(self, bundle_dir: str, threads: int | None = None, device: str | None = None,
-                 amp: str = "off", explain: Mapping[str, Mapping[str, object]] | None = None) -> None:
+                 amp: str = "off", explain: Request | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.bundle = Bundle.load(bundle_dir)
@@ -231,7 +232,7 @@ def attach_masks(df: pd.DataFrame, masks_csv: str | Path) -> pd.DataFrame:
 
 
 def score_locally(bundle_dir: str, df: pd.DataFrame, batch_size: int = 32, amp: str = "off",
-                  explain: Mapping[str, Mapping[str, object]] | None = None, perturb: int = 0) -> pd.DataFrame:
+                  explain: Request | None = None, perturb: int = 0) -> pd.DataFrame:
     """BatchScorer over `df` in this process; `perturb`: how many rows get the perturbation metrics."""
     scorer = BatchScorer(bundle_dir, amp=amp, explain=explain)
     if perturb:
@@ -278,7 +279,7 @@ def readable(scored: pd.DataFrame, bundle: Bundle) -> tuple[pd.DataFrame, dict[s
 
 
 def summarize(scored: pd.DataFrame, bundle: Bundle,
-              explain: Mapping[str, Mapping[str, object]] | None = None) -> dict:
+              explain: Request | None = None) -> dict:
     """Metrics of each member and of the ensemble over the readable rows."""
     good, member_probs, ens = readable(scored, bundle)
     y = good["label_index"].to_numpy(int)
@@ -317,12 +318,12 @@ def lesion_free_summary(scored: pd.DataFrame, bundle: Bundle) -> dict | None:
 
 def _used(bundle: Bundle, explain) -> dict[str, dict]:
     """Each member's explanation as evaluated (the bundle's, overridden by `explain`), resolved."""
-    return {e.name: e.explanation.override(**(explain or {}).get(e.name, {})).describe(
-        e.output_stride, get_spec(e.backbone).cam_layer) for e in bundle.members}
+    return {e.name: x.describe(e.output_stride, get_spec(e.backbone).cam_layer)
+            for e, x in zip(bundle.members, bundle.explanations(explain).values())}
 
 
 def faithfulness(scored: pd.DataFrame, bundle: Bundle,
-                 explain: Mapping[str, Mapping[str, object]] | None = None) -> dict | None:
+                 explain: Request | None = None) -> dict | None:
     """Pointing game and energy in the mask of the ensemble's Grad-CAM, overall and per class, over
     the rows that have a lesion mask (None when none has), beside maps that know less, with the paired
     advantage over each and its bootstrap interval (skin.trust)."""
@@ -347,8 +348,6 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
     untrained = {m: float(rows[f"pointing:untrained:{m}"].mean()) for m in bundle.member_names
                  if f"pointing:untrained:{m}" in rows}
     used = _used(bundle, explain)
-    strides, layers = ({n: d[k] for n, d in used.items()} for k in ("stride", "layer"))
-    methods, smooths = ({n: d[k] for n, d in used.items()} for k in ("method", "smooth"))
     return {"pointing": float(rows["pointing"].mean()), "energy": float(rows["energy"].mean()), "images": int(len(rows)),
             "per_class": per_class, "members_pointing": members, "members_untrained_pointing": untrained,
             "checks": {"pointing": comparisons(rows, "pointing")},
@@ -358,13 +357,13 @@ def faithfulness(scored: pd.DataFrame, bundle: Bundle,
                         "skin, no model (contrast); the same maps of freshly initialised members (untrained; on the rows of the "
                         "mask-free scores when --perturb chose some, as costly as the maps themselves); "
                         "uniform noise (random)"},
-            "method": method_name(methods.values(), smooths.values()), "cam_methods": methods, "cam_smooths": smooths,
-            "cam_layers": layers, "cam_strides": strides, "masks": "synthetic lesions (skin data synth)",
+            "method": method_name([d["method"] for d in used.values()], [d["smooth"] for d in used.values()]),
+            "explanations": used, "masks": "synthetic lesions (skin data synth)",
             "note": "measured on synthetic lesions with known masks; not measured on real photographs"}
 
 
 def perturbation_summary(scored: pd.DataFrame, bundle: Bundle,
-                         explain: Mapping[str, Mapping[str, object]] | None = None) -> dict | None:
+                         explain: Request | None = None) -> dict | None:
     """Mean deletion, insertion and ROAD over the rows that have them, for the ensemble's map and each
     member's own, each beside maps that know less (random, untrained members, centre, colour contrast),
     the paired advantage over each with its bootstrap interval, and the verdict (skin.trust) on the
@@ -384,7 +383,7 @@ def perturbation_summary(scored: pd.DataFrame, bundle: Bundle,
 
     def checks(suffix: str) -> dict:
         return {m: comparisons(rows, m, suffix) for m in METRICS}
-    used = [e.explanation.override(**(explain or {}).get(e.name, {})) for e in bundle.members]
+    used = list(bundle.explanations(explain).values())
     cfg = PerturbationConfig()
     ensemble_checks = checks("")
     member_checks = {n: checks(f":{n}") for n in bundle.member_names}

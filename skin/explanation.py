@@ -4,8 +4,11 @@
     Explanation(stride=8, layer="backbone.blocks.5", method="layercam", smooth="flips")
 
 A bundle stores one per member (`MemberEntry.explanation`); a request, a command or a job may
-override any part of it (`override`), and every surface that explains (the CLI, the API, evaluation,
-batch inference) takes the same four options. The answer never depends on it: only the maps do.
+override any part of it, and every surface that explains (the CLI, the API, evaluation, batch
+inference) takes the same four options. What such a request asks is typed once, at the edge
+(`requested`: flags or query values -> {member: Overrides}), and passed down as it is; each member's
+Explanation is its stored one with its Overrides applied (`Explanation.override`,
+`skin.bundle.Bundle.explanations`). The answer never depends on it: only the maps do.
 
 - `stride` (8/16/32, None: the member's trained stride): input pixels per map cell. A finer stride
   takes the maps from the same weights with dilated last stages (skin.registry.restride).
@@ -19,7 +22,7 @@ JSON leaves the defaults out (`to_json`), so a bundle written before an option e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import astuple, dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from .gradcam import CAM_METHODS, CAM_SMOOTHS, method_name
@@ -63,13 +66,9 @@ class Explanation:
                                    f"got {self.smooth!r}")
         return self
 
-    def override(self, **request: Any) -> "Explanation":
-        """This explanation with the options a request sets (None: keep this one's)."""
-        unknown = set(request) - set(DEFAULTS)
-        if unknown:
-            raise ExplanationError(f"unknown explanation option(s) {sorted(unknown)}; "
-                                   f"the options are {', '.join(DEFAULTS)}")
-        given = {k: v for k, v in request.items() if v is not None}
+    def override(self, overrides: "Overrides | None" = None) -> "Explanation":
+        """This explanation with what `overrides` sets (None: keep this one's)."""
+        given = overrides.options() if overrides else {}
         return replace(self, **given) if given else self
 
     def at_layer(self, default_layer: str) -> "Explanation":
@@ -100,18 +99,49 @@ class Explanation:
                 + (f" at {self.layer}" if self.layer else ""))
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """What a command, a job or a request changes of one member's stored Explanation (None: the stored
+    one's). Hashable: Serve's members key the runners they derive by it."""
+    stride: int | None = None
+    layer: str | None = None
+    method: str | None = None
+    smooth: str | None = None
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any] | None) -> "Overrides":
+        """From {option: value} (a config file, `skin bundle cam-stride`); unknown options refused."""
+        unknown = set(options or {}) - set(DEFAULTS)
+        if unknown:
+            raise ExplanationError(f"unknown explanation option(s) {sorted(unknown)}; "
+                                   f"the options are {', '.join(DEFAULTS)}")
+        return cls(**dict(options or {}))
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in astuple(self))
+
+
+NO_OVERRIDES = Overrides()
+# What an explanation request asks of each member, typed at the edge (`requested`) and passed down as it is
+Request = Mapping[str, Overrides]
+
+
 def requested(members: Sequence[str], *, stride: int | None = None, method: str | None = None,
-              smooth: str | None = None, layers: Mapping[str, str] | None = None) -> dict[str, dict]:
-    """What a command or request asks of each member's Explanation: {member: options}, for
-    `Explanation.override` (stride, method and smoothing for every member; a layer per member, since
-    layers are named per architecture). Unknown members, and values we cannot make, raise ExplanationError."""
+              smooth: str | None = None, layers: Mapping[str, str] | None = None) -> dict[str, Overrides]:
+    """The one place a command's flags, a job's arguments or an API request's query values become an
+    explanation request: {member: Overrides} for the members it changes (stride, method and smoothing for
+    every member; a layer per member, since layers are named per architecture). Unknown members, and
+    values we cannot make, raise ExplanationError."""
     unknown = set(layers or {}) - set(members)
     if unknown:
         raise ExplanationError(f"explanation layer given for {sorted(unknown)}, which the bundle does not have; "
                                f"its members are {', '.join(members)}")
     Explanation(stride=stride, method=method or "gradcam", smooth=smooth or "none")  # one message per bad value
-    common = {k: v for k, v in {"stride": stride, "method": method, "smooth": smooth}.items() if v is not None}
-    out = {n: dict(common) | ({"layer": (layers or {})[n]} if (layers or {}).get(n) else {}) for n in members}
+    out = {n: Overrides(stride=stride, method=method, smooth=smooth, layer=(layers or {}).get(n) or None)
+           for n in members}
     return {n: o for n, o in out.items() if o}
 
 

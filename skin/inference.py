@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .device import autocast, configure_device
-from .explanation import Explanation, ExplanationError
+from .explanation import Explanation, ExplanationError, Overrides
 from .gradcam import FLIPS, GradCAM, flip_smoothed
 from .graphs import Compiled, use_graphs
 from .registry import Member, restride
@@ -91,16 +91,18 @@ class MemberRunner:
 
     @classmethod
     def from_bundle(cls, bundle, name: str, device: str | torch.device = "cpu", amp: str = "off",
-                    member: Member | None = None, graphs: str = "off", **explain: object) -> "MemberRunner":
-        """A bundle's member (loaded, unless given) with its temperature and its stored Explanation,
-        overridden by `explain` (stride=, layer=, method=, smooth=; None keeps the stored one)."""
+                    member: Member | None = None, graphs: str = "off",
+                    overrides: Overrides | None = None) -> "MemberRunner":
+        """A bundle's member (loaded, unless given) with its temperature and its stored Explanation with
+        `overrides` applied."""
         member = (member if member is not None else bundle.load_member(name)).to(device).eval()
         e = bundle.entry(name)
-        return cls(member, e.temperature, amp, e.explanation.override(**explain), graphs)
+        return cls(member, e.temperature, amp, e.explanation.override(overrides), graphs)
 
-    def with_explanation(self, **explain: object) -> "MemberRunner":
-        """The same member (weights shared) with its Explanation overridden; itself when nothing changes."""
-        x = self.explanation.override(**explain)
+    def with_explanation(self, overrides: Overrides | None = None, **options: object) -> "MemberRunner":
+        """The same member (weights shared) with its Explanation overridden (`overrides`, or the same as
+        keywords: stride=, layer=, method=, smooth=); itself when nothing changes."""
+        x = self.explanation.override(overrides or Overrides.of(options))
         return self if x == self.explanation else MemberRunner(self.member, self.temperature, self.amp, x,
                                                                 self.graphs, self._compiled)
 

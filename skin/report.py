@@ -19,7 +19,11 @@ from .trust import BASELINE_NAMES, BASELINES, MASK_FREE
 
 
 def _where(f: dict, member: str) -> str:
-    """A member's explanation as stored with the faithfulness (older metrics: the stride only)."""
+    """A member's explanation as stored with the faithfulness: {member: Explanation.describe()} (metrics
+    stored before: four parallel cam_* dicts)."""
+    if "explanations" in f:
+        e = f["explanations"][member]
+        return f"{e['name']} at {e['layer']}, stride {e['stride']}"
     where = f"stride {f['cam_strides'][member]}"
     if "cam_layers" in f:
         where = (f"{method_name(f['cam_methods'][member], f.get('cam_smooths', {}).get(member))} "

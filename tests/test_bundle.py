@@ -221,7 +221,8 @@ def test_cam_stride_travels_with_the_bundle_and_never_changes_the_answer(random_
         np.testing.assert_array_equal(dense[n][0], coarse[n][0])
     assert dense["resnet50"][1].shape[-2:] == (8, 8) and coarse["resnet50"][1].shape[-2:] == (2, 2)
     assert dense["mobilenetv2"][1].shape[-2:] == (4, 4) and dense["efficientnet_b1"][1].shape[-2:] == (2, 2)
-    assert Predictor(b, explain=dict.fromkeys(b.member_names, {"stride": 8})).member_outputs(imgs, cam=True)["efficientnet_b1"][1].shape[-2:] == (8, 8)
+    from skin.explanation import Overrides
+    assert Predictor(b, explain=dict.fromkeys(b.member_names, Overrides(stride=8))).member_outputs(imgs, cam=True)["efficientnet_b1"][1].shape[-2:] == (8, 8)
     with pytest.raises(BundleError, match=r"resnet50: explanation stride \(cam_stride\) must be one of 8, 16, 32"):
         derive_bundle(b, tmp_path / "bad", explanations={"resnet50": {"stride": 12}})
     with pytest.raises(BundleError, match="not in the bundle"):

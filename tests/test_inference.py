@@ -156,11 +156,14 @@ def test_scorer_measures_where_the_map_points(random_bundle, tmp_path):
     assert scorer.untrained["mobilenetv2"].explanation == Explanation()
     f = faithfulness(to_frame([scorer({"path": np.array(paths[:2]), "label_index": np.zeros(2, int),
                                         "mask": np.array(masks[:2])})], lc.member_names), lc)
-    assert f["method"] == "Grad-CAM / LayerCAM (partly flip-averaged)" and f["cam_methods"]["resnet50"] == "layercam"
-    assert f["cam_smooths"] == {"mobilenetv2": "none", "efficientnet_b1": "none", "resnet50": "flips"}
+    used = f["explanations"]  # one shape: each member's Explanation resolved (Explanation.describe)
+    assert f["method"] == "Grad-CAM / LayerCAM (partly flip-averaged)" and used["resnet50"]["method"] == "layercam"
+    assert {n: e["smooth"] for n, e in used.items()} == {"mobilenetv2": "none", "efficientnet_b1": "none",
+                                                          "resnet50": "flips"}
     from skin.registry import get_spec
-    assert f["cam_layers"] == {"mobilenetv2": get_spec("mobilenetv2").cam_layer,
-                               "efficientnet_b1": get_spec("efficientnet_b1").cam_layer, "resnet50": "backbone.layer2"}
+    assert {n: e["layer"] for n, e in used.items()} == {"mobilenetv2": get_spec("mobilenetv2").cam_layer,
+                                                         "efficientnet_b1": get_spec("efficientnet_b1").cam_layer,
+                                                         "resnet50": "backbone.layer2"}
 
 
 def test_scorer_scores_the_maps_the_service_draws(random_bundle, tmp_path):

@@ -274,9 +274,10 @@ def test_cam_stride_gives_finer_maps_and_the_same_answer(api):
     assert plain.get("gradcam") is None and plain["class"] == a["class"]
     assert max(abs(plain["probabilities"][k] - p) for k, p in a["probabilities"].items()) < 1e-6
     members = requests.get(api + "/v1/info", timeout=30).json()["members"]
-    assert all(m["cam_stride"] == m["output_stride"] == 32 for m in members)
-    assert {m["name"]: m["cam_layer"] for m in members}["resnet50"] == "backbone.layer4"  # the default: pooled layer
-    assert {m["cam_method"] for m in members} == {"gradcam"} and {m["cam_smooth"] for m in members} == {"none"}
+    assert all(m["explanation"]["stride"] == m["output_stride"] == 32 for m in members)  # one shape: resolved
+    assert {m["name"]: m["explanation"]["layer"] for m in members}["resnet50"] == "backbone.layer4"  # pooled layer
+    assert {m["explanation"]["method"] for m in members} == {"gradcam"}
+    assert {m["explanation"]["smooth"] for m in members} == {"none"} and not any("cam_stride" in m for m in members)
 
 
 def test_explanation_options_per_request(api):
@@ -309,7 +310,6 @@ def test_a_request_overrides_only_what_it_sets(api, random_bundle, tmp_path_fact
         _deploy(b16.root)
         _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == b16.id)
         info = requests.get(api + "/v1/info", timeout=5).json()
-        assert {m["cam_stride"] for m in info["members"]} == {16}
         assert {m["explanation"]["stride"] for m in info["members"]} == {16}
 
         def map_of(**params):

@@ -216,8 +216,8 @@ def test_evaluate_job_with_ray_data(ray_local, trained, scanned, synth_dir, tmp_
     assert f["images"] == len(pd.read_csv(scanned / "test.csv")) and 0 <= f["pointing"] <= 1
     assert set(f["members_pointing"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
     assert Bundle.load(tmp_path / "bundle").metrics["faithfulness"]["pointing"] == f["pointing"]
-    assert f["method"] == "Grad-CAM" and f["cam_methods"] == dict.fromkeys(f["cam_strides"], "gradcam")
-    assert set(f["cam_strides"].values()) == {16}  # what a trained bundle serves unless told otherwise
+    assert f["method"] == "Grad-CAM" and {e["method"] for e in f["explanations"].values()} == {"gradcam"}
+    assert {e["stride"] for e in f["explanations"].values()} == {16}  # what a trained bundle serves unless told otherwise
     assert "Explanation faithfulness: Grad-CAM" in (tmp_path / "eval" / "report.md").read_text()
     assert set(metrics["members"]) == {"mobilenetv2", "efficientnet_b1", "resnet50"}
     for f in ("report.md", "confusion_counts.png", "confusion_normalized.png", "reliability.png"):

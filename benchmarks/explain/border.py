@@ -27,6 +27,7 @@ from PIL import Image
 
 from _harness import synthetic_split_args
 from skin.bundle import Bundle
+from skin.explanation import Overrides
 from skin.data import load_manifest
 from skin.evaluation import attach_masks
 from skin.gradcam import normalize, upsample
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bundle {bundle.id}, {len(images)} {a.split} images, maps at stride {a.cam_stride}, border band {a.band:.0%}")
     print(f"{'member':<16}{'peaks at border':>16}{'drop: border':>14}{'drop: lesion':>14}{'pointing':>10}")
     for name in bundle.member_names:
-        run = MemberRunner.from_bundle(bundle, name, stride=a.cam_stride)
+        run = MemberRunner.from_bundle(bundle, name, overrides=Overrides(stride=a.cam_stride))
         cfg = run.member.data_config
         border_peaks, d_border, d_lesion, hits = [], [], [], []
         for img, mask in zip(images, masks):

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(bundle: Bundle, rows: dict, split: str) -> None:
     methods = sorted({e.explanation.method for e in bundle.members})
-    print(f"bundle {bundle.id}, {split} split, maps ({'/'.join(methods)}) at {rows['plain']['cam_strides']}, layers "
+    print(f"bundle {bundle.id}, {split} split, maps ({'/'.join(methods)}) at { {n: e['stride'] for n, e in rows['plain']['explanations'].items()} }, layers "
           + ", ".join(e.explanation.layer or "pooled" for e in bundle.members))
     print(f"{'images':<16}{'n':>5}{'accuracy':>10}{'pointing':>10}{'energy':>8} | {'centre':>7}{'contrast':>9}{'untrained':>10}")
     for name, r in rows.items():

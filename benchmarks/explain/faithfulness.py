@@ -41,7 +41,8 @@ def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "t
     import time
     df = attach_masks(load_splits(data, split), Path(synth) / "manifest.csv")
     t0 = time.perf_counter()
-    explain = {n: {"stride": cam_stride} for n in bundle.member_names} if cam_stride else None
+    from skin.explanation import Overrides
+    explain = dict.fromkeys(bundle.member_names, Overrides(stride=cam_stride)) if cam_stride else None
     scored = score_locally(str(bundle.root), df, batch, explain=explain)
     seconds = time.perf_counter() - t0
     good = scored[scored["ok"].astype(bool)]
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     for cs in a.cam_strides:
         r = measure(bundle, a.data, a.synth, a.split, a.batch, cs or None)
         print(f"bundle {bundle.id}{' (UNTRAINED)' if bundle.untrained else ''}, {r['images']} {a.split} images, "
-              f"output stride {'/'.join(map(str, strides))}, maps at {r['cam_strides']}, accuracy {r['accuracy']:.3f}, "
+              f"output stride {'/'.join(map(str, strides))}, maps at { {n: e['stride'] for n, e in r['explanations'].items()} }, accuracy {r['accuracy']:.3f}, "
               f"{r['seconds']:.0f} s for every image's answer and maps")
         print(f"{'class':<14}{'pointing':>9}{'energy':>8} | {'centre':>7}{'flat: energy':>13}{'contrast':>9}{'untrained':>10}")
         for c, v in list(r["per_class"].items()) + [("all", r | r["baseline"])]:

@@ -56,10 +56,12 @@ OPTIONS = {                                                 # stored explanation
 
 
 def explain_of(name: str, members, pooled: dict | None = None) -> dict:
-    """{member: options}; members without a layer in the option get their pooled layer (`pooled`:
+    """{member: Overrides}; members without a layer in the option get their pooled layer (`pooled`:
     {member: its spec's cam_layer}), so a bundle's stored layer never leaks in either."""
+    from skin.explanation import Overrides
     common, layers = OPTIONS[name]
-    return {m: dict(common) | ({"layer": layers.get(m) or (pooled or {}).get(m)} if m in layers or pooled else {})
+    return {m: Overrides.of(dict(common) | ({"layer": layers.get(m) or (pooled or {}).get(m)}
+                                            if m in layers or pooled else {}))
             for m in members}
 
 
