@@ -78,11 +78,9 @@ def main() -> None:
     ap.add_argument("--cam-method", choices=CAM_METHODS, default="layercam",
                     help="the method at those layers (the cost is the same: one backward per class)")
     a = ap.parse_args()
-    layers = {}
-    for item in a.cam_layers:
-        name, _, spec = item.partition("=")
-        layer, _, stride = spec.partition("@")
-        layers[name] = (layer, int(stride or 8))
+    from skin.explanation import parse_layers
+    layers = {name: (spec.partition("@")[0], int(spec.partition("@")[2] or 8))  # MEMBER=LAYER[@STRIDE]
+              for name, spec in parse_layers(a.cam_layers).items()}
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     print(f"{'member':<16}{'batch':>6}{'forward ms':>11}{'ours ms':>9}{'ours/fwd (min-max)':>22}"

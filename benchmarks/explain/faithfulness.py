@@ -31,7 +31,7 @@ import numpy as np
 
 from _harness import load_splits, synthetic_split_args
 from skin.bundle import Bundle
-from skin.ensemble import combine
+from skin.ensemble import Predictor
 from skin.evaluation import attach_masks, faithfulness, score_locally
 
 
@@ -46,8 +46,7 @@ def measure(bundle: Bundle, data: str | Path, synth: str | Path, split: str = "t
     scored = score_locally(str(bundle.root), df, batch, explain=explain)
     seconds = time.perf_counter() - t0
     good = scored[scored["ok"].astype(bool)]
-    probs = combine({m: np.stack(good[m].to_list()) for m in bundle.member_names}, bundle.weights_map,
-                    bundle.ensemble_temperature)
+    probs = Predictor.remote(bundle).combine({m: np.stack(good[m].to_list()) for m in bundle.member_names})
     return faithfulness(good, bundle, explain) | {
         "accuracy": float((probs.argmax(1) == good["label_index"].to_numpy()).mean()), "seconds": seconds}
 
@@ -56,16 +55,14 @@ def flip_agreement(bundle: Bundle, data: str | Path, split: str = "test") -> dic
     """How far the ensemble's answer ignores the image's flips (the premise of cam_smooth="flips"): the
     share of images whose class is the same for all four flips, and the mean of the largest change of a
     class probability between an image and its flips."""
-    import torch
     from skin.gradcam import FLIPS
     from skin.images import DATASET_LIMITS, load_image
-    from skin.inference import MemberRunner
     from skin.presets import to_batch
     images = [load_image(p, DATASET_LIMITS) for p in load_splits(data, split)["path"]]
-    runners = {n: MemberRunner.from_bundle(bundle, n) for n in bundle.member_names}
+    predictor = Predictor(bundle)  # the ensemble as every answer makes it
+    runners = predictor.runners
     x = {n: to_batch(images, r.member.data_config) for n, r in runners.items()}
-    probs = [combine({n: r(x[n].flip(d) if d else x[n])[0] for n, r in runners.items()}, bundle.weights_map,
-                     bundle.ensemble_temperature) for d in FLIPS]
+    probs = [predictor.combine({n: r(x[n].flip(d) if d else x[n])[0] for n, r in runners.items()}) for d in FLIPS]
     classes = np.stack([p.argmax(1) for p in probs])
     shift = np.stack([np.abs(p - probs[0]).max(1) for p in probs[1:]]).max(0)
     return {"same_class": float((classes == classes[0]).all(0).mean()), "mean_max_shift": float(shift.mean()),
@@ -91,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.cam_layers:
         import tempfile
         from skin.bundle import derive_bundle
-        layers = dict(item.partition("=")[::2] for item in a.cam_layers)
+        from skin.explanation import parse_layers
+        layers = parse_layers(a.cam_layers)
         derived = tempfile.TemporaryDirectory(prefix="skinray-cam-layers-")  # removed when main returns
         bundle = derive_bundle(bundle, Path(derived.name) / "bundle",
                                explanations={n: {"layer": v} for n, v in layers.items()})

@@ -24,11 +24,9 @@ from scipy import ndimage
 from _harness import synthetic_split_args
 from skin.bundle import Bundle
 from skin.data import load_manifest
-from skin.ensemble import combine
+from skin.ensemble import Predictor
 from skin.evaluation import attach_masks
 from skin.images import DATASET_LIMITS, load_image
-from skin.inference import MemberRunner
-from skin.presets import to_batch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,12 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     bundle = Bundle.load(a.bundle)
     df = attach_masks(load_manifest(a.data, a.split), Path(a.synth) / "manifest.csv")
     df = df[df["mask"] != ""]
-    runners = {n: MemberRunner.from_bundle(bundle, n) for n in bundle.member_names}
+    predictor = Predictor(bundle)  # the ensemble as every answer makes it
 
     def ensemble(images: list[Image.Image]) -> np.ndarray:
-        member = {n: np.concatenate([r(to_batch(images[s:s + 32], r.member.data_config))[0]
-                                     for s in range(0, len(images), 32)]) for n, r in runners.items()}
-        return combine(member, bundle.weights_map, bundle.ensemble_temperature)
+        return np.concatenate([predictor.combine(predictor.member_probs(images[s:s + 32]))
+                               for s in range(0, len(images), 32)])
 
     images = [load_image(p, DATASET_LIMITS) for p in df["path"]]
     painted = []

@@ -37,11 +37,10 @@ from PIL import Image
 from _harness import synthetic_split_args
 from skin.bundle import Bundle
 from skin.data import load_manifest
-from skin.ensemble import combine
+from skin.ensemble import Predictor
 from skin.evaluation import attach_masks
 from skin.gradcam import CAM_METHODS, CAM_SMOOTHS, FLIPS, ensemble_map, input_size, normalize, upsample, weigh
 from skin.images import DATASET_LIMITS, load_image
-from skin.inference import MemberRunner
 from skin.metrics import energy_inside, pointing_hit
 from skin.presets import to_batch
 from skin.registry import restride, untrained_copy
@@ -65,10 +64,11 @@ def split_maps(bundle: Bundle, data: str, synth: str, split: str, stride: int, b
     images = [load_image(p, DATASET_LIMITS) for p in df["path"]]
     masks = [np.asarray(Image.open(m).convert("L").resize(im.size, Image.Resampling.NEAREST)) > 127
              for m, im in zip(df["mask"], images)]
-    runners = {n: MemberRunner.from_bundle(bundle, n) for n in bundle.member_names}
+    predictor = Predictor(bundle)  # the ensemble as every answer makes it
+    runners = predictor.runners
     x = {n: to_batch(images, r.member.data_config) for n, r in runners.items()}
     probs = {n: r(x[n])[0] for n, r in runners.items()}
-    answer = combine(probs, bundle.weights_map, bundle.ensemble_temperature).argmax(1)
+    answer = predictor.combine(probs).argmax(1)
     maps = {}
     for n, run in runners.items():
         for untrained, base in ((False, run.member), (True, untrained_copy(run.member).eval())):

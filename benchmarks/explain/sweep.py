@@ -13,7 +13,6 @@ PROG = "benchmarks/explanations.py sweep"
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
