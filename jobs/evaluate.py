@@ -26,8 +26,8 @@ from skin.args import at_least, explanation_request
 from skin.bundle import Bundle
 from skin.cluster import add_cluster_arguments
 from skin.data import load_classes, load_lesion_free, load_manifest
-from skin.evaluation import (BatchScorer, attach_masks, lesion_free_summary, perturb_rows, store_in_bundle, summarize,
-                             to_frame)
+from skin.evaluation import (BatchScorer, attach_masks, lesion_free_summary, perturb_rows, reviewed_summary,
+                             store_in_bundle, summarize, to_frame)
 from skin.progress import elapsed, quiet_ray_data
 from skin.report import write_report
 
@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", help="manifest to evaluate on (default test)")
     p.add_argument("--out", help="report folder (default: <bundle>/../eval-<split>)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--reviewed", metavar="MANIFEST", help="`skin records export`'s manifest.csv: the report states "
+                   "how this bundle does on the reviewed cases among the rows scored, against the bundle that "
+                   "answered them")
     p.add_argument("--actors", type=int, default=1, help="scorer actors (default 1; one per GPU on a cluster)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per scorer actor (default: the "
                    "largest share of the free CPUs with which every actor starts at once)")
@@ -111,6 +114,19 @@ def main(argv=None) -> int:
     df = df.assign(perturb=perturb_rows(df, a.perturb))
     frame = score(df[["path", "label_index", "perturb"] + (["mask"] if a.masks else [])], a.split)
     metrics = summarize(frame, bundle, explain)
+    if a.reviewed:
+        from skin.records import RecordError
+        try:
+            reviewed = reviewed_summary(frame, bundle, a.reviewed)
+        except RecordError as e:
+            print(f"evaluate.py: {e}", file=sys.stderr)
+            return 2
+        if reviewed:
+            metrics["reviewed"] = reviewed
+            print(f"On {reviewed['images']} reviewed case(s): this bundle {reviewed['accuracy']:.3f}, the answering "
+                  f"bundle {reviewed['answered_accuracy']:.3f} (fixed {reviewed['fixed']}, broke {reviewed['broken']})")
+        else:
+            print(f"--reviewed {a.reviewed}: none of its photographs is among the {a.split} rows scored")
     free = load_lesion_free(a.data, a.split)
     free = lesion_free_summary(score(free[["path", "label_index"]], f"{a.split} lesion-free"), bundle) \
         if free is not None else None

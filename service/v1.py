@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any, Dict, List, Optional
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from pydantic import BaseModel, Field
 
 from .errors import V1_ERRORS, ApiError
@@ -141,7 +141,9 @@ class V1Routes:
                                                         "change"),
                       consent: bool = Query(False, description="the patient consented to keeping this photograph: "
                                             "kept only where the deployment keeps photographs (photos_dir); "
-                                            "otherwise only its SHA-256 is recorded")):
+                                            "otherwise only its SHA-256 is recorded"),
+                      record: bool = Query(True, description="false: not an answer to keep (a reviewer re-drawing "
+                                           "a recorded photograph's overlay); not recorded")):
         from skin.explanation import ExplanationError, parse_layers, requested
         from skin.occlusion import OCCLUSION
         t0 = time.perf_counter()
@@ -164,6 +166,9 @@ class V1Routes:
                            "(several images: one request each)")
         data = await file.read(self.plane.limits.max_bytes + 1)
         rid = request.state.request_id
+        consent = consent and record
+        if not record:
+            rid = ""  # the answer carries no record id: nothing refers to it later
         if occlusion:
             out = await self.plane.occlusion(variant, data, t0, request.state.ticket, alpha=alpha,
                                              class_name=class_name, request_id=rid, consent=consent)
@@ -189,15 +194,40 @@ class V1Routes:
         self.plane.metrics.review(saved["answer_class"], saved["agreed"])
         return saved
 
+    @router.get("/v1/records/{request_id}/photo", responses={s: V1_ERRORS[s] for s in (401, 404, 503)},
+                response_class=Response)
+    async def record_photo(self, request_id: str) -> Response:
+        """A recorded answer's photograph, where it was kept with consent (to re-draw its overlay for a
+        review: POST it to /v1/predict?record=false); 404 when there is no such answer or no photograph."""
+        from skin.records import RecordError
+        writer = self._writer()
+        try:
+            store = await asyncio.to_thread(writer.store)
+            row = await asyncio.to_thread(store.answer, request_id)
+        except RecordError as e:
+            raise ApiError(503, "records_unavailable", str(e)) from None
+        if row is None:
+            raise ApiError(404, "not_found", f"no answer with request id {request_id!r} on record")
+        path = writer.photos.path(row["photo"]) if row.get("photo") and writer.photos else None
+        if path is None or not path.is_file():
+            raise ApiError(404, "not_found", f"the photograph of {request_id!r} was not kept (no consent, or "
+                           "this deployment keeps no photographs); only its SHA-256 is on record")
+        data = await asyncio.to_thread(path.read_bytes)
+        types = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".heic": "image/heic"}
+        return Response(data, media_type=types.get(path.suffix, "application/octet-stream"))
+
     @router.get("/v1/review-queue", responses={s: V1_ERRORS[s] for s in (401, 503)})
-    async def review_queue(self, limit: int = Query(50, ge=1, le=500)) -> Dict[str, Any]:
+    async def review_queue(self, limit: int = Query(50, ge=1, le=500),
+                           why: Optional[str] = Query(None, pattern="^(uncertain|disputed)$",
+                                                      description="only these: uncertain or disputed")
+                           ) -> Dict[str, Any]:
         """Uncertain answers no review settled and disputed ones, oldest first, with their reviews; and the
         agreement of reviewers with the model per answered class."""
         from skin.records import RecordError
         writer = self._writer()
         try:
             store = await asyncio.to_thread(writer.store)
-            queue = await asyncio.to_thread(store.queue, limit)
+            queue = await asyncio.to_thread(store.queue, limit, why)
             agreement = await asyncio.to_thread(store.agreement)
         except RecordError as e:
             raise ApiError(503, "records_unavailable", str(e)) from None

@@ -7,7 +7,7 @@ spread over a cluster) and a plain in-process loop (`score_locally`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -299,6 +299,37 @@ def summarize(scored: pd.DataFrame, bundle: Bundle,
         out["ensemble_before_temperature"] = compute_metrics(y, combine(member_probs, bundle.weights_map),
                                                              bundle.classes)
     return out
+
+
+def reviewed_summary(scored: pd.DataFrame, bundle: Bundle, manifest: str | Path) -> dict | None:
+    """How this bundle does on the cases reviewers confirmed or corrected (`skin records export`'s manifest:
+    path, label = the review's class, answered = what the bundle that answered said) among the rows scored,
+    against the answering bundle: both accuracies against the reviewers' classes, the paired difference
+    with its 95% bootstrap interval, the answers it fixed and the ones it broke (None: no scored row was
+    reviewed)."""
+    from .records import RecordError
+    from .trust import paired
+    try:
+        m = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise RecordError(f"--reviewed {manifest}: cannot read it as the export's manifest.csv ({e})") from None
+    if not {"path", "label", "answered"} <= set(m.columns):
+        raise RecordError(f"--reviewed {manifest}: not a `skin records export` manifest (needs path, label, answered)")
+    good, _, ens = readable(scored, bundle)
+    where = {str(Path(p).resolve()): i for i, p in enumerate(good["path"])}
+    m = m[[str(Path(p).resolve()) in where for p in m["path"]]]
+    if m.empty:
+        return None
+    rows = [where[str(Path(p).resolve())] for p in m["path"]]
+    names = bundle.classes.names
+    now = np.array([names[k] for k in ens[rows].argmax(1)])
+    right_now = (now == m["label"].to_numpy()).astype(float)
+    right_then = (m["answered"].to_numpy() == m["label"].to_numpy()).astype(float)
+    diff = paired(right_now, right_then, "higher")
+    return {"images": int(len(m)), "accuracy": float(right_now.mean()), "answered_accuracy": float(right_then.mean()),
+            "difference": diff["advantage"], "interval": diff["interval"],
+            "fixed": int(((right_now == 1) & (right_then == 0)).sum()),
+            "broken": int(((right_now == 0) & (right_then == 1)).sum()), "manifest": str(manifest)}
 
 
 def lesion_free_summary(scored: pd.DataFrame, bundle: Bundle) -> dict | None:

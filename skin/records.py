@@ -202,9 +202,12 @@ class Records:
                 reviews.c.request_id == request_id).order_by(reviews.c.id)).mappings()]
         return out
 
-    def queue(self, limit: int = 50) -> list[dict]:
+    def queue(self, limit: int = 50, why: str | None = None) -> list[dict]:
         """What waits for a specialist, oldest first: answers flagged uncertain that no review settled, and
-        disputed ones (a reviewer gave another class, or reviewers disagree) — each with its reviews."""
+        disputed ones (a reviewer gave another class, or reviewers disagree) — each with its reviews and
+        `why`; `why` ("uncertain" or "disputed") keeps only those."""
+        if why not in (None, "uncertain", "disputed"):
+            raise RecordError(f"why={why!r}: give uncertain or disputed (or nothing for both)")
         with self.engine.connect() as c:
             rows = [dict(r) for r in c.execute(sa.select(answers).order_by(answers.c.at)).mappings()]
             revs: dict[str, list[dict]] = {}
@@ -216,7 +219,9 @@ class Records:
             said = {r["right_class"] for r in rs}
             disputed = bool(rs) and (len(said) > 1 or said != {a["answer_class"]})
             if disputed or (a["uncertain"] and not rs):
-                out.append(a | {"reviews": rs, "why": "disputed" if disputed else "uncertain"})
+                reason = "disputed" if disputed else "uncertain"
+                if why in (None, reason):
+                    out.append(a | {"reviews": rs, "why": reason})
             if len(out) >= limit:
                 break
         return out

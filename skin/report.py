@@ -178,5 +178,6 @@ def reviewed_lines(r: dict) -> list[str]:
     lines = ["", f"## On reviewed cases ({r['images']} images a reviewer confirmed or corrected)", "",
              f"Accuracy of this bundle {r['accuracy']:.3f} against the answering bundle(s)' "
              f"{r['answered_accuracy']:.3f} on the same images (paired difference {r['difference']:+.3f}, 95% "
-             f"bootstrap interval {r['interval'][0]:+.3f} to {r['interval'][1]:+.3f})."]
+             f"bootstrap interval {r['interval'][0]:+.3f} to {r['interval'][1]:+.3f})"
+             + (f": it fixed {r['fixed']} answer(s) and broke {r['broken']}." if "fixed" in r else ".")]
     return lines

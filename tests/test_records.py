@@ -96,7 +96,10 @@ def test_answers_reviews_queue_and_agreement(store):
     assert got["answer_class"] == "Malign" and got["image_sha256"] == sha256(b"photo") and got["photo"] is None
     assert got["probabilities"]["Malign"] == 0.5 and got["route"] == "v1"
     # the queue: the uncertain answer no one reviewed; then a correction puts the other one there too
-    assert [q["request_id"] for q in store.queue()] == ["b"]
+    assert [q["request_id"] for q in store.queue()] == ["b"] == [q["request_id"] for q in store.queue(why="uncertain")]
+    assert store.queue(why="disputed") == []
+    with pytest.raises(RecordError, match="give uncertain or disputed"):
+        store.queue(why="all")
     r = store.review("a", "dr-a", right_class="Pigment", note="dermoscopy says pigment", classes=CLASSES)
     assert not r["agreed"] and r["answer_class"] == "Malign"
     assert store.review("b", "dr-a", confirmed=True, classes=CLASSES)["agreed"]  # settles the uncertain one
@@ -179,7 +182,7 @@ def test_the_writer_keeps_answers_off_the_stores_path_and_loses_none_while_it_is
     the store comes back: all of them are written, once."""
     from service.records import RecordWriter
     events = []
-    Records.open(postgres.url)  # tables exist
+    store = Records.open(postgres.url)  # tables exist
     writer = RecordWriter(postgres.url, on_change=lambda what, n: events.append(what))
     writer.submit(_row("w0"))
     assert writer.flush(30)
@@ -192,6 +195,9 @@ def test_the_writer_keeps_answers_off_the_stores_path_and_loses_none_while_it_is
             time.sleep(0.2)
         assert writer.failed >= 2 and len(writer.pending) == 5 and "failed" in events
         assert writer.snapshot()["pending"] == 5 and writer.snapshot()["lost"] == 0
+        with pytest.raises(RecordError) as e:  # a reviewer's word cannot wait: it is refused, saying so
+            store.review("w0", "dr", confirmed=True)
+        assert e.value.status == 503 and "the review was not saved: send it again" in str(e.value)
     finally:
         postgres.start()
     assert writer.flush(60), writer.snapshot()
@@ -241,3 +247,66 @@ def test_the_records_commands(tmp_path, capsys):
     assert main(["records", "delete", "q2", "--db", url, "--photos", str(photos.root)]) == 0
     assert not list(photos.root.rglob("*.jpg")) and store.answer("q2") is None
     assert main(["records", "purge", "--older-than-days", "0", "--db", url]) == 0 and store.answer("q1") is None
+
+
+def test_the_report_compares_the_new_bundle_on_reviewed_cases(random_bundle, tmp_path):
+    """jobs/evaluate.py --reviewed: on the reviewed photographs among the rows scored, this bundle's accuracy
+    against the reviewers' classes beside the answering bundle's, and the answers it fixed and broke."""
+    from skin.bundle import Bundle
+    from skin.evaluation import readable, reviewed_summary, score_locally
+    from skin.report import reviewed_lines
+    bundle = Bundle.load(random_bundle)
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"r{i}.jpg"
+        p.write_bytes(jpeg_bytes(make_sample(i % 6, 3, i, 96), 3, i))
+        paths.append(str(p))
+    scored = score_locally(str(random_bundle), pd.DataFrame({"path": paths, "label_index": 0}))
+    _, _, ens = readable(scored, bundle)
+    now = [bundle.classes.names[k] for k in ens.argmax(1)]
+    other = [next(c for c in CLASSES if c != n) for n in now]
+    # reviewers' classes: the new answer for rows 0-3, another class for 4-5; the old answers: wrong for
+    # rows 0-1, right for 2-5 -> fixed 2 (rows 0, 1), broken 2 (rows 4, 5)
+    label = now[:4] + other[4:]
+    answered = [other[0], other[1]] + label[2:]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": paths, "label": label, "group": "g", "request_id": "x", "answered": answered}).to_csv(
+        manifest, index=False)
+    r = reviewed_summary(scored, bundle, manifest)
+    assert (r["images"], r["fixed"], r["broken"]) == (6, 2, 2)
+    assert r["accuracy"] == pytest.approx(4 / 6) and r["answered_accuracy"] == pytest.approx(4 / 6)
+    assert r["interval"][0] <= 0 <= r["interval"][1]
+    assert "fixed 2 answer(s) and broke 2" in "\n".join(reviewed_lines(r))
+    elsewhere = tmp_path / "elsewhere.csv"  # none of its photographs scored here
+    pd.DataFrame({"path": ["/nope.jpg"], "label": ["Akne"], "answered": ["Akne"]}).to_csv(elsewhere, index=False)
+    assert reviewed_summary(scored, bundle, elsewhere) is None
+    with pytest.raises(RecordError, match="not a `skin records export` manifest"):
+        pd.DataFrame({"path": paths}).to_csv(tmp_path / "bad.csv", index=False)
+        reviewed_summary(scored, bundle, tmp_path / "bad.csv")
+
+
+def test_a_full_disk_loses_no_answer_and_leaves_no_half_written_photo(tmp_path, monkeypatch):
+    """The photo store's disk is full: the write fails as a whole (no partial file under its name), the
+    failure is counted, the answer waits; with room again, the photo and its row are written."""
+    from service.records import RecordWriter
+    real_put, full = PhotoStore.put, {"on": True}
+
+    def put(self, data, suffix=".jpg"):
+        if full["on"]:
+            raise OSError(28, "No space left on device")
+        return real_put(self, data, suffix)
+    monkeypatch.setattr(PhotoStore, "put", put)
+    url = f"sqlite:///{tmp_path / 'records.sqlite'}"
+    writer = RecordWriter(url, str(tmp_path / "photos"))
+    data = jpeg_bytes(make_sample(1, 0, 0, 64), 0, 0)
+    writer.submit(_row("full", data=data), data)
+    deadline = time.time() + 20
+    while writer.failed < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert writer.failed >= 1 and len(writer.pending) == 1 and "No space left" in writer.last_error
+    assert Records.open(url).answer("full") is None and not list((tmp_path / "photos").rglob("*"))
+    full["on"] = False
+    assert writer.flush(30)
+    row = Records.open(url).answer("full")
+    assert row["photo"] and (tmp_path / "photos" / row["photo"]).read_bytes() == data
+    writer.close()

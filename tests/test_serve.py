@@ -94,9 +94,11 @@ def test_every_answer_is_on_record_and_reviewers_correct_it(api):
     row = Records.open(f"sqlite:///{STATE / 'records.sqlite'}").answer(a["request_id"])
     assert row["image_sha256"] == sha256(plain) and row["answer_class"] == a["class"] and row["photo"] is None
     assert row["bundle"] == a["bundle"] and row["reviews"][0]["note"] == "biopsy"
-    queue = requests.get(api + "/v1/review-queue", timeout=30).json()
+    queue = requests.get(api + "/v1/review-queue", params={"why": "disputed"}, timeout=30).json()
     disputed = [q for q in queue["queue"] if q["request_id"] == a["request_id"]]
     assert disputed and disputed[0]["why"] == "disputed" and not disputed[0]["has_photo"]
+    assert {q["why"] for q in queue["queue"]} == {"disputed"}
+    assert requests.get(api + "/v1/review-queue", params={"why": "nope"}, timeout=30).status_code == 422
     assert queue["agreement"][b["class"]]["agreed"] >= 1
     for body, status, says in (({"request_id": "no-such-id", "confirmed": True}, 404, "no answer with request id"),
                                ({"request_id": a["request_id"], "right_class": "Mole"}, 422, "unknown class"),
@@ -104,6 +106,15 @@ def test_every_answer_is_on_record_and_reviewers_correct_it(api):
         bad = review(**body)
         assert bad.status_code == status and says in bad.json()["error"]["message"], bad.text
     assert requests.post(api + "/v1/feedback", json={"request_id": "x"}, timeout=10).status_code == 422
+    # the kept photograph, to re-draw its overlay for a review; none for the one without consent
+    photo = requests.get(f"{api}/v1/records/{b['request_id']}/photo", timeout=10)
+    assert photo.status_code == 200 and photo.content == consented and photo.headers["content-type"] == "image/jpeg"
+    none = requests.get(f"{api}/v1/records/{a['request_id']}/photo", timeout=10)
+    assert none.status_code == 404 and "was not kept" in none.json()["error"]["message"]
+    assert requests.get(f"{api}/v1/records/no-such-id/photo", timeout=10).status_code == 404
+    redraw = post(api, consented, params={"cam": "false", "record": "false", "consent": "true"}).json()
+    assert redraw["request_id"] == "" and not redraw["photo_kept"]  # a re-draw is not a new answer on record
+    assert len(list(PHOTOS.rglob("*.jpg"))) == len(kept)
 
 
 def test_cam_off_and_class_choice(api):

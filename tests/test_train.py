@@ -188,9 +188,15 @@ def test_evaluate_job_with_ray_data(ray_local, trained, scanned, synth_dir, tmp_
     for i, p in enumerate(free["path"]):
         make_lesion_free(3, i, 96).save(p)
     free.to_csv(data / "lesion_free_test.csv", index=False)
+    test = pd.read_csv(data / "test.csv")  # two test photographs as reviewed cases (skin records export's manifest)
+    pd.DataFrame({"path": test["path"][:2], "label": test["label"][:2], "answered": test["label"][:2]}).to_csv(
+        tmp_path / "reviewed.csv", index=False)
     assert job.main(["--bundle", str(tmp_path / "bundle"), "--data", str(data), "--out", str(tmp_path / "eval"),
-                     "--masks", str(synth_dir / "manifest.csv"), "--perturb", "3"]) == 0
+                     "--masks", str(synth_dir / "manifest.csv"), "--perturb", "3",
+                     "--reviewed", str(tmp_path / "reviewed.csv")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["reviewed"]["images"] == 2 and metrics["reviewed"]["answered_accuracy"] == 1.0
+    assert "On reviewed cases (2 images" in (tmp_path / "eval" / "report.md").read_text()
     pert = metrics["perturbation"]  # deletion / insertion / ROAD on 3 images, stored for /v1/info and the page
     assert pert["images"] == 3 and set(pert["members"]) == set(metrics["members"])
     assert all(0 <= pert["ensemble"][m][k] <= 1 for m in ("deletion", "insertion") for k in ("map", "random", "untrained"))

@@ -142,10 +142,34 @@ def test_a_reviewer_corrects_an_answer_and_finds_it_in_the_queue(api, monkeypatc
     assert not at.exception and any(f"corrected to {right.options[0]}" in m.value for m in at.success), at.error
     at.radio(key="view").set_value("Review queue")
     at.run()
+    at.radio(key="queue-why").set_value("disputed")  # the session's random bundle leaves many uncertain ones
+    at.run()
     assert not at.exception
     queue = at.dataframe[0].value
     mine = queue[queue["reviews"] == f"dr-page: {right.options[0]}"]
     assert len(mine) == 1 and mine["why"].iloc[0] == "disputed" and mine["answered"].iloc[0] == answered
+
+
+def test_the_queue_redraws_the_overlay_of_a_kept_photograph(api, monkeypatch):
+    """A disputed answer whose photograph was kept with consent: the queue view re-draws its overlay on demand
+    (the photograph from /v1/records/{id}/photo, answered again without a new record)."""
+    data = _jpeg(5, 78)
+    answer = requests.post(api + "/v1/predict", files={"file": ("kept.jpg", data, "image/jpeg")},
+                           params={"cam": "false", "consent": "true"}, timeout=60).json()
+    other = next(c for c in ("Akne", "Benign") if c != answer["class"])
+    assert requests.post(api + "/v1/feedback", json={"request_id": answer["request_id"], "reviewer": "dr-q",
+                                                     "right_class": other}, timeout=30).status_code == 200
+    at = _page(monkeypatch, api)
+    at.radio(key="view").set_value("Review queue")
+    at.run()
+    at.radio(key="queue-why").set_value("disputed")
+    at.run()
+    assert not at.exception, at.exception
+    at.selectbox(key="redraw").set_value(answer["request_id"])
+    at.button(key="redraw-go").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.metric[0].value == answer["class"] and len(at.get("image")) == 2  # the photograph and its overlay
 
 
 def test_api_error_is_a_readable_message(api, monkeypatch):
@@ -222,6 +246,14 @@ def test_end_to_end_in_chromium(page_server, tmp_path):
             assert any(c in text for c in ("Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"))
             assert page.locator("img").count() >= 2
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            # the clinic's loop in the browser: a reviewer corrects the answer and finds it in the queue
+            page.get_by_label("Reviewer (your name, for reviews)").fill("dr-browser")
+            page.get_by_label("Reviewer (your name, for reviews)").press("Enter")
+            page.get_by_text("Wrong", exact=True).click()
+            page.get_by_role("button", name="Send review").click()
+            page.get_by_text("Review saved: corrected to").wait_for(timeout=30_000)
+            page.get_by_text("Review queue", exact=True).first.click()
+            page.get_by_text("Reviewers' agreement with the model").wait_for(timeout=30_000)
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -220,12 +220,26 @@ def review_box(api: str, key: str, name: str, result: dict, info: dict | None) -
         st.success("Review saved: " + ("confirmed." if verdict == "Right" else f"corrected to {right}."))
 
 
-def review_queue(api: str, key: str) -> None:
-    """Answers that wait for a specialist (uncertain and not reviewed, or disputed), oldest first, and how
-    often reviewers agreed with the model per class."""
-    st.title("Review queue")
+def fetch_photo(api: str, key: str, request_id: str) -> bytes:
+    """A recorded answer's photograph (kept with consent), from GET /v1/records/{id}/photo."""
     try:
-        data = call("GET", f"{api}/v1/review-queue", key, params={"limit": 200})
+        resp = requests.get(f"{api}/v1/records/{request_id}/photo", headers=_headers(key), timeout=TIMEOUT_S)
+    except requests.RequestException:
+        raise ApiProblem(f"cannot reach the API at {api}: is the service running?") from None
+    if resp.status_code != 200:
+        raise ApiProblem(_explain(resp))
+    return resp.content
+
+
+def review_queue(api: str, key: str, alpha: float = 0.4, info: dict | None = None) -> None:
+    """Answers that wait for a specialist (uncertain and not reviewed, or disputed), oldest first, and how
+    often reviewers agreed with the model per class; the overlay of one whose photograph was kept, re-drawn
+    on demand (not recorded as a new answer)."""
+    st.title("Review queue")
+    shown = st.radio("Show", ["all waiting", "disputed", "uncertain"], horizontal=True, key="queue-why")
+    params = {"limit": 200} | ({} if shown == "all waiting" else {"why": shown})
+    try:
+        data = call("GET", f"{api}/v1/review-queue", key, params=params)
     except ApiProblem as e:
         st.error(str(e))
         return
@@ -240,6 +254,18 @@ def review_queue(api: str, key: str) -> None:
     if data["agreement"]:
         st.markdown("**Reviewers' agreement with the model, by answered class**")
         st.dataframe(pd.DataFrame(data["agreement"]).T, width="stretch")
+    kept = [q["request_id"] for q in data["queue"] if q["has_photo"]]
+    if kept:
+        rid = st.selectbox("Re-draw the overlay of (photographs kept with consent)", kept, key="redraw")
+        if st.button("Re-draw overlay", key="redraw-go"):
+            try:
+                photo = fetch_photo(api, key, rid)
+                result = call("POST", f"{api}/v1/predict", key, files={"file": (rid, photo, "application/octet-stream")},
+                              params={"cam": "true", "all_classes": "true", "record": "false"})
+            except ApiProblem as e:
+                st.error(str(e))
+                return
+            show_result(rid, ImageOps.exif_transpose(Image.open(io.BytesIO(photo))).convert("RGB"), result, alpha, info)
 
 
 def main() -> None:
@@ -248,7 +274,7 @@ def main() -> None:
     api, key, alpha, info = sidebar()
     st.sidebar.text_input("Reviewer (your name, for reviews)", key="reviewer")
     if st.sidebar.radio("View", ["Classify", "Review queue"], key="view") == "Review queue":
-        review_queue(api, key)
+        review_queue(api, key, alpha, info)
         return
     st.title("Skin-lesion classifier")
     st.info(NOTICE)
