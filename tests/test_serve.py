@@ -84,6 +84,8 @@ def test_every_answer_is_on_record_and_reviewers_correct_it(api):
     assert a.status_code == b.status_code == 200
     a, b = a.json(), b.json()
     assert a["request_id"] and not a["photo_kept"] and b["photo_kept"]
+    photo_file = PHOTOS / sha256(consented)[:2] / f"{sha256(consented)}.jpg"
+    _wait(lambda: photo_file.is_file())  # written off the answer's path, by the ingress's record writer
     kept = list(PHOTOS.rglob("*.jpg"))
     assert [p.read_bytes() for p in kept if p.stem == sha256(consented)] == [consented]
     assert not any(p.stem == sha256(plain) for p in kept)  # no consent: only the hash is kept

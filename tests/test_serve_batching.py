@@ -66,10 +66,11 @@ def test_member_computes_maps_only_when_asked(random_bundle, monkeypatch):
         make_sample(2, 0, 0, 64).image).numpy()[None]
     probs, maps, _ = member._run(x)
     assert maps.shape[:2] == (1, 6)
-    for options, shape in (((False, ()), None), ((True, (("stride", 8),)), (1, 6, 8, 8)),
-                           ((True, (("smooth", "flips"),)), maps.shape)):
+    from skin.explanation import Overrides
+    for options, shape in (((False, None), None), ((True, Overrides(stride=8)), (1, 6, 8, 8)),
+                           ((True, Overrides(smooth="flips")), maps.shape)):
         p, m, _ = member._run(x, options)
         np.testing.assert_allclose(p, probs, atol=1e-6)
         assert (m is None) if shape is None else m.shape == shape, options
-    smoothed = member._run(x, (True, (("smooth", "flips"),)))[1]
+    smoothed = member._run(x, (True, Overrides(smooth="flips")))[1]
     assert not np.allclose(smoothed, maps)
