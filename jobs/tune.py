@@ -34,7 +34,7 @@ from skin.calibration import (apply_temperature, best_index, dirichlet_candidate
 from skin.ensemble import combine
 from skin.checkpoint import load_tensors
 from skin.cluster import ClusterError, add_cluster_arguments, init_ray, start_job
-from skin.progress import quiet
+from skin.progress import ProgressBoard, quiet
 from skin.registry import DEFAULT_MEMBERS, get_spec, list_backbones
 from skin.train import SCORE, TrainConfig
 
@@ -164,15 +164,21 @@ def _print_calibration(calib: dict) -> None:
 
 
 # --------------------------------------------------------------------------- dropout
-def dropout_trial(config: dict) -> None:
+def dropout_trial(config: dict, say=None) -> None:
     """Tune function: this trial is the member's single training worker (skin.train.train_member
-    with skin.distributed.TuneRuntime), so when ASHA stops it, its CPUs are freed with it."""
+    with skin.distributed.TuneRuntime), so when ASHA stops it, its CPUs are freed with it. `say`: where its
+    progress lines go (skin.progress; the driver prints them, each with the trial's id)."""
     from skin.distributed import TuneRuntime
     from skin.train import train_member
     cfg = dict(config["base"])
     cfg["dropout"] = [config[f"dropout_{i}"] for i in range(config["n_dropout"])]
     cfg["lr"] = config["lr"]
-    train_member(TrainConfig.from_dict(cfg), TuneRuntime(cpus=config["cpus"]))
+    log = print
+    if say is not None:
+        from ray import tune
+        trial = tune.get_context().get_trial_id()
+        log = lambda line: say(f"trial {trial}: {line}")  # noqa: E731
+    train_member(TrainConfig.from_dict(cfg), TuneRuntime(cpus=config["cpus"]), log=log)
 
 
 def asha(max_t: int, grace_period: int):
@@ -210,15 +216,21 @@ def cmd_dropout(a) -> int:
         space |= {"lr": tune.loguniform(spec.lr / 4, spec.lr * 4), "n_dropout": n_drop,
                   "base": dataclasses.asdict(cfg), "cpus": a.cpus_per_trial}
         scheduler = asha(base["epochs"], a.grace_period)
+        board = None if a.verbose else ProgressBoard.start()  # a line per trial and epoch, as they come
+        trial_fn = tune.with_parameters(dropout_trial, say=board.sender() if board else None)
         tuner = tune.Tuner(
-            tune.with_resources(dropout_trial, {"CPU": a.cpus_per_trial}),  # the trial is the training worker
+            tune.with_resources(trial_fn, {"CPU": a.cpus_per_trial}),  # the trial is the training worker
             param_space=space,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", num_samples=a.trials, scheduler=scheduler,
                                         max_concurrent_trials=a.concurrent),
             run_config=tune.RunConfig(name=f"tune-dropout-{member}", storage_path=str(out / "ray_results"),
                                       verbose=1 if a.verbose else 0))
-        with quiet(a.verbose):
-            grid = tuner.fit()
+        try:
+            with quiet(a.verbose):
+                grid = tuner.fit()
+        finally:
+            if board:
+                board.stop()
         best = grid.get_best_result(metric=SCORE, mode="max", scope="all")
         df = grid.get_dataframe(filter_metric=SCORE, filter_mode="max")  # each trial's best row
         df["epochs_run"] = df["trial_id"].map(epochs_run(grid))

@@ -96,14 +96,15 @@ class RecordWriter:
             pause = min(30.0, pause * 2)
 
     def _write(self, items: List[Dict[str, Any]]) -> None:
-        records = self.store()
         rows = []
         for it in items:
-            row = dict(it["row"])
             if it["photo"] is not None and self.photos is not None:
-                row["photo"] = self.photos.put(it["photo"], it["suffix"])
-            rows.append(row)
-        records.add_answers(rows)
+                # the photograph first (a folder of its own, up while the database may be down), then its
+                # bytes dropped: a row waiting for the database holds its content address, not the image
+                it["row"]["photo"] = self.photos.put(it["photo"], it["suffix"])
+                it["photo"] = None
+            rows.append(it["row"])
+        self.store().add_answers(rows)
 
     def snapshot(self) -> Dict[str, Any]:
         return {"url": _shown(self.url), "pending": len(self.pending), "written": self.written,

@@ -177,24 +177,27 @@ def test_a_store_that_cannot_be_opened_says_so_in_one_line(tmp_path):
         assert says in str(e.value) and len(str(e.value).splitlines()) == 1 and "secret" not in str(e.value)
 
 
-def test_the_writer_keeps_answers_off_the_stores_path_and_loses_none_while_it_is_down(postgres):
-    """The store goes down: submits still return at once, every failed attempt is counted, the rows wait;
-    the store comes back: all of them are written, once."""
+def test_the_writer_keeps_answers_off_the_stores_path_and_loses_none_while_it_is_down(postgres, tmp_path):
+    """The store goes down: submits still return at once, every failed attempt is counted, the rows wait
+    (a consented photograph already in its folder, its bytes no longer held); the store comes back: all of
+    them are written, once."""
     from service.records import RecordWriter
     events = []
     store = Records.open(postgres.url)  # tables exist
-    writer = RecordWriter(postgres.url, on_change=lambda what, n: events.append(what))
+    writer = RecordWriter(postgres.url, str(tmp_path / "photos"), on_change=lambda what, n: events.append(what))
     writer.submit(_row("w0"))
     assert writer.flush(30)
     postgres.stop()
     try:
         for i in range(1, 6):
-            writer.submit(_row(f"w{i}"))
+            writer.submit(_row(f"w{i}"), b"consented photo" if i == 5 else None)
         deadline = time.time() + 30
         while writer.failed < 2 and time.time() < deadline:
             time.sleep(0.2)
         assert writer.failed >= 2 and len(writer.pending) == 5 and "failed" in events
         assert writer.snapshot()["pending"] == 5 and writer.snapshot()["lost"] == 0
+        waiting = writer.pending[-1]
+        assert waiting["photo"] is None and (tmp_path / "photos" / waiting["row"]["photo"]).is_file()
         with pytest.raises(RecordError) as e:  # a reviewer's word cannot wait: it is refused, saying so
             store.review("w0", "dr", confirmed=True)
         assert e.value.status == 503 and "the review was not saved: send it again" in str(e.value)
@@ -207,6 +210,7 @@ def test_the_writer_keeps_answers_off_the_stores_path_and_loses_none_while_it_is
         ids = sorted(r for (r,) in c.execute(answers.select().with_only_columns(answers.c.request_id).where(
             answers.c.request_id.like("w%"))))
     assert ids == [f"w{i}" for i in range(6)]
+    assert store.answer("w5")["photo"] == waiting["row"]["photo"]
     writer.close()
 
 
