@@ -40,8 +40,10 @@ def cmd_synth(a) -> int:
 
 def cmd_scan(a) -> int:
     from .data import ScanOptions, scan
+    from .classes import ClassMap
     opts = ScanOptions(split=a.split, seed=a.seed, near_dup_bits=a.near_dup_bits,
-                       remove_leaks=not a.keep_leaks, workers=a.workers)
+                       remove_leaks=not a.keep_leaks, workers=a.workers,
+                       classes=ClassMap.load(a.classes) if a.classes else None)
     report = scan(a.source, a.out, opts, progress=not a.quiet, lesion_free=a.lesion_free)
     print((Path(a.out) / "report.md").read_text())
     print(f"manifests: {a.out}/train.csv val.csv test.csv{' lesion_free_*.csv' if a.lesion_free else ''}; "
@@ -233,7 +235,8 @@ def cmd_records(a) -> int:
         s = store.export(a.out, photos, parse_since(a.since))
         print(f"exported {s['exported']} reviewed photograph(s) ({s['corrected']} corrected, "
               f"{s['exported'] - s['corrected']} confirmed; {s['without_photo']} reviewed without a kept photograph "
-              f"left out) -> {s['manifest']}\nnext: skin data scan {s['manifest']} --out DATA")
+              f"left out) -> {s['manifest']}\nnext: skin data scan {s['manifest']} --classes "
+              f"{Path(s['manifest']).with_name('classes.json')} --out DATA")
     elif a.records_cmd == "delete":
         for rid in a.request_id:
             if not store.delete(rid, photos):
@@ -287,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "dataset): written as lesion_free_<split>.csv; training then teaches the members that plain "
                         "skin is evidence of no class (outlier exposure, TrainConfig.lesion_free_weight)")
     s.add_argument("--workers", type=at_least(0), default=0, help="validation processes (default: one per core)")
+    s.add_argument("--classes", metavar="CLASSES_JSON", help="keep this class map (a bundle's or an export's "
+                   "classes.json; e.g. `skin records export`'s, so that the next bundle can start from the one that "
+                   "answered even when some classes were never reviewed); default: inferred from the labels")
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(fn=cmd_scan)
 

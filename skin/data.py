@@ -37,6 +37,7 @@ class ScanOptions:
     remove_leaks: bool = True
     workers: int = 0  # 0: one per core
     group_column: str = "group"
+    classes: ClassMap | None = None  # the class map to keep (a bundle's, an export's); None: inferred
 
 
 # --------------------------------------------------------------------------- discovery
@@ -236,8 +237,12 @@ def scan(source: str | Path, out: str | Path, options: ScanOptions = ScanOptions
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found = discover(source)
-    classes = infer_class_map(found["folder"].tolist())
+    classes = options.classes or infer_class_map(found["folder"].tolist())
     found["label"] = [display_name(f) for f in found["folder"]]
+    unknown = sorted(set(found["label"]) - set(classes.names))
+    if unknown:
+        raise DatasetError(f"labels {unknown} are not in the class map given ({list(classes.names)}); fix the "
+                           "labels or give the class map that has them")
     checked = validate_files(found["path"].tolist(), options.workers, progress)
     df = found.merge(checked, on="path", how="left")
     rejects = df[df["error"] != ""][["path", "error"]].rename(columns={"error": "reason"})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -236,6 +237,14 @@ class Records:
             d["agreed"] += int(right == cls)
         return {k: v | {"agreement": v["agreed"] / v["reviewed"]} for k, v in sorted(out.items())}
 
+    def _class_map(self) -> list[str] | None:
+        """The answering bundles' class names in their order (the probabilities' keys: JSON keeps the order);
+        None when answers disagree on it (bundles of different class maps) or there are none."""
+        with self.engine.connect() as c:
+            maps = {tuple(p) for (p,) in c.execute(sa.select(answers.c.probabilities).order_by(
+                answers.c.at.desc()).limit(200))}  # the latest answers' (JSON has no equality in PostgreSQL)
+        return list(next(iter(maps))) if len(maps) == 1 else None
+
     def _latest_reviews(self, since: dt.datetime | None = None) -> dict[str, tuple[str, str]]:
         """{request_id: (answer class, latest review's class)}, for reviews at or after `since`."""
         q = sa.select(reviews.c.request_id, answers.c.answer_class, reviews.c.right_class).join(
@@ -296,6 +305,9 @@ class Records:
                 seen.add(name)
             manifest.append({"path": str((out / "photos" / name).resolve()), "label": right,
                              "group": r.image_sha256, "request_id": rid, "answered": answered})
+        classes = self._class_map()
+        if classes:  # the answering bundles' class map, so the next dataset keeps it (skin data scan --classes)
+            (tmp / "classes.json").write_text(json.dumps({"classes": classes}, indent=2) + "\n")
         with open(tmp / "manifest.csv", "w", newline="") as f:
             w = csv.DictWriter(f, ["path", "label", "group", "request_id", "answered"])
             w.writeheader()

@@ -159,8 +159,18 @@ def test_export_is_a_dataset_scan_takes(store, tmp_path):
     assert sorted(m["label"].value_counts().to_dict().items()) == [("Akne", 4), ("Malign", 4)]
     assert all(Path(p).is_file() for p in m["path"]) and (m["group"].str.len() == 64).all()
     from skin.cli import main
+    from skin.classes import ClassMap
+    # the answering bundle's class map travels with the export: two classes reviewed, six kept
+    assert ClassMap.load(tmp_path / "export" / "classes.json").names == tuple(CLASSES)
     assert main(["data", "scan", summary["manifest"], "--out", str(tmp_path / "scanned"), "--quiet",
-                 "--workers", "1"]) == 0
+                 "--workers", "1", "--classes", str(tmp_path / "export" / "classes.json")]) == 0
+    assert ClassMap.load(tmp_path / "scanned" / "classes.json").names == tuple(CLASSES)
+    assert main(["data", "scan", summary["manifest"], "--out", str(tmp_path / "inferred"), "--quiet",
+                 "--workers", "1"]) == 0  # without it, the labels' own (two classes)
+    assert ClassMap.load(tmp_path / "inferred" / "classes.json").names == ("Akne", "Malign")
+    ClassMap(("Akne", "Benign")).save(tmp_path / "two.json")  # a class map without a label used: one line, exit 2
+    assert main(["data", "scan", summary["manifest"], "--out", str(tmp_path / "bad"), "--quiet", "--workers", "1",
+                 "--classes", str(tmp_path / "two.json")]) == 2
     with pytest.raises(RecordError, match="not empty"):  # never over an earlier export
         store.export(tmp_path / "export", photos)
     later = store.export(tmp_path / "none", photos, since=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))

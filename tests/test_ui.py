@@ -150,6 +150,25 @@ def test_a_reviewer_corrects_an_answer_and_finds_it_in_the_queue(api, monkeypatc
     assert len(mine) == 1 and mine["why"].iloc[0] == "disputed" and mine["answered"].iloc[0] == answered
 
 
+def test_the_page_keeps_a_photograph_only_with_the_patients_consent(api, monkeypatch):
+    """The consent box unticked: only the photograph's SHA-256 is on record; ticked: the photograph is kept."""
+    from conftest import PHOTOS
+    from skin.records import sha256
+    at = _page(monkeypatch, api)
+    plain, agreed = _jpeg(1, 91), _jpeg(1, 92)
+    at.file_uploader[0].upload("plain.jpg", plain, "image/jpeg")
+    at.run()
+    at.checkbox(key="consent").check()
+    at.file_uploader[0].upload("agreed.jpg", agreed, "image/jpeg")
+    at.run()
+    assert not at.exception, at.exception
+    where = lambda data: PHOTOS / sha256(data)[:2] / f"{sha256(data)}.jpg"  # noqa: E731
+    deadline = time.time() + 30
+    while not where(agreed).is_file() and time.time() < deadline:  # written off the answer's path
+        time.sleep(0.5)
+    assert where(agreed).read_bytes() == agreed and not where(plain).exists()
+
+
 def test_the_queue_redraws_the_overlay_of_a_kept_photograph(api, monkeypatch):
     """A disputed answer whose photograph was kept with consent: the queue view re-draws its overlay on demand
     (the photograph from /v1/records/{id}/photo, answered again without a new record)."""

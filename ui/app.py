@@ -67,11 +67,12 @@ def fetch_info(api: str, key: str) -> dict:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def fetch_prediction(api: str, key: str, name: str, data: bytes, mime: str) -> dict:
-    """One request per (server, file): moving the opacity slider or changing class re-blends
-    locally from the raw maps in this answer."""
+def fetch_prediction(api: str, key: str, name: str, data: bytes, mime: str, consent: bool = False) -> dict:
+    """One request per (server, file, consent): moving the opacity slider or changing class re-blends
+    locally from the raw maps in this answer. `consent`: the patient agreed to the photograph being kept
+    (the server keeps it only where its deployment keeps photographs)."""
     return call("POST", f"{api}/v1/predict", key, files={"file": (name, data, mime)},
-                params={"cam": "true", "all_classes": "true"})
+                params={"cam": "true", "all_classes": "true"} | ({"consent": "true"} if consent else {}))
 
 
 def decode_png(b64: str) -> Image.Image:
@@ -280,6 +281,8 @@ def main() -> None:
     st.info(NOTICE)
     formats = ((info or {}).get("limits") or {}).get("formats") or list(SUFFIXES)
     types = [x for f in formats for x in SUFFIXES.get(f, [f.lower()])]
+    consent = st.checkbox("The patient consented to keeping these photographs (for review and the next training "
+                          "run); otherwise only a fingerprint (SHA-256) of each is kept", key="consent")
     files = st.file_uploader(f"Upload one or more photographs ({', '.join(t.upper() for t in types)})", type=types,
                              accept_multiple_files=True)
     if not files:
@@ -295,7 +298,8 @@ def main() -> None:
             images[name] = None
         with st.spinner(f"Classifying {name}..."):
             try:
-                answers[name] = fetch_prediction(api, key, name, data, f.type or "application/octet-stream")
+                answers[name] = fetch_prediction(api, key, name, data, f.type or "application/octet-stream",
+                                                 consent)
             except ApiProblem as e:
                 answers[name] = e
     table = pd.DataFrame([
