@@ -110,13 +110,18 @@ def resolve(a: argparse.Namespace) -> dict:
     return cfg
 
 
-def check_data(data_dir: str) -> None:
-    """Fail before any training starts: classes, manifests, every class present in training."""
+def check_data(data_dir: str, fine_tuning: bool = False) -> None:
+    """Fail before any training starts: classes, manifests, every class present in training (fine-tuning
+    from a bundle: a warning instead, as reviewed cases may cover only some classes)."""
     classes = load_classes(data_dir)
     train = load_manifest(data_dir, training_split(data_dir), classes)
     load_manifest(data_dir, "val", classes)
     empty = [c for k, c in enumerate(classes) if not (train["label_index"] == k).any()]
-    if empty:
+    if empty and fine_tuning:
+        print(f"train.py: warning: classes with zero training images: {empty}; fine-tuning from --init-from "
+              "keeps what the bundle knew of them but teaches nothing new, and may erode it: mix the reviewed "
+              "cases with the original training data where you can", file=sys.stderr)
+    elif empty:
         raise DatasetError(f"classes with zero training images: {empty}; add images or drop the class")
 
 
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
     data_dir, out = str(Path(a.data).resolve()), Path(a.out).resolve()
     try:
         if not a.dry_run:  # a dry run plans resources only: its --data may live on the cluster's storage
-            check_data(data_dir)
+            check_data(data_dir, fine_tuning=bool(a.init_from))
     except (ValueError, FileNotFoundError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2

@@ -218,7 +218,7 @@ def loaders(cfg: TrainConfig, member: Member, classes: ClassMap, runtime: Runtim
     train_df = load_manifest(data_dir, tr_split, classes)
     val_df = load_manifest(data_dir, "val", classes)
     missing = [c for k, c in enumerate(classes) if not (train_df["label_index"] == k).any()]
-    if missing:
+    if missing and not cfg.init_from:  # fine-tuning may see only the classes reviewers corrected
         raise DatasetError(f"classes with zero training images: {missing}")
     side = cache_side(member.data_config.input_size) if cfg.use_cache else None
     preset = train_preset(member.data_config, cfg.augment)
