@@ -59,6 +59,22 @@ def test_init_from_a_bundle_starts_from_its_members_weights(scanned, random_bund
         assert says in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_class_without_training_images_is_refused_unless_fine_tuning(scanned, tmp_path, capsys):
+    """A fresh run needs every class in training; a run fine-tuned from a bundle (--init-from) on reviewed
+    cases may lack some, and says what that means."""
+    from jobs.train import check_data
+    from skin.data import DatasetError, training_split
+    data = tmp_path / "data"
+    shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
+    split = data / f"{training_split(data)}.csv"
+    df = pd.read_csv(split)
+    df[df["label"] != "Akne"].to_csv(split, index=False)
+    with pytest.raises(DatasetError, match=r"zero training images: \['Akne'\]"):
+        check_data(str(data))
+    check_data(str(data), fine_tuning=True)
+    assert "keeps what the bundle knew of them" in capsys.readouterr().err
+
+
 def test_output_stride_is_trained_and_saved(scanned, tmp_path):
     from skin.checkpoint import load_member
     rt = LocalRuntime(str(tmp_path / "run"))
