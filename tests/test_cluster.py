@@ -166,21 +166,25 @@ def test_jobs_api_refuses_a_client_without_the_token(head):
     assert r.returncode != 0
 
 
-def test_serve_run_works_after_the_local_head_is_stopped(tmp_path):
-    """The README's `serve run` after `make demo-stop`: the stopped head left nothing in /tmp/ray
+def test_serve_run_works_after_the_local_head_is_stopped(tmp_path, monkeypatch):
+    """The README's `serve run` after `make demo-stop`: the stopped head left nothing in Ray's temp folder
     naming it, so `serve run` starts its own Ray instead of retrying a dead GCS forever (the shipped
-    config, narrowed to a one-member bundle: the app's size is not what this checks)."""
+    config, narrowed to a one-member bundle: the app's size is not what this checks). Ray's temp folder
+    (/tmp/ray unless RAY_TMPDIR) is one of the test's own, so a marker another crashed Ray left on the
+    machine cannot decide it."""
+    import tempfile
     from skin.bundle import write_bundle
     from skin.classes import ClassMap
     from skin.registry import create_model
     bundle = write_bundle(tmp_path / "bundle", ClassMap(), {"mobilenetv2": create_model(
         "mobilenetv2", 6, pretrained="none", input_size=64)}, untrained=True).root
-    marker = Path("/tmp/ray/ray_current_cluster")
-    before = marker.stat().st_mtime if marker.exists() else None
+    raytmp = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", str(raytmp))
+    marker = raytmp / "ray" / "ray_current_cluster"
     state = tmp_path / "state"
     url, env = _start_local_head(state, num_cpus=1)
     _stop_local_head(state, env)
-    assert (marker.stat().st_mtime if marker.exists() else None) == before
+    assert not marker.exists()
     assert not (state / "ray-temp-dir").exists() and not (state / "ray-head.pid").exists()
     port = _free_port()
     cfg = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
@@ -207,6 +211,7 @@ def test_serve_run_works_after_the_local_head_is_stopped(tmp_path):
             proc.wait(timeout=60)
         except (subprocess.TimeoutExpired, ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(raytmp, ignore_errors=True)
 
 
 def _submit(client, entrypoint: str) -> str:
