@@ -110,6 +110,19 @@ def ray_local():
     ray.shutdown()
 
 
+def wait_until(cond, timeout: float = 90) -> None:
+    """Poll `cond` until it holds (an HTTP error counts as not yet), else AssertionError."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("condition not reached in time")
+
+
 def deploy(bundle, **overrides):
     """Deploy the app as `serve deploy` does (the dashboard's REST API, a Serve config as a user writes it):
     what the replicas are built from in `args`, the ingress's per-request settings and the members' fault

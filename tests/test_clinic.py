@@ -8,24 +8,11 @@ import json
 import pytest
 import requests
 
-from conftest import PHOTOS, STATE, deploy
+from conftest import PHOTOS, STATE, deploy, wait_until as _wait
 from skin.bundle import Bundle
 from skin.synth import jpeg_bytes, make_sample
 
 CLASSES = ["Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"]
-
-
-def _wait(cond, timeout=120):
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if cond():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("timed out")
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import deploy as _deploy
+from conftest import deploy as _deploy, wait_until
 
 import numpy as np
 import pytest
@@ -233,16 +233,7 @@ def test_api_key_and_member_failure(api, random_bundle):
         _wait(lambda: post(api, _jpeg()).status_code == 200)
 
 
-def _wait(cond, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if cond():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("condition not reached in time")
+_wait = wait_until
 
 
 def test_heic_photo_with_exif_rotation_answers_like_its_jpeg_twin(api):
