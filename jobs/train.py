@@ -159,15 +159,12 @@ def main(argv=None) -> int:
         print(f"train.py: {len(weights)} weights for {len(members)} members", file=sys.stderr)
         return 2
     if cfg["train"].get("init_from") and not a.dry_run:
-        from skin.bundle import Bundle, BundleError
+        from skin.checkpoint import CheckpointError
         from skin.classes import ClassMapError
+        from skin.train import init_bundle
         try:
-            src = Bundle.load(cfg["train"]["init_from"])
-            src.classes.check_same(load_classes(data_dir), f"class maps of --init-from {a.init_from} and the dataset")
-            if set(members) - set(src.member_names):
-                raise ValueError(f"--init-from {a.init_from} has no member(s) {sorted(set(members) - set(src.member_names))}"
-                                 f" (it has {src.member_names}); give --members among them")
-        except (BundleError, ClassMapError, ValueError, OSError) as e:
+            init_bundle(cfg["train"]["init_from"], load_classes(data_dir), members)
+        except (CheckpointError, ClassMapError, OSError) as e:
             print(f"train.py: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
     configs = {}

@@ -141,12 +141,8 @@ class DataPlane:
     async def _predict(self, variant: Variant, data: bytes, t0: float, cam: bool = True, alpha: float = 0.4,
                        all_classes: bool = False, class_name: Optional[str] = None,
                        explain: Optional[Dict[str, Any]] = None, render: bool = True) -> Dict[str, Any]:
-        from skin.images import ImageError, load_image
         explain = explain or {}
-        try:
-            image = await asyncio.to_thread(load_image, data, self.limits)
-        except ImageError as e:
-            raise ApiError(e.status, e.code, str(e)) from None
+        image = await self._decode(data)
         t_decode = time.perf_counter()
         inputs = await asyncio.to_thread(prepare_inputs, variant.data_configs, image)
         # without `cam` the members compute no maps; `explain` overrides each one's stored Explanation
@@ -174,16 +170,13 @@ class DataPlane:
         under "gradcam" with "method": "occlusion". Costlier than Grad-CAM by skin.occlusion.cost(); asked for
         per request (cam_method=occlusion), never a default. `ticket`: its admission, released here."""
         import torch
-        from skin.images import ImageError, display_copy, load_image
+        from skin.images import display_copy
         from skin.occlusion import OCCLUSION, map_from_probs, member_views
         from skin.presets import eval_geometry
         from skin.render import map_image, overlay, png_bytes
         answered = False
         try:
-            try:
-                image = await asyncio.to_thread(load_image, data, self.limits)
-            except ImageError as e:
-                raise ApiError(e.status, e.code, str(e)) from None
+            image = await self._decode(data)
             t_decode = time.perf_counter()
             sizes = {n: c.input_size for n, c in variant.data_configs.items()}
             widest = max(sizes, key=sizes.get)
@@ -224,6 +217,14 @@ class DataPlane:
             return answer
         finally:
             self.release(ticket, answered)
+
+    async def _decode(self, data: bytes):
+        """The upload decoded and validated once (skin.images), off the event loop; ApiError when it is bad."""
+        from skin.images import ImageError, load_image
+        try:
+            return await asyncio.to_thread(load_image, data, self.limits)
+        except ImageError as e:
+            raise ApiError(e.status, e.code, str(e)) from None
 
     async def _fan_out(self, variant: Variant, inputs: Dict[str, Any]):
         """Every member's result concurrently: (results by member, members that failed). A member whose

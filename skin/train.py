@@ -444,17 +444,26 @@ def save_checkpoint(run: _Run, cfg: TrainConfig, runtime: Runtime, epoch: int, v
         runtime.report(metrics, tmp if runtime.rank == 0 else None)
 
 
-def init_from_bundle(member, bundle_dir: str, name: str, classes) -> None:
-    """Load a bundle's member `name` (backbone and head) into `member` (fine-tuning the next bundle from the
-    one that answered): the same class map, the same architecture; otherwise a CheckpointError saying which."""
+def init_bundle(bundle_dir: str, classes, names):
+    """The bundle a run fine-tunes from (--init-from), checked against the run: the same class map
+    (ClassMapError) and every member `names` present (CheckpointError); the job checks it before Ray
+    starts, each worker again where it loads its member."""
     from .bundle import Bundle
     from .checkpoint import CheckpointError
     bundle = Bundle.load(bundle_dir)
     bundle.classes.check_same(classes, f"class maps of --init-from {bundle_dir} and the dataset")
-    if name not in bundle.member_names:
-        raise CheckpointError(f"--init-from {bundle_dir} has no member {name!r} (it has {bundle.member_names}); "
-                              "train its members, or start from ImageNet weights without --init-from")
-    src = bundle.load_member(name)
+    missing = sorted(set(names) - set(bundle.member_names))
+    if missing:
+        raise CheckpointError(f"--init-from {bundle_dir} has no member(s) {missing} (it has {bundle.member_names}); "
+                              "give --members among them, or start from ImageNet weights without --init-from")
+    return bundle
+
+
+def init_from_bundle(member, bundle_dir: str, name: str, classes) -> None:
+    """Load a bundle's member `name` (backbone and head) into `member` (fine-tuning the next bundle from the
+    one that answered): the same class map, the same architecture; otherwise an error saying which."""
+    from .checkpoint import CheckpointError
+    src = init_bundle(bundle_dir, classes, [name]).load_member(name)
     shape = lambda m: (m.head_config.hidden, m.head_config.batchnorm, m.data_config.normalize)  # noqa: E731
     if shape(src) != shape(member):
         raise CheckpointError(f"--init-from {bundle_dir}: its {name} has another head or normalisation "

@@ -280,17 +280,17 @@ def test_the_report_compares_the_new_bundle_on_reviewed_cases(random_bundle, tmp
     now = [bundle.classes.names[k] for k in ens.argmax(1)]
     other = [next(c for c in CLASSES if c != n) for n in now]
     # reviewers' classes: the new answer for rows 0-3, another class for 4-5; the old answers: wrong for
-    # rows 0-1, right for 2-5 -> fixed 2 (rows 0, 1), broken 2 (rows 4, 5)
+    # rows 0-2, right for 3-5 -> fixed 3 (rows 0-2), broken 2 (rows 4, 5)
     label = now[:4] + other[4:]
-    answered = [other[0], other[1]] + label[2:]
+    answered = [other[0], other[1], other[2]] + label[3:]
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame({"path": paths, "label": label, "group": "g", "request_id": "x", "answered": answered}).to_csv(
         manifest, index=False)
     r = reviewed_summary(scored, bundle, manifest)
-    assert (r["images"], r["fixed"], r["broken"]) == (6, 2, 2)
-    assert r["accuracy"] == pytest.approx(4 / 6) and r["answered_accuracy"] == pytest.approx(4 / 6)
-    assert r["interval"][0] <= 0 <= r["interval"][1]
-    assert "fixed 2 answer(s) and broke 2" in "\n".join(reviewed_lines(r))
+    assert (r["images"], r["fixed"], r["broken"]) == (6, 3, 2)
+    assert r["accuracy"] == pytest.approx(4 / 6) and r["answered_accuracy"] == pytest.approx(3 / 6)
+    assert r["difference"] == pytest.approx(1 / 6) and r["interval"][0] <= r["difference"] <= r["interval"][1]
+    assert "fixed 3 answer(s) and broke 2" in "\n".join(reviewed_lines(r))
     elsewhere = tmp_path / "elsewhere.csv"  # none of its photographs scored here
     pd.DataFrame({"path": ["/nope.jpg"], "label": ["Akne"], "answered": ["Akne"]}).to_csv(elsewhere, index=False)
     assert reviewed_summary(scored, bundle, elsewhere) is None
