@@ -103,12 +103,13 @@ def _checkpointed(storage: Path, run: str) -> bool:
 
 
 def _busy_nodes(workers: dict) -> list[str]:
-    """Ids of the simulated worker nodes whose CPUs are all taken now."""
+    """Ids of the simulated worker nodes whose CPUs are all taken now (Ray's state API: the head runs the
+    dashboard)."""
     import ray
-    from ray._private.state import available_resources_per_node
+    from skin.cluster import free_per_node
     if not ray.is_initialized():
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
-    free = available_resources_per_node()
+    free = free_per_node([n for n in ray.nodes() if n.get("Alive")])
     return [nid for nid in workers if free.get(nid, {}).get("CPU", 0) < 1e-6]
 
 
@@ -130,7 +131,7 @@ def drill(data: str, out: str, epochs: int = 5, image_size: int = 32, kill: bool
     os.environ.update(token_env())
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     report: dict = {"killed": None}
-    with simulated_cluster([{"num_cpus": 1}] * 3) as (cluster, workers):
+    with simulated_cluster([{"num_cpus": 1}] * 3, dashboard=True) as (cluster, workers):
         os.environ["RAY_ADDRESS"] = cluster.address
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
         cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--out", out, "--smoke",
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
     pl.add_argument("--node", action="append", default=[], help="CPUS[:GPUS], once per worker node")
     pl.add_argument("--args", action="append", required=True, help="jobs/train.py arguments, one quoted string "
                     "per dry run (repeat for several runs on the same cluster)")
+    pl.add_argument("--hold", metavar="CPUS[:GPUS]", help="before the dry runs, an actor holds these on one node "
+                    "(the plans must count only what is free)")
     d = sub.add_parser("drill", help="kill a node under 2-worker DDP training and report the resume")
     d.add_argument("--data", required=True)
     d.add_argument("--out", required=True)
@@ -200,8 +203,15 @@ def main(argv=None) -> int:
         import shlex
         os.environ.update(token_env())
         worst = 0
-        with simulated_cluster([parse_node(n) for n in a.node], a.head_cpus) as (cluster, _):
+        with simulated_cluster([parse_node(n) for n in a.node], a.head_cpus, dashboard=bool(a.hold)) as (cluster, _):
             env = dict(os.environ, RAY_ADDRESS=cluster.address)
+            if a.hold:  # an actor (in a child, detached) holding CPUS[:GPUS] on some node, as another job would
+                hold = parse_node(a.hold)
+                code = ("import ray, sys; ray.init(log_to_driver=False)\n"
+                        f"@ray.remote(num_cpus={hold['num_cpus']}, num_gpus={hold['num_gpus']})\n"
+                        "class Hold:\n    def ok(self): return 1\n"
+                        "h = Hold.options(name='hold', lifetime='detached').remote(); ray.get(h.ok.remote())\n")
+                subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
             for k, args in enumerate(a.args):
                 r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *shlex.split(args), "--dry-run"],
                                    env=env, cwd=ROOT, capture_output=True, text=True)

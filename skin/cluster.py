@@ -76,53 +76,68 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
                            f"{fix}") from None
 
 
-def cluster_nodes(node_types_file: str | None = None):
+def cluster_nodes(node_types: str | None = None):
     """Shapes of the connected cluster's alive nodes by their *free* resources now (a Serve app
-    or another job may hold some), plus the node types an autoscaler may still start: those the
-    autoscaler reported to the GCS (autoscaler v2, KubeRay), or those in `node_types_file` (a
-    `ray up` YAML or a KubeRay manifest) when given."""
+    or another job may hold some), plus the node types an autoscaler may still start: those in
+    `node_types` (a `ray up` YAML or a KubeRay manifest), else in the `ray up` head's own config."""
     import ray
     from .plan import merge_autoscaler_types, nodes_from_file, nodes_from_resources
-    free = _free_per_node()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    free = free_per_node(alive)
     per_node = []
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
+    for n in alive:
         res = free.get(n["NodeID"], n.get("Resources", {}))
         per_node.append((n.get("NodeManagerAddress", "node") + ("(head)" if "node:__internal_head__" in
                                                                    n.get("Resources", {}) else ""), res))
     nodes = nodes_from_resources(per_node)
-    types = nodes_from_file(node_types_file) if node_types_file else _autoscaler_types()
+    path = node_types_file(node_types)
+    types = nodes_from_file(path) if path else []
     return merge_autoscaler_types(nodes, types) if types else nodes
 
 
-def _autoscaler_types():
-    """Node types the cluster's autoscaler reported to the GCS (as Ray Data reads them)."""
-    from .plan import NodeType
-    try:
-        from ray._private.state import state
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - a private API; no autoscaler information then
-        return []
-    if not config:
-        return []
-    out = []
-    for g in config.node_group_configs:
-        r = dict(g.resources)
-        if g.max_count == 0 or not r:
-            continue
-        out.append(NodeType(g.name, float(r.get("CPU", 0)), float(r.get("GPU", 0)), g.min_count,
-                            g.max_count if g.max_count >= 0 else 10**6))
-    return out
+# where `ray up` leaves the cluster's config on the head, for its autoscaler (a submitted job runs there)
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
-def _free_per_node() -> dict:
-    """node id -> free resources; {} when this Ray does not say (then totals are used)."""
+def node_types_file(given: str | None) -> str | None:
+    """The autoscaling node types' file: `--node-types` when given, else the `ray up` head's own config when
+    there is one (None: no autoscaler known; a KubeRay cluster that autoscales names its manifest)."""
+    if given:
+        return given
+    from pathlib import Path
+    own = Path(BOOTSTRAP_CONFIG).expanduser()
+    return str(own) if own.is_file() else None
+
+
+def free_per_node(alive: list[dict]) -> dict:
+    """node id -> free resources now, from Ray's public APIs; {} when they cannot say (totals are used then).
+    One node: `ray.available_resources()`. Several: each node's total less what is held there, by Ray's state
+    API (it needs the cluster's dashboard): the bundles of created placement groups, and the live actors and
+    running tasks outside them (an actor without num_cpus holds none, as in the scheduler)."""
+    import ray
+    if len(alive) == 1:
+        return {alive[0]["NodeID"]: ray.available_resources()}
+    from collections import Counter
     try:
-        from ray._private.state import available_resources_per_node
-        return available_resources_per_node()
-    except Exception:  # noqa: BLE001 - a private API: fall back to totals rather than fail the plan
+        from ray.util.state import list_actors, list_placement_groups, list_tasks
+        many = {"detail": True, "limit": 10_000, "raise_on_missing_output": False}
+        held: dict[str, Counter] = {}
+        for pg in list_placement_groups(filters=[("state", "=", "CREATED")], **many):
+            for b in pg.bundles or []:
+                if b.get("node_id"):
+                    held.setdefault(b["node_id"], Counter()).update(b.get("unit_resources") or {})
+        running = list_actors(filters=[("state", "=", "ALIVE")], **many) + \
+            list_tasks(filters=[("state", "=", "RUNNING"), ("type", "=", "NORMAL_TASK")], **many)
+        for r in running:
+            if r.node_id and not r.placement_group_id:
+                held.setdefault(r.node_id, Counter()).update(r.required_resources or {})
+    except Exception as e:  # noqa: BLE001 - no dashboard (the state API's server) or it did not answer
+        import sys
+        print(f"free resources per node unknown (Ray's state API: {str(e).splitlines()[0][:160]}); "
+              "planning on the nodes' totals", file=sys.stderr)
         return {}
+    return {n["NodeID"]: {k: max(0.0, v - held.get(n["NodeID"], {}).get(k, 0.0)) for k, v in n["Resources"].items()}
+            for n in alive}
 
 
 def start_job(prog: str, args: argparse.Namespace, groups):
@@ -140,7 +155,7 @@ def start_job(prog: str, args: argparse.Namespace, groups):
     return 0 if args.dry_run else plan
 
 
-def plan_cluster(prog: str, groups, node_types_file: str | None = None, dry_run: bool = False,
+def plan_cluster(prog: str, groups, node_types: str | None = None, dry_run: bool = False,
                  scale_timeout_s: float = 900):
     """The plan for `groups` on the connected cluster, printed. ClusterError (exit 2) when a worker
     fits no node; with `dry_run` only printed; when the autoscaler must add nodes, asks for them
@@ -148,7 +163,7 @@ def plan_cluster(prog: str, groups, node_types_file: str | None = None, dry_run:
     when they do not)."""
     from .plan import PlanError, plan_workers
     try:
-        nodes = cluster_nodes(node_types_file)
+        nodes = cluster_nodes(node_types)
         plan = plan_workers(nodes, groups)
     except PlanError as e:
         raise ClusterError(str(e)) from None

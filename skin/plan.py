@@ -135,7 +135,8 @@ def plan_workers(nodes: list[NodeType], groups: list[Group]) -> Plan:
             raise PlanError(
                 f"each {g.name} worker asks for {g.cpus:g} CPU{f' + {g.gpus:g} GPU' if g.gpus else ''}, more than "
                 f"any node has ({shapes}); lower --cpus-per-worker/--gpus-per-worker or --workers, "
-                f"or add a node type that large")
+                f"or add a node type that large (an autoscaling cluster: --node-types with its `ray up` YAML "
+                f"or KubeRay manifest)")
 
     # free capacity of each node running now, then new nodes as needed
     free = [[n, i, n.cpus, n.gpus] for n in nodes for i in range(n.count)]

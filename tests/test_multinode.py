@@ -66,6 +66,15 @@ def test_rayservice_members_fit_its_pods():
     assert all(g.gpus > 0 for g in groups[:-1])  # members on the GPU pods
 
 
+def test_node_types_come_from_the_flag_else_the_ray_up_heads_own_config(tmp_path, monkeypatch):
+    from skin import cluster
+    monkeypatch.setattr(cluster, "BOOTSTRAP_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
+    assert cluster.node_types_file(None) is None  # no autoscaler known
+    (tmp_path / "ray_bootstrap_config.yaml").write_text((CLUSTER / "cluster.yaml").read_text())
+    assert cluster.node_types_file(None) == str(tmp_path / "ray_bootstrap_config.yaml")
+    assert cluster.node_types_file("given.yaml") == "given.yaml"
+
+
 # --------------------------------------------------------------------------- on simulated clusters
 def _sim(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -113,6 +122,20 @@ def test_shipped_entrypoints_plan_on_clusters_of_their_shape():
     assert "asks for 12 CPU + 1 GPU" in last and "8 CPU + 1 GPU" in last and "Traceback" not in err1
     assert rc2 == 0, out2 + err2[-2000:]  # 6 GPU workers: 3 nodes up, 3 more the autoscaler can start
     assert "the autoscaler must start: 3 x gpu_worker (autoscaler)" in out2, out2
+
+
+def test_plans_count_only_what_is_free_on_each_node():
+    """Another job's actor holds one GPU node of three (8 CPU + 1 GPU each): the plan sees that node with
+    nothing free (Ray's public state API), gives two members the other two and queues the third."""
+    args = "--data /nonexistent --out /tmp/x --gpus-per-worker 1 --members mobilenetv2 efficientnet_b1 resnet50"
+    r = _sim("plan", "--head-cpus", "4", "--node", "8:1", "--node", "8:1", "--node", "8:1", "--hold", "8:1",
+             "--args", args)
+    runs = _runs(r.stdout)
+    assert len(runs) == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    rc, out, err = runs[0]
+    assert rc == 0, out + err[-2000:]
+    assert "1 x (0 CPU)" in out and "2 x (8 CPU + 1 GPU)" in out, out
+    assert "-> waits" in out and out.count("x 8 CPU + 1 GPU ->") == 3, out
 
 
 def test_ddp_across_two_nodes_survives_a_node_and_validates_every_row(scanned, tmp_path):
