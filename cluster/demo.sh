@@ -112,8 +112,10 @@ skin bundle cam-stride "$DIR/train/bundle-tuned-t" --out "$DIR/train/bundle-tune
 BUNDLE=$DIR/train/bundle-tuned
 
 step "6/9 evaluate on the test split with Ray Data: ray job submit jobs/evaluate.py"
+# two scorer actors of one CPU each: at 64 px two single-threaded scorers get through a batch 12% faster than
+# one scorer on two threads here (docs/performance.md); batches of 16 keep the two busy to the end
 submit 6-evaluate python jobs/evaluate.py --bundle "$BUNDLE" --data "$DIR/data" --out "$DIR/eval" \
-  --masks "$DIR/synth/manifest.csv" --perturb 30
+  --masks "$DIR/synth/manifest.csv" --perturb 30 --actors 2 --cpus-per-actor 1 --batch-size 16
 
 step "7/9 deploy the service: serve deploy (cluster/serve_config.yaml, bundle -> $BUNDLE)"
 sed -e "s#bundle: .*#bundle: $BUNDLE#" -e "s#port: 8000#port: $API_PORT#" \

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from skin.args import at_least, explanation_request
 from skin.bundle import Bundle
 from skin.cluster import add_cluster_arguments
@@ -112,7 +115,15 @@ def main(argv=None) -> int:
         return to_frame(batches(), bundle.member_names)
 
     df = df.assign(perturb=perturb_rows(df, a.perturb))
-    frame = score(df[["path", "label_index", "perturb"] + (["mask"] if a.masks else [])], a.split)
+    rows = df[["path", "label_index", "perturb"] + (["mask"] if a.masks else [])]
+    # the split's lesion-free photographs (outlier exposure's check) go through the same scorers, in one pass
+    free = load_lesion_free(a.data, a.split)
+    if free is not None:
+        rows = pd.concat([rows, free[["path", "label_index"]].assign(perturb=False, **({"mask": ""} if a.masks else {}))],
+                         ignore_index=True)
+    scored = score(rows, a.split if free is None else f"{a.split} (+ {len(free)} lesion-free)")
+    on_skin = scored["path"].isin(set(free["path"])) if free is not None else np.zeros(len(scored), bool)
+    frame = scored[~on_skin].reset_index(drop=True)
     metrics = summarize(frame, bundle, explain)
     if a.reviewed:
         from skin.records import RecordError
@@ -127,9 +138,7 @@ def main(argv=None) -> int:
                   f"bundle {reviewed['answered_accuracy']:.3f} (fixed {reviewed['fixed']}, broke {reviewed['broken']})")
         else:
             print(f"--reviewed {a.reviewed}: none of its photographs is among the {a.split} rows scored")
-    free = load_lesion_free(a.data, a.split)
-    free = lesion_free_summary(score(free[["path", "label_index"]], f"{a.split} lesion-free"), bundle) \
-        if free is not None else None
+    free = lesion_free_summary(scored[on_skin].reset_index(drop=True), bundle) if free is not None else None
     if free:
         metrics["lesion_free"] = free
     report = write_report(metrics, bundle, frame, out, a.split)
