@@ -61,25 +61,21 @@ shown() {
     '^\x1b\[|^\(|^\[20[0-9]{2}-|^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:,]+\s+(INFO|WARNING|DEBUG|SUCC)|^Tip:|raylet|^-+$|^$' || true
   wait "$pid"
 }
-# ray job submit, retried while the head's job agent is still starting (it answers 500 then); the job's own
-# output (its progress lines and tables) shown, the CLI's and Ray's kept in the step's log
+# ray job submit, which follows the job's output until it ends (exit 1 when it failed), retried while the
+# head's job agent is still starting (it answers 500 then); the job's own output (its progress lines and
+# tables) shown, the CLI's and Ray's kept in the step's log
 submit() {
   local log=$LOGS/$1.log; shift
-  local id
+  local try=$log.try
   for _ in $(seq 1 30); do
-    if id=$(ray job submit --no-wait --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml \
-              -- "$@" 2>>"$log" | tee -a "$log" | sed -n "s/.*Job '\(raysubmit_[A-Za-z0-9]*\)' submitted successfully.*/\1/p"); then
-      [ -n "$id" ] && break
+    if shown "$try" ray job submit --address "$DASH" --working-dir . --runtime-env cluster/runtime_env.yaml -- "$@"; then
+      cat "$try" >>"$log" && rm -f "$try"; return 0
     fi
-    grep -q "No available agent" "$log" || { echo "job submission failed; see $log" >&2; return 1; }
-    sleep 2
+    cat "$try" >>"$log"
+    if grep -q "No available agent" "$try" && ! grep -q "submitted successfully" "$try"; then rm -f "$try"; sleep 2; continue; fi
+    rm -f "$try"; echo "the job failed; its log: $log" >&2; return 1
   done
-  [ -n "$id" ] || { echo "the head's job agent never came up; see $log" >&2; return 1; }
-  shown "$log.job" ray job logs --follow --address "$DASH" "$id"
-  cat "$log.job" >>"$log" && rm -f "$log.job"
-  if ! ray job status --address "$DASH" "$id" 2>/dev/null | grep -qi "succeeded"; then
-    echo "job $id failed; its log: $log" >&2; return 1
-  fi
+  echo "the head's job agent never came up; see $log" >&2; return 1
 }
 
 step "1/9 local Ray head (127.0.0.1, Jobs API at $DASH)"
