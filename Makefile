@@ -33,7 +33,7 @@ COMPILE = $(PY) -m compileall -q -j 0 $(VENV)/lib >>$(VENV)/install.log 2>&1 || 
 # pip's own output goes to .venv/install.log (its last lines shown if it fails).
 $(RUN_STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "setting up .venv (the first time about 2 minutes; pip's output: $(VENV)/install.log)"
+	@echo "setting up .venv (the first time 1–2 minutes; pip's output: $(VENV)/install.log)"
 	@$(PIP) install -q --upgrade pip >$(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
 	@# torch/torchvision pinned exactly (constraints.txt): other combinations download gigabytes
 	@$(PIP) install -q --no-compile -c constraints.txt -e '.[ray,ui]' >>$(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
