@@ -73,7 +73,7 @@ submit() {
     fi
     cat "$try" >>"$log"
     if grep -q "No available agent" "$try" && ! grep -q "submitted successfully" "$try"; then rm -f "$try"; sleep 2; continue; fi
-    rm -f "$try"; echo "the job failed; its log: $log" >&2; return 1
+    rm -f "$try"; echo "the job failed (or ray job submit could not start it); its log: $log" >&2; return 1
   done
   echo "the head's job agent never came up; see $log" >&2; return 1
 }

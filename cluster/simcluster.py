@@ -109,7 +109,7 @@ def _busy_nodes(workers: dict) -> list[str]:
     from skin.cluster import free_per_node
     if not ray.is_initialized():
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
-    free = free_per_node([n for n in ray.nodes() if n.get("Alive")])
+    free = free_per_node()
     return [nid for nid in workers if free.get(nid, {}).get("CPU", 0) < 1e-6]
 
 

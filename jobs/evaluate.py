@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from skin.args import at_least, explanation_request
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
         rows = pd.concat([rows, free[["path", "label_index"]].assign(perturb=False, **({"mask": ""} if a.masks else {}))],
                          ignore_index=True)
     scored = score(rows, a.split if free is None else f"{a.split} (+ {len(free)} lesion-free)")
-    on_skin = scored["path"].isin(set(free["path"])) if free is not None else np.zeros(len(scored), bool)
+    on_skin = scored["path"].isin(set(free["path"]) if free is not None else ())
     frame = scored[~on_skin].reset_index(drop=True)
     metrics = summarize(frame, bundle, explain)
     if a.reviewed:

@@ -109,12 +109,15 @@ def node_types_file(given: str | None) -> str | None:
     return str(own) if own.is_file() else None
 
 
-def free_per_node(alive: list[dict]) -> dict:
-    """node id -> free resources now, from Ray's public APIs; {} when they cannot say (totals are used then).
+def free_per_node(alive: list[dict] | None = None) -> dict:
+    """node id -> free resources now of the `alive` nodes (`ray.nodes()` entries; default: every alive node),
+    from Ray's public APIs; {} when they cannot say (totals are used then).
     One node: `ray.available_resources()`. Several: each node's total less what is held there, by Ray's state
     API (it needs the cluster's dashboard): the bundles of created placement groups, and the live actors and
     running tasks outside them (an actor without num_cpus holds none, as in the scheduler)."""
     import ray
+    if alive is None:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) == 1:
         return {alive[0]["NodeID"]: ray.available_resources()}
     from collections import Counter
