@@ -81,10 +81,10 @@ class Ensemble(v1.V1Routes, v2.V2Routes):
         return response
 
     async def _admitted(self, request: Request, call_next):
-        """/v1/predict through admission before its body is read: refused at once (503 busy), or admitted
-        and its ticket released whatever the route does with it."""
+        """/v1/predict through admission before its body is read: refused (503 busy) at once or after a short
+        wait for room, or admitted and its ticket released whatever the route does with it."""
         try:
-            ticket = self.plane.admit(v1.predict_kind(request))
+            ticket = await self.plane.admit(v1.predict_kind(request))
         except ApiError as e:
             return error_response(request, e.status, e.code, e.message, e.retry_after_s)
         request.state.ticket = ticket

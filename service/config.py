@@ -94,7 +94,7 @@ class AppArgs(BaseModel):
     candidate: Optional[CandidateArgs] = Field(None, description="a candidate bundle beside this one (canary)")
     ingress_cpus: float = Field(0.25, gt=0)
     ingress_replicas: int = Field(1, ge=1)
-    latency_budget: float = Field(2.0, ge=1, description="admission: a request is refused at once (503 + Retry-After) "
+    latency_budget: float = Field(2.0, ge=1, description="admission: a request is refused within 0.1 s (503 + Retry-After) "
                                   "unless the work already admitted lets it finish within this multiple of its own "
                                   "latency on an idle service, measured per kind of request (service.admission)")
     max_ongoing_requests: int = Field(64, ge=1, description="requests an ingress replica holds at once (admitted or "

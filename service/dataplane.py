@@ -79,10 +79,11 @@ class DataPlane:
     def choose(self, pin: Optional[str]) -> Tuple[Variant, bool]:
         return canary.choose(self.variants(), pin, self.settings.candidate_share)
 
-    def admit(self, kind) -> Ticket:
-        """Admission (service.admission) of a request of this kind, or ApiError 503 busy at once."""
+    async def admit(self, kind) -> Ticket:
+        """Admission (service.admission) of a request of this kind, after a short wait for room at most, or
+        ApiError 503 busy."""
         try:
-            ticket = self.admission.admit(kind)
+            ticket = await self.admission.admit_waiting(kind)
         except Busy as e:
             self.metrics.refused.inc(1, tags={"cam": str(dict(kind).get("cam", "true")).lower()})
             raise ApiError(503, "busy", str(e), retry_after_s=e.retry_after_s) from None

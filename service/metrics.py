@@ -34,7 +34,7 @@ class AppMetrics:
                                        "class mix: watch it for drift)", tag_keys=("class",))
         self.uncertain = metrics.Counter("skinray_uncertain_total", description="answers flagged uncertain")
         self.degraded = metrics.Counter("skinray_degraded_total", description="answers from fewer than all members")
-        self.refused = metrics.Counter("skinray_refused_total", description="requests refused at once because the "
+        self.refused = metrics.Counter("skinray_refused_total", description="requests refused within 0.1 s because the "
                                        "admitted work fills the latency budget (503 busy)", tag_keys=("cam",))
         self.in_flight = metrics.Gauge("skinray_admitted_in_flight", description="requests admitted and not yet "
                                        "answered by this ingress replica")

@@ -157,7 +157,7 @@ class V2Routes:
                            f"{', '.join(OUTPUTS)}")
         params = req.get("parameters") or {}
         cam = "gradcam" in names or params.get("cam") is True
-        ticket = plane.admit((("route", "v2"), ("bundle", variant.bundle.id), ("cam", str(cam).lower())))
+        ticket = await plane.admit((("route", "v2"), ("bundle", variant.bundle.id), ("cam", str(cam).lower())))
         answer = await plane.answer(variant, pinned, data, t0, ticket, cam=cam, render=False,
                                     request_id=request.state.request_id, route="v2",
                                     consent=params.get("consent") is True)

@@ -2,33 +2,56 @@
 no timing of this machine. The service shares its capacity among the requests in flight (processor
 sharing): `parallel` idle-service requests' worth at once, so n requests each run min(1, parallel / n)
 as fast as alone."""
-import math
 import random
 
 import pytest
 
-from service.admission import Admission, Busy
+from service.admission import STEP_S, WAIT_S, Admission, Busy
 
 
 def simulate(adm: Admission, parallel: float, offered: float, seconds: float = 120, kinds=(("cheap", 0.2),),
-             seed: int = 0, dt: float = 0.002, poisson: bool = True):
+             seed: int = 0, dt: float = 0.002, poisson: bool = True, wait: bool = False, refusals: list | None = None):
     """Requests arrive at `offered` per second (Poisson, or evenly spaced), each of a kind drawn from `kinds` (name, seconds
-    alone). Returns (answers [(kind, latency)], refusals, steady-state start)."""
+    alone); with `wait` a refused one waits in the controller's waiting room as `admit_waiting` does (looking for
+    room every STEP_S). Returns (answers [(kind, latency from arrival)], refusals); `refusals` gets each refusal's wait."""
     rng = random.Random(seed)
     clock = [0.0]
     adm.clock = lambda: clock[0]
-    running, answers, refused = [], [], 0
+    running, answers, refused, waiting = [], [], 0, []
     gap = (lambda: rng.expovariate(offered)) if poisson else (lambda: 1 / offered)
     next_arrival = gap()
     t = 0.0
     while t < seconds:
+        for w in list(waiting):  # [arrival, kind, alone, next look]
+            if t < w[3]:
+                continue
+            try:
+                ticket = adm.admit(w[1], t - w[0], queued=True)
+                ticket.start = w[0]  # its latency counts from its arrival
+                running.append([ticket, w[2], w[1]])
+                waiting.remove(w)
+                adm.left_room()
+            except Busy:
+                if adm.may_wait(w[1], t - w[0], queued=True):
+                    w[3] = t + STEP_S
+                else:
+                    waiting.remove(w)
+                    adm.left_room()
+                    refused += 1
+                    if refusals is not None:
+                        refusals.append(t - w[0])
         while next_arrival <= t:
             kind, alone = rng.choice(kinds)
             try:
                 running.append([adm.admit(kind), alone, kind])
             except Busy as e:
-                refused += 1
                 assert e.retry_after_s >= 1
+                if wait and adm.may_wait(kind, 0.0, queued=False):
+                    waiting.append([t, kind, alone, t + STEP_S])
+                else:
+                    refused += 1
+                    if refusals is not None:
+                        refusals.append(0.0)
             next_arrival += gap()
         if running:
             speed = min(1.0, parallel / len(running))
@@ -111,3 +134,47 @@ def test_requests_that_never_meet_teach_no_slowdown():
 def test_budget_below_one_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="at least 1"):
         Admission(budget=0.5)
+
+
+def test_a_refused_request_waits_briefly_for_room_and_never_passes_one_waiting():
+    """A level measured over the budget: the next request waits (admit_waiting) instead of being refused at
+    once; the answer ahead of it frees room 30 ms later and it is admitted then. A third arriving meanwhile
+    finds the waiting room full (one place per request in flight) and is refused at once; a request for which
+    no room comes is refused when WAIT_S has passed, not later."""
+    import asyncio
+    clock = [0.0]
+    adm = Admission(budget=2.0, clock=lambda: clock[0])
+    adm.alone["cheap"] = 0.2
+    adm.slowdown[2], adm.measured_at[2] = 2.5, 0.0  # two at once measured too slow, just now
+    first = adm.admit("cheap")
+
+    async def sleep(s):
+        await asyncio.sleep(0)
+        clock[0] += s
+        if clock[0] >= 0.03 and not first.ended:
+            adm.done(first)
+
+    async def scene():
+        waiter = asyncio.create_task(adm.admit_waiting("cheap", sleep=sleep))
+        await asyncio.sleep(0)  # it is refused on arrival and takes the waiting room's one place
+        assert adm.waiting == 1
+        with pytest.raises(Busy):
+            await adm.admit_waiting("cheap", sleep=sleep)
+        return await waiter
+
+    second = asyncio.run(scene())
+    assert second.start == pytest.approx(0.03, abs=STEP_S) and adm.waiting == 0 and adm.in_flight == [second]
+    adm.slowdown[2] = 1.2  # now two at once fit; one is waiting (it has the room's place)
+    assert adm.may_wait("cheap", 0.0, queued=False) and adm.waiting == 1
+    with pytest.raises(Busy):
+        adm.admit("cheap")  # a fresh arrival does not pass it
+    adm.done(adm.admit("cheap", 0.01, queued=True))
+    adm.left_room()
+    adm.slowdown[2], adm.measured_at[2] = 2.5, clock[0]  # too slow again: no room while `second` runs
+
+    async def no_room(s):
+        clock[0] += s
+    t0 = clock[0]
+    with pytest.raises(Busy):
+        asyncio.run(adm.admit_waiting("cheap", sleep=no_room))
+    assert WAIT_S - STEP_S <= clock[0] - t0 <= WAIT_S and adm.waiting == 0
