@@ -302,32 +302,6 @@ def test_explanation_options_per_request(api):
         assert bad.status_code == 422 and words in bad.json()["error"]["message"], (params, bad.text)
 
 
-def test_a_request_overrides_only_what_it_sets(api, random_bundle, tmp_path_factory):
-    """A bundle that stores stride-16 maps keeps them when a request sets only cam_smooth or cam_method
-    (the request's other options come from the bundle, not from the defaults)."""
-    from skin.bundle import derive_bundle
-    src = Bundle.load(random_bundle)
-    b16 = derive_bundle(src, tmp_path_factory.mktemp("b16") / "b",
-                        explanations=dict.fromkeys(src.member_names, {"stride": 16}))
-    data = _jpeg(1, 4, 128)
-    try:
-        _deploy(b16.root)
-        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == b16.id)
-        info = requests.get(api + "/v1/info", timeout=5).json()
-        assert {m["explanation"]["stride"] for m in info["members"]} == {16}
-
-        def map_of(**params):
-            r = post(api, data, params=params)
-            assert r.status_code == 200, r.text
-            return r.json()["gradcam"]["map_png"]
-        for option in ({"cam_smooth": "flips"}, {"cam_method": "layercam"}):
-            assert map_of(**option) == map_of(**option, cam_stride=16), option  # the bundle's stride kept
-            assert map_of(**option) != map_of(**option, cam_stride=32), option
-    finally:
-        _deploy(random_bundle)
-        _wait(lambda: requests.get(api + "/v1/info", timeout=5).json()["bundle"] == src.id)
-
-
 def test_admission_at_the_shipped_defaults_refuses_what_cannot_finish_in_time(api):
     """The app as deployed with no setting touched: a burst of 24 requests gets only 200s and 503s; each
     503 says the service is busy (never a member) with a Retry-After; fewer than all were admitted at once
@@ -505,10 +479,14 @@ def test_open_inference_protocol_errors_and_versions_as_tritons_client_reads_the
 def test_a_canary_bundle_beside_the_stable_one(api, random_bundle, tmp_path_factory):
     """Two bundles at once: the candidate answers its share of unpinned requests (within a binomial
     tolerance), a header pins either, every answer names its bundle, /v1/info lists both, and a
-    failing candidate never fails a stable answer (its unpinned share falls back to the stable bundle)."""
+    failing candidate never fails a stable answer (its unpinned share falls back to the stable bundle).
+    The candidate stores stride-16 maps: a request pinned to it that sets only cam_smooth or cam_method
+    keeps that stride (the request's other options come from the bundle it answers with, not from the
+    defaults)."""
     from skin.bundle import derive_bundle
     src = Bundle.load(random_bundle)
-    cand = derive_bundle(src, tmp_path_factory.mktemp("canary") / "b", weights=(0.5, 0.25, 0.25))
+    cand = derive_bundle(src, tmp_path_factory.mktemp("canary") / "b", weights=(0.5, 0.25, 0.25),
+                         explanations=dict.fromkeys(src.member_names, {"stride": 16}))
     data = _jpeg(0, 8, 96)
     canary = {"bundle": str(cand.root), "share": 0.3}
     try:
@@ -516,7 +494,15 @@ def test_a_canary_bundle_beside_the_stable_one(api, random_bundle, tmp_path_fact
         _wait(lambda: requests.get(api + "/v1/info", timeout=5).json().get("candidate") is not None)
         info = requests.get(api + "/v1/info", timeout=5).json()
         assert info["bundles"] == [src.id, cand.id] and info["candidate"]["share"] == 0.3
-        ids = [post(api, data).json()["bundle"] for _ in range(60)]
+
+        def map_of(**params):
+            r = post(api, data, params=params, headers={"X-Skinray-Bundle": "candidate"})
+            assert r.status_code == 200 and r.json()["bundle"] == cand.id, r.text[:200]
+            return r.json()["gradcam"]["map_png"]
+        for option in ({"cam_smooth": "flips"}, {"cam_method": "layercam"}):
+            assert map_of(**option) == map_of(**option, cam_stride=16), option  # the bundle's stride kept
+            assert map_of(**option) != map_of(**option, cam_stride=32), option
+        ids = [post(api, data, params={"cam": "false"}).json()["bundle"] for _ in range(60)]  # the share: no maps
         n = ids.count(cand.id)
         assert set(ids) == {src.id, cand.id} and 8 <= n <= 30, n  # 60 x 0.3 = 18, about +-3 standard deviations
         for pin, want in (("candidate", cand.id), ("stable", src.id), (cand.id, cand.id)):
@@ -527,7 +513,7 @@ def test_a_canary_bundle_beside_the_stable_one(api, random_bundle, tmp_path_fact
         # the candidate fails: stable answers are untouched, unpinned requests all get the stable bundle
         _deploy(random_bundle, candidate=canary | {"members": {"resnet50": {"fault_drill": True}}})
         _wait(lambda: post(api, data, headers={"X-Skinray-Bundle": "candidate"}).status_code == 503)
-        answers = [post(api, data) for _ in range(12)]
+        answers = [post(api, data, params={"cam": "false"}) for _ in range(12)]
         assert all(r.status_code == 200 and r.json()["bundle"] == src.id for r in answers)
         assert post(api, data, headers={"X-Skinray-Bundle": "stable"}).status_code == 200
     finally:
