@@ -19,8 +19,9 @@ than a cheap one. An empty service admits any request, and a kind not measured y
 empty service (so it is measured alone first). Nothing is tuned by hand.
 
 A request refused on arrival may wait a little for room instead (`admit_waiting`): up to WAIT_S, and no longer
-than the budget leaves once it would run alone, in a waiting room of at most as many requests as are in flight
-(an answer frees room for one); a fresh arrival does not pass a waiting one. Without it an answer that ends
+than the budget leaves once it would run alone, when a request in flight is expected to end within that wait
+(at its level's measured slowdown), one waiting place per such request; a fresh arrival does not pass a
+waiting one, and the rest are refused at once. Without it an answer that ends
 just before the next arrival leaves its room idle: at the capacity, evenly spaced arrivals lost a fifth of it
 and a Poisson stream more (the loss of a system with no queue). A request that still finds no room is refused
 when its wait ends, within WAIT_S.
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 MARGIN = 1.05  # the measured slowdown at a level, times this, must be within the budget
-WAIT_S = 0.075  # the longest a request waits for room before it is refused (a refusal comes within 0.1 s)
+WAIT_S = 0.06  # the longest a request waits for room before it is refused (a refusal comes within 0.1 s)
 STEP_S = 0.005  # how often a waiting request looks for room
 PROBE_S = 10.0  # a level refused since its last answer this long ago (or 50 of its requests' latency) is tried again
 
@@ -132,13 +133,19 @@ class Admission:
 
     def may_wait(self, kind: Hashable, waited: float, queued: bool) -> bool:
         """Whether a refused request may wait STEP_S more for room (taking a place in the waiting room if it
-        has none yet: `queued`); when False it is refused, and leaves the room with `left_room` if it had one."""
+        has none yet: `queued`); when False it is refused, and leaves the room with `left_room` if it had one.
+        A place is taken only while fewer wait than requests in flight are expected to end within the wait
+        (each at its admission level's measured slowdown), so at overload the rest are refused at once."""
         with self._lock:
             cost = self.alone.get(kind)
-            if cost is None or waited + STEP_S > min(WAIT_S, (self.budget / MARGIN - 1.0) * cost):
+            left = min(WAIT_S, (self.budget / MARGIN - 1.0) * cost) - waited if cost is not None else 0.0
+            if left < STEP_S:
                 return False
             if not queued:
-                if self.waiting >= max(1, len(self.in_flight)):
+                now = self.clock()
+                ending = sum(1 for t in self.in_flight
+                             if math.isfinite(t.cost) and t.start + t.cost * self.expected(t.level) - now <= left)
+                if self.waiting >= ending:
                     return False
                 self.waiting += 1
             return True

@@ -137,21 +137,29 @@ def test_budget_below_one_is_refused_with_a_reason():
 
 
 def test_a_refused_request_waits_briefly_for_room_and_never_passes_one_waiting():
-    """A level measured over the budget: the next request waits (admit_waiting) instead of being refused at
-    once; the answer ahead of it frees room 30 ms later and it is admitted then. A third arriving meanwhile
-    finds the waiting room full (one place per request in flight) and is refused at once; a request for which
-    no room comes is refused when WAIT_S has passed, not later."""
+    """A level measured over the budget: a request that arrives 30 ms before the one in flight is expected to
+    end waits (admit_waiting) instead of being refused at once, and is admitted when that answer comes. A
+    third arriving meanwhile finds the waiting room full (one place per request expected to end within the
+    wait) and is refused at once, as is one arriving when nothing is expected to end soon; a request for
+    which the expected room does not come is refused when WAIT_S has passed, not later."""
     import asyncio
     clock = [0.0]
     adm = Admission(budget=2.0, clock=lambda: clock[0])
     adm.alone["cheap"] = 0.2
     adm.slowdown[2], adm.measured_at[2] = 2.5, 0.0  # two at once measured too slow, just now
-    first = adm.admit("cheap")
+    first = adm.admit("cheap")  # alone: expected to end at 0.2 s
+
+    async def no_room(s):
+        clock[0] += s
+    with pytest.raises(Busy):
+        asyncio.run(adm.admit_waiting("cheap", sleep=no_room))  # at 0 s: nothing ends within the wait
+    assert clock[0] == 0.0 and adm.waiting == 0  # refused at once
+    clock[0] = 0.17
 
     async def sleep(s):
         await asyncio.sleep(0)
         clock[0] += s
-        if clock[0] >= 0.03 and not first.ended:
+        if clock[0] >= 0.2 and not first.ended:
             adm.done(first)
 
     async def scene():
@@ -163,17 +171,16 @@ def test_a_refused_request_waits_briefly_for_room_and_never_passes_one_waiting()
         return await waiter
 
     second = asyncio.run(scene())
-    assert second.start == pytest.approx(0.03, abs=STEP_S) and adm.waiting == 0 and adm.in_flight == [second]
+    assert second.start == pytest.approx(0.2, abs=STEP_S) and adm.waiting == 0 and adm.in_flight == [second]
     adm.slowdown[2] = 1.2  # now two at once fit; one is waiting (it has the room's place)
+    clock[0] = second.start + 0.17
     assert adm.may_wait("cheap", 0.0, queued=False) and adm.waiting == 1
     with pytest.raises(Busy):
         adm.admit("cheap")  # a fresh arrival does not pass it
     adm.done(adm.admit("cheap", 0.01, queued=True))
     adm.left_room()
     adm.slowdown[2], adm.measured_at[2] = 2.5, clock[0]  # too slow again: no room while `second` runs
-
-    async def no_room(s):
-        clock[0] += s
+    clock[0] = second.start + 0.19  # `second` is expected to end in 10 ms, and does not
     t0 = clock[0]
     with pytest.raises(Busy):
         asyncio.run(adm.admit_waiting("cheap", sleep=no_room))
