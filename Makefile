@@ -87,6 +87,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/load_faults.py
 	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/serve_multinode.py
+	$(PY) benchmarks/head_stop.py
+	@if command -v hey >/dev/null; then $(PY) benchmarks/admission.py; else echo "benchmarks/admission.py needs hey (apt-get install hey): skipped"; fi
 	@if [ "$$(id -u)" = 0 ]; then $(PY) benchmarks/hosts.py; else echo "benchmarks/hosts.py needs root (network namespaces): skipped"; fi
 	@if [ -f $(DEMO_DIR)/train/bundle-tuned/bundle.json ]; then \
 	  d="--data $(DEMO_DIR)/data --synth $(DEMO_DIR)/synth"; \
