@@ -21,10 +21,10 @@ empty service (so it is measured alone first). Nothing is tuned by hand.
 A request refused on arrival may wait a little for room instead (`admit_waiting`): up to WAIT_S, and no longer
 than the budget leaves once it would run alone, when a request in flight is expected to end within that wait
 (at its level's measured slowdown), one waiting place per such request; a fresh arrival does not pass a
-waiting one, and the rest are refused at once. Without it an answer that ends
-just before the next arrival leaves its room idle: at the capacity, evenly spaced arrivals lost a fifth of it
-and a Poisson stream more (the loss of a system with no queue). A request that still finds no room is refused
-when its wait ends, within WAIT_S.
+waiting one, and the rest are refused at once. Without it an answer that ends just before the next arrival
+leaves its room idle: at the capacity, evenly spaced arrivals lost a fifth of it and a Poisson stream more (the
+loss of a system with no queue). A request that still finds no room is refused when its wait ends, within
+WAIT_S.
 """
 from __future__ import annotations
 
@@ -110,8 +110,10 @@ class Admission:
             level, probe = 1, False
             if n:
                 ahead = sum(t.cost for t in self.in_flight)
-                if cost is None or not math.isfinite(ahead) or (self.waiting and not queued):
+                if cost is None or not math.isfinite(ahead):
                     raise Busy(self._retry_after(), n)  # measured alone first; nothing joins an unmeasured one
+                if self.waiting and not queued:
+                    raise Busy(self._retry_after(), n)  # a fresh arrival does not pass one waiting for room
                 where = (ahead + cost) / cost  # between two levels: the slowdown interpolated between them
                 level = max(2, round(where))
                 lo = max(1, math.floor(where))
@@ -138,7 +140,9 @@ class Admission:
         (each at its admission level's measured slowdown), so at overload the rest are refused at once."""
         with self._lock:
             cost = self.alone.get(kind)
-            left = min(WAIT_S, (self.budget / MARGIN - 1.0) * cost) - waited if cost is not None else 0.0
+            if cost is None:
+                return False
+            left = min(WAIT_S, (self.budget / MARGIN - 1.0) * cost) - waited
             if left < STEP_S:
                 return False
             if not queued:

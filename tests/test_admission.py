@@ -10,48 +10,24 @@ from service.admission import STEP_S, WAIT_S, Admission, Busy
 
 
 def simulate(adm: Admission, parallel: float, offered: float, seconds: float = 120, kinds=(("cheap", 0.2),),
-             seed: int = 0, dt: float = 0.002, poisson: bool = True, wait: bool = False, refusals: list | None = None):
+             seed: int = 0, dt: float = 0.002, poisson: bool = True):
     """Requests arrive at `offered` per second (Poisson, or evenly spaced), each of a kind drawn from `kinds` (name, seconds
-    alone); with `wait` a refused one waits in the controller's waiting room as `admit_waiting` does (looking for
-    room every STEP_S). Returns (answers [(kind, latency from arrival)], refusals); `refusals` gets each refusal's wait."""
+    alone). Returns (answers [(kind, latency)], refusals, steady-state start)."""
     rng = random.Random(seed)
     clock = [0.0]
     adm.clock = lambda: clock[0]
-    running, answers, refused, waiting = [], [], 0, []
+    running, answers, refused = [], [], 0
     gap = (lambda: rng.expovariate(offered)) if poisson else (lambda: 1 / offered)
     next_arrival = gap()
     t = 0.0
     while t < seconds:
-        for w in list(waiting):  # [arrival, kind, alone, next look]
-            if t < w[3]:
-                continue
-            try:
-                ticket = adm.admit(w[1], t - w[0], queued=True)
-                ticket.start = w[0]  # its latency counts from its arrival
-                running.append([ticket, w[2], w[1]])
-                waiting.remove(w)
-                adm.left_room()
-            except Busy:
-                if adm.may_wait(w[1], t - w[0], queued=True):
-                    w[3] = t + STEP_S
-                else:
-                    waiting.remove(w)
-                    adm.left_room()
-                    refused += 1
-                    if refusals is not None:
-                        refusals.append(t - w[0])
         while next_arrival <= t:
             kind, alone = rng.choice(kinds)
             try:
                 running.append([adm.admit(kind), alone, kind])
             except Busy as e:
+                refused += 1
                 assert e.retry_after_s >= 1
-                if wait and adm.may_wait(kind, 0.0, queued=False):
-                    waiting.append([t, kind, alone, t + STEP_S])
-                else:
-                    refused += 1
-                    if refusals is not None:
-                        refusals.append(0.0)
             next_arrival += gap()
         if running:
             speed = min(1.0, parallel / len(running))
