@@ -263,7 +263,8 @@ def test_end_to_end_in_chromium(page_server, tmp_path):
             text = page.inner_text("body")
             assert "Deploy" not in text  # a clinician's page: no developer toolbar (client.toolbarMode viewer)
             assert any(c in text for c in ("Enfeksiyonel", "Ekzama", "Akne", "Pigment", "Benign", "Malign"))
-            assert page.locator("img").count() >= 2
+            # Streamlit draws an image's caption before its <img> arrives from the media endpoint: wait for both
+            page.locator("img").nth(1).wait_for(state="attached", timeout=30_000)
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             # the clinic's loop in the browser: a reviewer corrects the answer and finds it in the queue
             page.get_by_label("Reviewer (your name, for reviews)").fill("dr-browser")
