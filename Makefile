@@ -72,10 +72,10 @@ demo-stop:
 	bash cluster/demo.sh --stop $(DEMO_DIR)
 
 test: $(STAMP) $(CHROMIUM_STAMP)
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=15 tests
 
 test-all: $(STAMP) $(CHROMIUM_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py

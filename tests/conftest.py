@@ -51,6 +51,38 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+# Tests that start or use a Ray cluster run in turn on one pytest-xdist worker (group "ray": the session's
+# Ray, the local head, the simulated clusters never run at once); the Ray-free tests run beside them on the
+# other worker (`make test` runs `pytest -n 2 --dist loadgroup`). A test is in the group when it needs one of
+# RAY_FIXTURES or is marked `@pytest.mark.ray` (a Ray of its own, started in the test or a subprocess).
+RAY_FIXTURES = {"ray_local", "head"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    ray_items = [it for it in items if RAY_FIXTURES & set(it.fixturenames) or it.get_closest_marker("ray")]
+    for it in ray_items:
+        it.add_marker(pytest.mark.xdist_group("ray"))
+    # the group first: it is the long pole, and its worker should start on it at once
+    first = {id(it) for it in ray_items}
+    items[:] = ray_items + [it for it in items if id(it) not in first]
+
+
+@pytest.fixture(autouse=True)
+def _ray_free_tests_start_no_ray(request):
+    """A test outside the "ray" group that leaves Ray initialised in this process would share the worker's
+    cores with the group's Ray unseen: fail it with what to do."""
+    import sys
+
+    def ray_up() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+    before = ray_up()
+    yield
+    if "xdist_group" not in request.node.keywords and not before and ray_up():
+        pytest.fail("this test started Ray: mark it @pytest.mark.ray (see tests/conftest.py)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset in layout (a), with masks."""

@@ -166,6 +166,7 @@ def test_jobs_api_refuses_a_client_without_the_token(head):
     assert r.returncode != 0
 
 
+@pytest.mark.ray
 def test_serve_run_works_after_the_local_head_is_stopped(tmp_path, monkeypatch):
     """The README's `serve run` after `make demo-stop`: the stopped head left nothing in Ray's temp folder
     naming it, so `serve run` starts its own Ray instead of retrying a dead GCS forever (the shipped
@@ -300,6 +301,7 @@ def test_submitted_training_survives_its_driver_then_deploys_and_predicts(head, 
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-6 and list(body["members"]) == ["mobilenetv2"]
 
 
+@pytest.mark.ray
 def test_a_jobs_private_ray_is_on_loopback_even_when_ray_was_imported_first(tmp_path):
     """A job that imports ray before skin.cluster.init_ray (jobs/evaluate.py does) still gets a private Ray
     whose node is 127.0.0.1 and whose daemons listen on loopback only (Ray reads its single-machine switch

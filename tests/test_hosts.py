@@ -12,7 +12,8 @@ from cluster.hosts import IP, Hosts, available
 
 WHY = available()
 # slow: in `make test-all` (about a minute: four namespaces, two `ray start`s, the Ray Client's retries)
-pytestmark = [pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}"), pytest.mark.slow]
+pytestmark = [pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}"), pytest.mark.slow,
+              pytest.mark.ray]
 
 NODES = """
 import json, ray, socket

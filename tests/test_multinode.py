@@ -100,6 +100,7 @@ def _runs(stdout: str) -> list[tuple[int, str, str]]:
     return out
 
 
+@pytest.mark.ray
 def test_shipped_entrypoints_plan_on_clusters_of_their_shape():
     """Real clusters of the shipped shapes, the shipped entrypoints' own train.py arguments, --dry-run:
     1. RayJob (4-CPU head + three 8-CPU nodes declaring 1 GPU): exit 0, 8 CPUs + 1 GPU per worker.
@@ -124,6 +125,7 @@ def test_shipped_entrypoints_plan_on_clusters_of_their_shape():
     assert "the autoscaler must start: 3 x gpu_worker (autoscaler)" in out2, out2
 
 
+@pytest.mark.ray
 def test_plans_count_only_what_is_free_on_each_node():
     """Another job's actor holds one GPU node of three (8 CPU + 1 GPU each): the plan sees that node with
     nothing free (Ray's public state API), gives two members the other two and queues the third."""
@@ -138,6 +140,7 @@ def test_plans_count_only_what_is_free_on_each_node():
     assert "-> waits" in out and out.count("x 8 CPU + 1 GPU ->") == 3, out
 
 
+@pytest.mark.ray
 def test_ddp_across_two_nodes_survives_a_node_and_validates_every_row(scanned, tmp_path):
     """One member, 2 DDP workers (1 CPU each) on a cluster of a 0-CPU head and three 1-CPU nodes.
     The node of one worker is killed after the first checkpoint: Train restarts the group on the
@@ -184,6 +187,7 @@ def test_ddp_across_two_nodes_survives_a_node_and_validates_every_row(scanned, t
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_serving_scales_out_and_survives_a_node(tmp_path):
     """benchmarks/serve_multinode.py, short: ResNet50's replicas grow under load with no request
     lost and spread over the worker nodes, shrink when idle; the node holding the most member
