@@ -61,11 +61,8 @@ RAY_FIXTURES = {"ray_local", "head"}
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     ray_items = [it for it in items if RAY_FIXTURES & set(it.fixturenames) or it.get_closest_marker("ray")]
-    for it in ray_items:
+    for it in ray_items:  # xdist hands out the largest group first: its worker starts on it at once
         it.add_marker(pytest.mark.xdist_group("ray"))
-    # the group first: it is the long pole, and its worker should start on it at once
-    first = {id(it) for it in ray_items}
-    items[:] = ray_items + [it for it in items if id(it) not in first]
 
 
 @pytest.fixture(autouse=True)
