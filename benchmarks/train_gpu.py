@@ -38,7 +38,7 @@ from skin.data import ScanOptions, balance, load_manifest, scan
 from skin.presets import train_preset
 from skin.registry import DEFAULT_MEMBERS, create_model
 from skin.synth import write_dataset
-from skin.train import LocalRuntime, TrainConfig, configure_device, train_member, train_step
+from skin.train import LocalRuntime, TrainConfig, configure_device, fused_adamw, train_member, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -100,10 +100,12 @@ def model_bound(name: str, a, device: torch.device) -> dict[str, float]:
     # the device, from the uint8 batch the loader sends: more work than the reference loops do
     augment = train_preset(model.data_config, "standard").batch
     x8 = torch.randint(0, 256, x.shape, dtype=torch.uint8, device=device)
-    out["skin step"] = rate(lambda: train_step(model, opt, crit, x8, y, amp, True, augment), a.batch,
+    # and skin's optimizer: fused AdamW (make_optimizer), where the references keep PyTorch's default
+    fused = torch.optim.AdamW(model.parameters(), 1e-3, fused=fused_adamw(model))
+    out["skin step"] = rate(lambda: train_step(model, fused, crit, x8, y, amp, True, augment), a.batch,
                             a.steps, a.warmup, device)
     compiled = torch.compile(model)  # TrainConfig(compile=True): the same step, the model under torch.compile
-    out["skin compiled"] = rate(lambda: train_step(compiled, opt, crit, x8, y, amp, True, augment), a.batch,
+    out["skin compiled"] = rate(lambda: train_step(compiled, fused, crit, x8, y, amp, True, augment), a.batch,
                                 a.steps, a.warmup, device)
     return out
 

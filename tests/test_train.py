@@ -120,6 +120,39 @@ def test_resume_loads_the_checkpoint_weights(scanned, tmp_path):
     assert last["resumed_weights_digest"] == digest
 
 
+def test_the_optimizer_is_fused_adamw_and_resumes_exactly(tmp_path):
+    """The shipped optimizer is PyTorch's fused AdamW on the CPU, and its state goes through the
+    checkpoint's format so that a resumed step is the uninterrupted one, bit for bit."""
+    import torch
+    from skin.checkpoint import load_tensors, save_tensors
+    from skin.registry import create_model
+    from skin.train import _load_optimizer, _optimizer_tensors, make_optimizer
+
+    cfg = TrainConfig(backbone="mobilenetv2", data_dir="-", lr=1e-3)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+    def step(member, opt):
+        torch.manual_seed(1)  # the head's dropout draws the same mask for both
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(member(x), y).backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    a = create_model("mobilenetv2", 6, pretrained="none", input_size=32)
+    opt_a = make_optimizer(a, cfg, random_init=True)
+    assert all(g["fused"] for g in opt_a.param_groups)
+    for _ in range(2):
+        step(a, opt_a)
+    save_tensors(tmp_path / "optimizer.safetensors", _optimizer_tensors(opt_a))
+    b = create_model("mobilenetv2", 6, pretrained="none", input_size=32)
+    b.load_state_dict(a.state_dict())
+    opt_b = make_optimizer(b, cfg, random_init=True)
+    _load_optimizer(opt_b, load_tensors(tmp_path / "optimizer.safetensors"))
+    step(a, opt_a)
+    step(b, opt_b)
+    assert state_digest(b.state_dict()) == state_digest(a.state_dict())
+
+
 def test_unreadable_image_is_skipped_and_counted(scanned, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(scanned, data, ignore=shutil.ignore_patterns("cache"))
