@@ -82,6 +82,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/gradcam_cost.py
 	$(PY) benchmarks/explanations.py frontier --skip-quality
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/weight_search.py
 	$(PY) benchmarks/serve_latency.py
 	$(PY) benchmarks/load_faults.py
