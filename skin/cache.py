@@ -132,8 +132,8 @@ def skip_none_collate(batch):
     return x, y, skipped
 
 
-def add_cache_parser(data_sub) -> None:
-    s = data_sub.add_parser("cache", help="write the resized-image cache training reads (once per manifest)")
+def add_cache_arguments(s) -> None:
+    """`skin data cache`'s arguments, on its parser."""
     s.add_argument("dir", help="a `skin data scan` output folder")
     from .args import at_least
     s.add_argument("--image-size", type=at_least(16), default=224, help="member input size (cache side = 1.15 x this)")

@@ -6,17 +6,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from .checkpoint import CheckpointError
-from .classes import ClassMapError
-from .data import DatasetError
-from .explanation import ExplanationError
-from .images import ImageError
-from .records import RecordError
-from .registry import PretrainedWeightsError, UnknownBackboneError
+# The errors a user fixes (one line, exit 2), by module: each module is imported by the command that can raise
+# its error, so the CLI looks them up among the modules loaded when one is raised and imports none up front
+# (`skin --help` and the data commands start without torch: 0.4 s against 3-4 s here).
+_USER_ERRORS = {"skin.data": ("DatasetError",), "skin.checkpoint": ("CheckpointError",),
+                "skin.classes": ("ClassMapError",), "skin.images": ("ImageError",),
+                "skin.registry": ("UnknownBackboneError", "PretrainedWeightsError"),
+                "skin.explanation": ("ExplanationError",), "skin.records": ("RecordError",)}
 
-USER_ERRORS = (DatasetError, CheckpointError, ClassMapError, ImageError, UnknownBackboneError,
-               PretrainedWeightsError, ExplanationError, RecordError, FileNotFoundError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes of the skin modules loaded now, and FileNotFoundError."""
+    return tuple(getattr(sys.modules[m], n) for m, names in _USER_ERRORS.items() if m in sys.modules
+                 for n in names) + (FileNotFoundError,)
 
 
 from .args import (add_amp_argument, add_explanation_arguments, at_least, explanation_request, fraction,
@@ -226,7 +230,7 @@ def cmd_explain(a) -> int:
 
 def cmd_records(a) -> int:
     import datetime as dt
-    from .records import PhotoStore, Records, parse_since
+    from .records import PhotoStore, RecordError, Records, parse_since
     store = Records.open(a.db)
     photos = PhotoStore(Path(a.photos)) if getattr(a, "photos", None) else None
     if a.records_cmd == "export":
@@ -255,12 +259,40 @@ def cmd_records(a) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given the command line (`argv`), only the command it names gets its
+    arguments (and imports what they list: backbones, explanation options); the others stay one-line
+    entries of `skin --help`. Without it, every command's."""
     p = argparse.ArgumentParser(prog="skin", description="skinray's library tools: datasets, models, "
                                 "bundles, prediction and Grad-CAM, in-process (no Ray needed).")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    data = sub.add_parser("data", help="synthesise, scan, balance datasets").add_subparsers(dest="data_cmd", required=True)
+    want = _wanted(argv, COMMANDS)
+    for name, (help_, build) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_)
+        if want in (None, name):
+            build(cmd, None if argv is None or name not in argv else list(argv)[list(argv).index(name) + 1:])
+    return p
+
+
+def _wanted(argv: Sequence[str] | None, names) -> str | None:
+    """The command `argv` names among `names` (its first word); "" when it names none (`--help` alone);
+    None when every command should be built: no `argv`, or a first word that is no command (argparse then
+    lists the choices)."""
+    if argv is None:
+        return None
+    words = [w for w in argv if not w.startswith("-")]
+    if not words:
+        return ""
+    return words[0] if words[0] in names else None
+
+
+CACHE_HELP = "write the resized-image cache training reads (once per manifest)"
+
+
+def _data_arguments(cmd: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """skin data synth | scan | balance | cache (torch only for cache)."""
+    data = cmd.add_subparsers(dest="data_cmd", required=True)
     s = data.add_parser("synth", help="write the built-in synthetic lesion dataset (layout a + masks)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--per-class", type=at_least(3), default=200, help="images per class, all splits (default 200; "
@@ -302,15 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_balance)
 
-    from .cache import add_cache_parser
-    add_cache_parser(data)
+    s = data.add_parser("cache", help=CACHE_HELP)
+    if _wanted(argv, ("synth", "scan", "balance", "cache")) in (None, "cache"):
+        from .cache import add_cache_arguments  # torch: only for `skin data cache`
+        add_cache_arguments(s)
 
-    s = sub.add_parser("models", help="registry table: parameters of each backbone and head")
+
+def _models_arguments(s: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """skin models."""
     s.add_argument("--num-classes", type=_positive, default=6)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_models)
 
-    bundle = sub.add_parser("bundle", help="create or check model bundles").add_subparsers(dest="bundle_cmd", required=True)
+
+def _bundle_arguments(cmd: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """skin bundle random | cam-stride | inspect."""
+    bundle = cmd.add_subparsers(dest="bundle_cmd", required=True)
     from .registry import DEFAULT_MEMBERS, list_backbones
     s = bundle.add_parser("random", help="a bundle of random weights, marked untrained (tests, demos)")
     s.add_argument("--out", required=True)
@@ -344,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bundle_inspect)
 
-    s = sub.add_parser("predict", help="classify images (files or folders) in-process with a bundle",
-                       description="Classify images in-process, in batches. A folder is read recursively "
-                       "(.jpg .jpeg .png .webp .heic .heif). For a cluster, a manifest or a URI: jobs/predict.py.")
+
+def _predict_arguments(s: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """skin predict."""
+    s.description = ("Classify images in-process, in batches. A folder is read recursively "
+                     "(.jpg .jpeg .png .webp .heic .heif). For a cluster, a manifest or a URI: jobs/predict.py.")
     s.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     s.add_argument("--bundle", required=True)
     s.add_argument("--json", action="store_true", help="print the HTTP API's JSON shape")
@@ -357,8 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_amp_argument(s)
     s.set_defaults(fn=cmd_predict)
 
-    rec = sub.add_parser("records", help="the service's answer records: review queue, export for training, "
-                         "deletion, retention").add_subparsers(dest="records_cmd", required=True)
+
+def _records_arguments(cmd: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """skin records queue | export | delete | purge."""
+    rec = cmd.add_subparsers(dest="records_cmd", required=True)
     from .records import default_url
     db = {"help": f"the records' SQLAlchemy URL (the service's records_url; default {default_url()})"}
     s = rec.add_parser("queue", help="uncertain and disputed answers, oldest first; agreement per class")
@@ -382,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--photos", help="the service's photos_dir (to remove kept photographs too)")
     s.set_defaults(fn=cmd_records)
 
-    s = sub.add_parser("explain", help="Grad-CAM overlay of the ensemble (and, with --members, each member)")
+
+def _explain_arguments(s: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """skin explain."""
     s.add_argument("image")
     s.add_argument("--bundle", required=True)
     s.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
@@ -392,14 +437,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_explanation_arguments(s, occlusion=True)
     add_amp_argument(s)
     s.set_defaults(fn=cmd_explain)
-    return p
+
+
+COMMANDS = {
+    "data": ("synthesise, scan, balance datasets", _data_arguments),
+    "models": ("registry table: parameters of each backbone and head", _models_arguments),
+    "bundle": ("create or check model bundles", _bundle_arguments),
+    "predict": ("classify images (files or folders) in-process with a bundle", _predict_arguments),
+    "records": ("the service's answer records: review queue, export for training, deletion, retention",
+                _records_arguments),
+    "explain": ("Grad-CAM overlay of the ensemble (and, with --members, each member)", _explain_arguments),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"skin: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

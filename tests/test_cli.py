@@ -5,6 +5,36 @@ import pytest
 from skin.cli import main
 
 
+def test_help_and_the_data_commands_start_without_torch(tmp_path):
+    """`skin --help` and `skin data synth | scan | balance` import neither torch nor timm (3-4 s of every start
+    here); a user error of a module loaded on the way is still one line and exit 2; the commands that need the
+    backbones still list them."""
+    import subprocess
+    import sys
+    code = """if True:
+        import sys
+        from skin.cli import main
+        for argv in (["--help"], ["data", "--help"], ["data", "scan", "--help"]):
+            try:
+                main(argv)
+            except SystemExit as e:
+                assert e.code == 0, (argv, e.code)
+        d = sys.argv[1]
+        assert main(["data", "synth", "--out", d + "/s", "--per-class", "3", "--size", "48", "--quiet"]) == 0
+        assert main(["data", "scan", d + "/s", "--out", d + "/m", "--quiet", "--workers", "1"]) == 0
+        assert main(["data", "balance", d + "/m", "--per-class", "2"]) == 0
+        assert main(["data", "scan", d + "/missing", "--out", d + "/x"]) == 2
+        print("loaded:", sorted(m for m in ("torch", "timm", "sqlalchemy") if m in sys.modules))
+    """
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loaded: []" in r.stdout, r.stdout[-2000:]
+    assert "skin: error: " in r.stderr and "missing does not exist" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "skin.cli", "data", "cache", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "{mobilenetv2,efficientnet_b1,resnet50}" in r.stdout, r.stdout + r.stderr
+
+
 def test_cli_end_to_end(tmp_path, capsys, random_bundle):
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--per-class", "6", "--size", "64", "--quiet"]) == 0
     assert main(["data", "scan", str(tmp_path / "s"), "--out", str(tmp_path / "m"), "--quiet", "--workers", "1"]) == 0
