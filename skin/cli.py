@@ -271,7 +271,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, (help_, build) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_)
         if want in (None, name):
-            build(cmd, None if argv is None or name not in argv else list(argv)[list(argv).index(name) + 1:])
+            build(cmd, list(argv[argv.index(name) + 1:]) if want == name else None)  # the group's own words
     return p
 
 
